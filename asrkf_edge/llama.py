@@ -1,0 +1,277 @@
+"""The only module that touches llama.cpp pointers: model, context, batch, sampler, memory and state.
+
+Everything here is a thin, typed shell over ``llama_cpp.llama_cpp`` (llama-cpp-python's ctypes
+bindings). llama.cpp failures become :class:`~asrkf_edge.errors.LlamaError` with llama.cpp's own
+last log lines attached, so callers never see a NULL pointer or a bare return code.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import logging
+import os
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import llama_cpp.llama_cpp as L  # noqa: N812  (import before numpy: see NOTES, CUDA segfault)
+import numpy as np
+
+from .errors import LlamaError, ModelError
+
+log = logging.getLogger(__name__)
+
+SCRATCH_SEQ = 1
+"""Sequence id used as a staging area for freeze and thaw; the user's text lives in sequence 0."""
+
+_backend_lock = threading.Lock()
+_backend_ready = False
+_recent_errors: collections.deque[str] = collections.deque(maxlen=8)
+_LEVELS = {1: logging.DEBUG, 2: logging.DEBUG, 3: logging.DEBUG, 4: logging.DEBUG}
+
+
+@L.llama_log_callback
+def _log_callback(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+    msg = text.decode("utf-8", "replace").rstrip()
+    if not msg:
+        return
+    if level == 4:  # GGML_LOG_LEVEL_ERROR: kept to explain the next LlamaError
+        _recent_errors.append(msg)
+    log.log(_LEVELS.get(level, logging.DEBUG), "llama.cpp: %s", msg)
+
+
+def init_backend() -> None:
+    """Initialise llama.cpp once per process and route its logs into :mod:`logging`."""
+    global _backend_ready
+    with _backend_lock:
+        if _backend_ready:
+            return
+        L.llama_log_set(_log_callback, ctypes.c_void_p(0))
+        L.llama_backend_init()
+        _backend_ready = True
+
+
+def _fail(what: str) -> LlamaError:
+    detail = "; ".join(_recent_errors)
+    _recent_errors.clear()
+    return LlamaError(f"{what}: {detail}" if detail else what)
+
+
+def default_threads() -> int:
+    """Threads for llama.cpp: every core this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS
+        return max(1, os.cpu_count() or 1)
+
+
+class Model:
+    """A loaded GGUF model and its vocabulary."""
+
+    def __init__(self, path: str | Path, n_gpu_layers: int = 0) -> None:
+        init_backend()
+        params = L.llama_model_default_params()
+        params.n_gpu_layers = n_gpu_layers
+        self.path = Path(path)
+        ptr = L.llama_model_load_from_file(str(self.path).encode(), params)
+        if not ptr:
+            raise ModelError(str(_fail(f"llama.cpp could not load {self.path}")))
+        self.ptr = ptr
+        self.vocab = L.llama_model_get_vocab(ptr)
+        self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
+        self.n_layer = L.llama_model_n_layer(ptr)
+        self.n_head = L.llama_model_n_head(ptr)
+        self.n_head_kv = L.llama_model_n_head_kv(ptr)
+        self.n_embd = L.llama_model_n_embd(ptr)
+        self.n_ctx_train = L.llama_model_n_ctx_train(ptr)
+        self.head_dim = self.n_embd // self.n_head
+        self.bos = L.llama_vocab_bos(self.vocab)
+        self.add_bos = bool(L.llama_vocab_get_add_bos(self.vocab))
+        tmpl = L.llama_model_chat_template(ptr, None)
+        self.chat_template: bytes | None = tmpl if tmpl else None
+
+    def close(self) -> None:
+        if self.ptr:
+            L.llama_model_free(self.ptr)
+            self.ptr = None
+
+    def tokenize(self, text: str, add_bos: bool, special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        cap = len(data) + 8
+        buf = (L.llama_token * cap)()
+        n = L.llama_tokenize(self.vocab, data, len(data), buf, cap, add_bos, special)
+        if n < 0:
+            cap = -n
+            buf = (L.llama_token * cap)()
+            n = L.llama_tokenize(self.vocab, data, len(data), buf, cap, add_bos, special)
+        if n < 0:
+            raise _fail("tokenization failed")
+        return list(buf[:n])
+
+    def piece(self, token: int, special: bool = False) -> bytes:
+        """The bytes a token stands for (may be part of a UTF-8 character)."""
+        buf = ctypes.create_string_buffer(64)
+        n = L.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = L.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        return buf.raw[: max(n, 0)]
+
+    def is_eog(self, token: int) -> bool:
+        return bool(L.llama_vocab_is_eog(self.vocab, token))
+
+    def apply_chat_template(self, messages: Sequence[dict[str, str]]) -> str:
+        """Render chat messages with the model's template (ChatML when the model has none)."""
+        tmpl = self.chat_template or b"chatml"
+        arr = (L.llama_chat_message * len(messages))()
+        keep = []
+        for i, m in enumerate(messages):
+            role, content = m["role"].encode(), m["content"].encode()
+            keep += [role, content]
+            arr[i].role, arr[i].content = role, content
+        size = sum(len(k) for k in keep) * 2 + 256
+        for _ in range(2):
+            buf = ctypes.create_string_buffer(size)
+            n = L.llama_chat_apply_template(tmpl, arr, len(messages), True, buf, size)
+            if n < 0:
+                raise ModelError("the model's chat template is not supported by llama.cpp; use --raw")
+            if n <= size:
+                return buf.raw[:n].decode("utf-8", "replace")
+            size = n
+        raise ModelError("chat template output kept growing")  # pragma: no cover
+
+
+EvalCallback = Callable[[ctypes.c_void_p, bool, ctypes.c_void_p], bool]
+
+
+@dataclass(frozen=True)
+class ContextConfig:
+    """How a llama.cpp context is made: cells, batch, attention kernel and cache type."""
+
+    n_ctx: int
+    n_batch: int = 512
+    flash_attn: bool = False
+    type_k: int = 1  # GGML_TYPE_F16
+    type_v: int = 1
+    n_threads: int = 0  # 0 = every core
+
+
+class Context:
+    """One llama.cpp context with a unified KV cell pool shared by sequence 0 and a scratch sequence."""
+
+    def __init__(self, model: Model, cfg: ContextConfig, cb_eval: object | None = None) -> None:
+        self.model = model
+        p = L.llama_context_default_params()
+        p.n_ctx = cfg.n_ctx
+        p.n_batch = p.n_ubatch = min(cfg.n_batch, cfg.n_ctx)
+        p.n_seq_max = 2
+        p.kv_unified = True
+        p.flash_attn_type = 1 if cfg.flash_attn else 0
+        p.type_k, p.type_v = cfg.type_k, cfg.type_v
+        p.n_threads = p.n_threads_batch = cfg.n_threads or default_threads()
+        p.no_perf = True
+        if cb_eval is not None:
+            p.cb_eval = cb_eval
+            p.cb_eval_user_data = None
+        self._cb = cb_eval  # keep the ctypes thunk alive as long as the context
+        ptr = L.llama_init_from_model(model.ptr, p)
+        if not ptr:
+            raise _fail(f"could not create a llama.cpp context with {cfg.n_ctx} cells")
+        self.ptr = ptr
+        self.cfg = cfg
+        self.n_ctx = L.llama_n_ctx(ptr)
+        self.n_batch = L.llama_n_ubatch(ptr)
+        self.mem = L.llama_get_memory(ptr)
+        self._batch = L.llama_batch_init(self.n_batch, 0, 1)
+        self._n_vocab = model.n_vocab
+
+    def close(self) -> None:
+        if self.ptr:
+            L.llama_batch_free(self._batch)
+            L.llama_free(self.ptr)
+            self.ptr = None
+
+    def decode(self, tokens: Sequence[int], pos0: int, seq: int = 0, all_logits: bool = False) -> None:
+        """Decode one batch (at most ``n_batch`` tokens) at consecutive positions from ``pos0``."""
+        n = len(tokens)
+        if not 0 < n <= self.n_batch:
+            raise ValueError(f"batch of {n} tokens; 1..{self.n_batch} allowed")
+        b = self._batch
+        b.n_tokens = n
+        for i, t in enumerate(tokens):
+            b.token[i] = t
+            b.pos[i] = pos0 + i
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = seq
+            b.logits[i] = all_logits or i == n - 1
+        rc = L.llama_decode(self.ptr, b)
+        if rc != 0:
+            raise _fail(f"llama_decode failed (code {rc}) at position {pos0}")
+
+    def logits(self, i: int = -1) -> np.ndarray:
+        """A float32 copy of the logits of output row ``i`` of the last decode."""
+        ptr = L.llama_get_logits_ith(self.ptr, i)
+        if not ptr:
+            raise _fail(f"no logits for output {i}")
+        return np.ctypeslib.as_array(ptr, shape=(self._n_vocab,)).copy()
+
+    # memory (sequence) operations
+    def seq_rm(self, seq: int, p0: int, p1: int) -> None:
+        if not L.llama_memory_seq_rm(self.mem, seq, p0, p1):
+            raise _fail(f"llama_memory_seq_rm({seq}, {p0}, {p1}) failed")
+
+    def seq_cp(self, src: int, dst: int, p0: int, p1: int) -> None:
+        L.llama_memory_seq_cp(self.mem, src, dst, p0, p1)
+
+    def seq_pos_max(self, seq: int) -> int:
+        return L.llama_memory_seq_pos_max(self.mem, seq)
+
+    def clear(self) -> None:
+        L.llama_memory_clear(self.mem, True)
+
+    # sequence state
+    def state_get(self, seq: int) -> np.ndarray:
+        """The serialized KV of sequence ``seq`` (cells in cell order), as a uint8 array."""
+        size = L.llama_state_seq_get_size(self.ptr, seq)
+        buf = np.empty(size, dtype=np.uint8)
+        n = L.llama_state_seq_get_data(self.ptr, buf.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), size, seq)
+        if n != size:
+            raise _fail(f"llama_state_seq_get_data wrote {n} of {size} bytes")
+        return buf
+
+    def state_set(self, blob: np.ndarray, seq: int) -> None:
+        """Load a serialized sequence into ``seq`` (llama.cpp first empties ``seq``)."""
+        blob = np.ascontiguousarray(blob, dtype=np.uint8)
+        n = L.llama_state_seq_set_data(
+            self.ptr, blob.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), blob.nbytes, seq
+        )
+        if n != blob.nbytes:
+            raise _fail(f"llama_state_seq_set_data read {n} of {blob.nbytes} bytes")
+
+
+class Sampler:
+    """llama.cpp's sampler chain: greedy at temperature 0, else top-k, top-p, temperature, seeded draw."""
+
+    def __init__(self, temperature: float = 0.0, top_k: int = 40, top_p: float = 0.95, seed: int | None = None):
+        self.ptr = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+        if temperature <= 0:
+            L.llama_sampler_chain_add(self.ptr, L.llama_sampler_init_greedy())
+        else:
+            if top_k > 0:
+                L.llama_sampler_chain_add(self.ptr, L.llama_sampler_init_top_k(top_k))
+            if 0 < top_p < 1:
+                L.llama_sampler_chain_add(self.ptr, L.llama_sampler_init_top_p(top_p, 1))
+            L.llama_sampler_chain_add(self.ptr, L.llama_sampler_init_temp(temperature))
+            s = 0xFFFFFFFF if seed is None else seed & 0xFFFFFFFF  # LLAMA_DEFAULT_SEED = random
+            L.llama_sampler_chain_add(self.ptr, L.llama_sampler_init_dist(s))
+
+    def sample(self, ctx: Context) -> int:
+        tok = L.llama_sampler_sample(self.ptr, ctx.ptr, -1)
+        return int(tok)
+
+    def close(self) -> None:
+        if self.ptr:
+            L.llama_sampler_free(self.ptr)
+            self.ptr = None

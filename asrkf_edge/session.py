@@ -1,0 +1,296 @@
+"""Session: one logical token sequence on a bounded pool of llama.cpp KV cells; the freeze/thaw path.
+
+Sequence 0 holds the active tokens; sequence 1 is a scratch area. Freeze copies a position range to
+the scratch sequence, serializes it (``llama_state_seq_get_data``, O(range)), writes it to the
+:class:`~asrkf_edge.store.FrozenStore` and only then removes it from the cache. Thaw builds a blob from
+the store whose cells land exactly in chosen cells (:mod:`asrkf_edge.cells`), loads it into the
+scratch sequence and copies it to sequence 0. Positions never change, so RoPE stays exact.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from . import blob as blobfmt
+from .cells import DUMMY_POS, LANE, CellMap
+from .errors import LlamaError, OutOfCellsError
+from .kvcopy import blob_side, copy_rows
+from .llama import SCRATCH_SEQ, Context, ContextConfig, Model
+from .store import FrozenStore
+
+log = logging.getLogger(__name__)
+
+_TYPE_BYTES = {0: (4, 1), 1: (2, 1), 30: (2, 1), 8: (34, 32), 2: (18, 32)}  # ggml type: (bytes, per elems)
+
+Evictor = Callable[["Session", int, np.ndarray], np.ndarray]
+"""Chooses which active positions to freeze: (session, how many, candidate positions) -> positions."""
+
+
+def runs(positions: np.ndarray) -> list[tuple[int, int]]:
+    """Half-open runs of consecutive positions in a sorted array."""
+    if len(positions) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(positions) != 1) + 1
+    starts = np.concatenate([[0], breaks])
+    ends = np.concatenate([breaks, [len(positions)]])
+    return [(int(positions[a]), int(positions[b - 1]) + 1) for a, b in zip(starts, ends, strict=True)]
+
+
+class Session:
+    """A logical context that may be longer than the cache: eval, freeze, thaw, kv_stats.
+
+    ``sinks`` first positions and the ``recent`` newest ones are never frozen (the newest token must stay:
+    llama.cpp continues a sequence from its highest cached position).
+    """
+
+    def __init__(
+        self,
+        model: Model,
+        n_ctx: int,
+        *,
+        flash_attn: bool = False,
+        type_k: int = 1,
+        type_v: int = 1,
+        n_batch: int = 512,
+        sinks: int = 4,
+        recent: int = 16,
+        store_dir: str | Path | None = None,
+        keep_store: bool = False,
+        evict: Evictor | None = None,
+        cb_eval: object | None = None,
+    ) -> None:
+        self.model = model
+        self.ctx = Context(model, ContextConfig(n_ctx, n_batch, flash_attn, type_k, type_v), cb_eval)
+        self.cells = CellMap(self.ctx.n_ctx)
+        self.budget = min(n_ctx, self.ctx.n_ctx)
+        self.sinks, self.recent = sinks, max(1, recent)
+        self.tokens: list[int] = []
+        self.evict = evict
+        n_kv = model.n_head_kv * model.head_dim
+        kb, ke = _TYPE_BYTES.get(type_k, (2, 1))
+        vb, ve = _TYPE_BYTES.get(type_v, (2, 1))
+        self.bytes_per_token = model.n_layer * (n_kv * kb // ke + n_kv * vb // ve)
+        self._store_dir, self._keep = store_dir, keep_store
+        self.store: FrozenStore | None = None
+        self._left: dict[int, int] = {}  # frozen position -> cell it left
+        self.freeze_events = self.thaw_events = 0
+        self.active_peak = 0
+
+    # lifecycle
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+        self.ctx.close()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # views
+    @property
+    def n_logical(self) -> int:
+        return len(self.tokens)
+
+    def active_positions(self) -> np.ndarray:
+        cells = self.cells.cells_of(0)
+        return np.sort(self.cells.pos[cells])
+
+    def protected(self, positions: np.ndarray) -> np.ndarray:
+        """Mask of positions that must stay active (sinks and the recent window)."""
+        return (positions < self.sinks) | (positions >= self.n_logical - self.recent)
+
+    def kv_stats(self) -> dict[str, int]:
+        active = len(self.cells.cells_of(0))
+        frozen = self.store.frozen_tokens if self.store else 0
+        return {
+            "logical_tokens": self.n_logical,
+            "active_tokens": active,
+            "frozen_tokens": frozen,
+            "active_kv_bytes": active * self.bytes_per_token,
+            "frozen_kv_bytes": frozen * self.bytes_per_token,
+            "store_bytes": self.store.frozen_bytes if self.store else 0,
+            "freeze_events": self.freeze_events,
+            "thaw_events": self.thaw_events,
+            "cells": self.ctx.n_ctx,
+            "active_tokens_peak": self.active_peak,
+        }
+
+    # evaluation
+    def eval(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
+        """Append ``tokens`` at the next positions; the last token's logits (float32 [n_vocab]).
+
+        With ``all_logits`` the result is [len(tokens), n_vocab], one row per token.
+        """
+        if len(tokens) == 0:
+            raise ValueError("eval needs at least one token")
+        rows = []
+        step = max(1, min(self.ctx.n_batch, (self.budget - self.sinks - self.recent) // 2))
+        for i in range(0, len(tokens), step):
+            chunk = list(tokens[i : i + step])
+            self.make_room(len(chunk))
+            pos0 = self.n_logical
+            self.ctx.decode(chunk, pos0, all_logits=all_logits)
+            self.cells.decode(np.arange(pos0, pos0 + len(chunk)))
+            self.tokens.extend(chunk)
+            self.active_peak = max(self.active_peak, len(self.cells.cells_of(0)))
+            if all_logits:
+                rows += [self.ctx.logits(j) for j in range(len(chunk))]
+        return np.stack(rows) if all_logits else self.ctx.logits()
+
+    def free_cells(self) -> int:
+        return self.budget - int(np.count_nonzero(self.cells.seqs))
+
+    def make_room(self, n: int, keep: tuple[int, int] | None = None) -> None:
+        """Freeze until ``n`` cells are free, never touching protected positions or ``keep``."""
+        short = n - self.free_cells()
+        if short <= 0:
+            return
+        act = self.active_positions()
+        cand = act[~self.protected(act) & ~_in(act, keep)]
+        if len(cand) < short:
+            raise OutOfCellsError(
+                f"the KV cache has {self.budget} cells and {len(act)} hold tokens that may not be frozen; "
+                f"{n} more are needed: raise the budget or lower the protected sink/recent sizes"
+            )
+        chosen = self.evict(self, short, cand) if self.evict else cand[:short]
+        self._freeze_positions(np.sort(np.asarray(chosen, np.int64)))
+
+    # freeze / thaw
+    def freeze(self, p0: int, p1: int) -> int:
+        """Move active tokens in [p0, p1) to the store (protected ones stay); returns how many moved."""
+        act = self.active_positions()
+        sel = act[(act >= p0) & (act < p1)]
+        sel = sel[~self.protected(sel)]
+        self._freeze_positions(sel)
+        return len(sel)
+
+    def thaw(self, p0: int, p1: int) -> int:
+        """Bring frozen tokens in [p0, p1) back into the cache; returns how many came back."""
+        if self.store is None:
+            return 0
+        want = sorted(p for seg, rows in self.store.locate(p0, p1).items() for p in self.store.segment(seg).pos[rows])
+        if not want:
+            return 0
+        self.make_room(len(want), keep=(p0, p1))
+        self._restore(np.asarray(want, np.int64))
+        return len(want)
+
+    def _freeze_positions(self, positions: np.ndarray) -> None:
+        if len(positions) == 0:
+            return
+        spans = runs(positions)
+        for a, b in spans:
+            self.ctx.seq_cp(0, SCRATCH_SEQ, a, b)
+            self.cells.seq_cp(0, SCRATCH_SEQ, a, b)
+        try:
+            raw = self.ctx.state_get(SCRATCH_SEQ)
+            parsed = blobfmt.parse(raw)
+            cells = self.cells.cells_of(SCRATCH_SEQ)
+            if not np.array_equal(self.cells.pos[cells], parsed.pos):
+                raise LlamaError("internal error: KV cell map out of sync with llama.cpp")
+            if self.store is None:
+                self.store = FrozenStore(parsed.layout, self._store_dir, self._keep)
+            order = np.argsort(parsed.pos, kind="stable")
+            pos = parsed.pos[order].astype(np.int64)
+            toks = np.asarray(self.tokens, np.int32)[pos]
+            self.store.put(pos, toks, blob_side(raw, parsed.layout, len(pos)), order)
+        finally:
+            self.ctx.seq_rm(SCRATCH_SEQ, -1, -1)
+            self.cells.seq_rm(SCRATCH_SEQ)
+        for p, c in zip(pos.tolist(), cells[order].tolist(), strict=True):
+            self._left[p] = c
+        for a, b in spans:
+            self.ctx.seq_rm(0, a, b)
+            self.cells.seq_rm(0, a, b)
+        self.freeze_events += 1
+
+    def _targets(self, want: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Cells for thawed positions: home (position mod cells) or the cell left, same SIMD lane, any.
+
+        Returns (targets, evicted): active tokens sitting in a home cell that is not theirs are moved
+        to their own free home cell too, so a thaw after decodes restores the never-frozen layout.
+        """
+        size = self.cells.size
+        taken = self.cells.seqs != 0
+        targets = np.full(len(want), -1, dtype=np.int64)
+        evict: list[int] = []
+        for i, p in enumerate(want.tolist()):
+            home = p % size
+            if not taken[home]:
+                targets[i] = home
+            elif self.cells.seqs[home] == 1 and (q := int(self.cells.pos[home])) % size != home \
+                    and not taken[q % size]:
+                evict.append(q)
+                targets[i] = home
+                taken[q % size] = True
+            elif not taken[c := self._left[p]]:
+                targets[i] = c
+            else:
+                continue
+            taken[targets[i]] = True
+        for i in np.flatnonzero(targets < 0).tolist():
+            free = np.flatnonzero(~taken)
+            if len(free) == 0:
+                raise OutOfCellsError("no free cell left to thaw into")
+            lane = free[free % LANE == (int(want[i]) % size) % LANE]
+            targets[i] = lane[0] if len(lane) else free[0]
+            taken[targets[i]] = True
+        return targets, np.asarray(evict, np.int64)
+
+    def _restore(self, want: np.ndarray) -> None:
+        targets, evicted = self._targets(want)
+        if len(evicted):
+            self._freeze_positions(np.sort(evicted))
+            want = np.concatenate([want, evicted])
+            targets = np.concatenate([targets, evicted % self.cells.size])
+        store = self.store
+        assert store is not None
+        order = self.cells.plan_restore(targets)
+        n = len(order)
+        layout = store.layout
+        pos = np.where(order >= 0, want[np.maximum(order, 0)], DUMMY_POS + np.arange(n))
+        raw = np.zeros(layout.blob_size(n), dtype=np.uint8)
+        hdr = blobfmt.header(layout, pos, SCRATCH_SEQ)
+        raw[: len(hdr)] = np.frombuffer(hdr, np.uint8)
+        dst = blob_side(raw, layout, n)
+        kh, vh = np.frombuffer(blobfmt.k_header(layout), np.uint8), np.frombuffer(blobfmt.v_header(layout), np.uint8)
+        for layer in range(layout.n_layer):
+            raw[dst.k_off[layer] - 12 : dst.k_off[layer]] = kh
+            raw[dst.v_off[layer] - 12 : dst.v_off[layer]] = vh
+        slot_of = {int(p): i for i, p in enumerate(pos.tolist()) if order[i] >= 0}
+        located = store.locate(int(want.min()), int(want.max()) + 1)
+        wanted = set(want.tolist())
+        releases = []
+        for seg_id, rows in located.items():
+            seg = store.segment(seg_id)
+            rows = rows[np.isin(seg.pos[rows], list(wanted))]
+            src = store.read(seg)
+            copy_rows(src, dst, rows, np.array([slot_of[int(p)] for p in seg.pos[rows]], np.int64), layout)
+            releases.append((seg_id, rows))
+        self.ctx.state_set(raw, SCRATCH_SEQ)
+        self.cells.seq_rm(SCRATCH_SEQ)
+        landed = self.cells.find_slot(n)
+        if not np.array_equal(landed[order >= 0], targets[order[order >= 0]]):
+            raise LlamaError("internal error: thaw placement plan and cell map disagree")
+        self.cells.apply(landed, pos, SCRATCH_SEQ)
+        self.ctx.seq_cp(SCRATCH_SEQ, 0, 0, DUMMY_POS)
+        self.cells.seq_cp(SCRATCH_SEQ, 0, 0, DUMMY_POS)
+        self.ctx.seq_rm(SCRATCH_SEQ, -1, -1)
+        self.cells.seq_rm(SCRATCH_SEQ)
+        for seg_id, rows in releases:
+            store.release(seg_id, rows)
+        for p in want.tolist():
+            self._left.pop(p, None)
+        self.thaw_events += 1
+
+
+def _in(positions: np.ndarray, span: tuple[int, int] | None) -> np.ndarray:
+    if span is None:
+        return np.zeros(len(positions), dtype=bool)
+    return (positions >= span[0]) & (positions < span[1])
