@@ -79,6 +79,7 @@ class Session:
         self._left: dict[int, int] = {}  # frozen position -> cell it left
         self.freeze_events = self.thaw_events = 0
         self.active_peak = 0
+        self.stale_from: int | None = None  # first position decoded while something was frozen
 
     # lifecycle
     def close(self) -> None:
@@ -135,6 +136,8 @@ class Session:
             chunk = list(tokens[i : i + step])
             self.make_room(len(chunk))
             pos0 = self.n_logical
+            if self.stale_from is None and self.store is not None and self.store.frozen_tokens:
+                self.stale_from = pos0
             self.ctx.decode(chunk, pos0, all_logits=all_logits)
             self.cells.decode(np.arange(pos0, pos0 + len(chunk)))
             self.tokens.extend(chunk)
@@ -142,6 +145,37 @@ class Session:
             if all_logits:
                 rows += [self.ctx.logits(j) for j in range(len(chunk))]
         return np.stack(rows) if all_logits else self.ctx.logits()
+
+    def refresh(self) -> int:
+        """Recompute the KV of tokens decoded while something was frozen, now that nothing is.
+
+        Their K/V were computed without the frozen context; after a full thaw this makes the cache
+        what a session that never froze would hold. Returns how many tokens were re-decoded.
+        """
+        if self.stale_from is None or self.stale_from >= self.n_logical:
+            self.stale_from = None
+            return 0
+        if self.store is not None and self.store.frozen_tokens:
+            raise OutOfCellsError("refresh needs every token active; thaw first")
+        redo = self.rewind(self.n_logical - self.stale_from)
+        self.stale_from = None
+        self.eval(redo)
+        return len(redo)
+
+    def rewind(self, n: int) -> list[int]:
+        """Drop the newest ``n`` tokens from the cache (they must be active); returns them."""
+        if not 0 < n <= self.n_logical:
+            raise ValueError(f"cannot rewind {n} of {self.n_logical} tokens")
+        start = self.n_logical - n
+        if self.store is not None and self.store.locate(start, self.n_logical):
+            raise ValueError("cannot rewind over frozen tokens; thaw them first")
+        self.ctx.seq_rm(0, start, -1)
+        self.cells.seq_rm(0, start)
+        gone = self.tokens[start:]
+        del self.tokens[start:]
+        if self.stale_from is not None and self.stale_from >= start:
+            self.stale_from = None
+        return gone
 
     def free_cells(self) -> int:
         return self.budget - int(np.count_nonzero(self.cells.seqs))
@@ -158,6 +192,7 @@ class Session:
                 f"the KV cache has {self.budget} cells and {len(act)} hold tokens that may not be frozen; "
                 f"{n} more are needed: raise the budget or lower the protected sink/recent sizes"
             )
+        short = max(short, min(len(cand), self.budget // 16))  # freeze in runs, not one cell per step
         chosen = self.evict(self, short, cand) if self.evict else cand[:short]
         self._freeze_positions(np.sort(np.asarray(chosen, np.int64)))
 

@@ -1,0 +1,37 @@
+"""Shared fixtures: a tiny random LLaMA (seconds) and the real default model (pulled once)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_gguf import write_tiny_llama  # noqa: E402
+
+from asrkf_edge import Engine  # noqa: E402
+from asrkf_edge.models import default_model_path  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny.gguf")
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_path: Path):
+    with Engine.load(tiny_path) as eng:
+        yield eng
+
+
+@pytest.fixture(scope="session")
+def real_path() -> Path:
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def real(real_path: Path):
+    with Engine.load(real_path) as eng:
+        yield eng

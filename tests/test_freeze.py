@@ -1,0 +1,215 @@
+"""Reversible freeze on the real default model: exact thaw, bounded cache, store faults."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+
+from asrkf_edge import OutOfCellsError, StoreError
+
+TEXT = (
+    "The history of the printing press begins in the fifteenth century. Johannes Gutenberg combined movable "
+    "metal type, oil-based ink and a wooden screw press, and within fifty years printing shops had opened in "
+    "more than two hundred European towns. Books became cheaper, literacy spread, and scholars could compare "
+    "identical copies of a text for the first time. "
+)
+
+
+def kl(ref: np.ndarray, x: np.ndarray) -> float:
+    """Mean KL(ref || x) of next-token distributions (rows of logits)."""
+    ref, x = np.atleast_2d(ref).astype(np.float64), np.atleast_2d(x).astype(np.float64)
+    lp = ref - ref.max(1, keepdims=True)
+    lp -= np.log(np.exp(lp).sum(1, keepdims=True))
+    lq = x - x.max(1, keepdims=True)
+    lq -= np.log(np.exp(lq).sum(1, keepdims=True))
+    return float((np.exp(lp) * (lp - lq)).sum(1).mean())
+
+
+@pytest.fixture(scope="module")
+def doc(real):
+    toks = real.tokenize(TEXT * 20)[:1200]
+    assert len(toks) == 1200
+    return toks
+
+
+def probe(sess, tokens):
+    return np.stack([sess.eval([t]) for t in tokens])
+
+
+def test_thaw_into_same_cells_is_exact(real, doc):
+    base, tail = doc[:1100], doc[1100:1108]
+    with real.session(2048) as ref:
+        ref.eval(base)
+        want = probe(ref, tail)
+    with real.session(2048) as s:
+        s.eval(base)
+        assert s.freeze(200, 600) == 400
+        st_ = s.kv_stats()
+        assert st_["frozen_tokens"] == 400 and st_["active_tokens"] == 700
+        frozen = s.eval(tail[:1])
+        assert np.abs(frozen - want[0]).max() > 0.1  # the range really left attention
+        s.rewind(1)  # drop the probe token again
+        assert s.thaw(200, 600) == 400
+        got = probe(s, tail)
+        assert s.kv_stats()["thaw_events"] == 1
+    assert np.abs(got - want).max() <= 1e-6
+
+
+def test_thaw_in_other_order_and_partial(real, doc):
+    base, tail = doc[:1000], doc[1000:1006]
+    with real.session(2048) as ref:
+        ref.eval(base)
+        want = probe(ref, tail)
+    with real.session(2048) as s:
+        s.eval(base)
+        s.freeze(100, 300)
+        s.freeze(500, 700)
+        assert s.thaw(250, 650) == 200  # only partly frozen: thaws what is frozen inside
+        assert s.kv_stats()["frozen_tokens"] == 200
+        s.thaw(0, 10**9)
+        got = probe(s, tail)
+    assert np.abs(got - want).max() <= 1e-6
+
+
+@settings(max_examples=8, deadline=None, phases=[Phase.explicit, Phase.generate],
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(st.tuples(st.sampled_from(["freeze", "thaw", "decode"]), st.integers(0, 700),
+                              st.integers(1, 300)), min_size=2, max_size=7))
+def test_any_freeze_thaw_sequence_then_thaw_all(real, doc, ops):
+    base = doc[:700]
+    extra = iter(doc[700:])
+    decoded: list[int] = []
+    with real.session(2048) as s:
+        s.eval(base)
+        for op, p0, n in ops:
+            if op == "freeze":
+                s.freeze(p0, p0 + n)
+            elif op == "thaw":
+                s.thaw(p0, p0 + n)
+            else:
+                toks = [next(extra) for _ in range(n % 9 + 1)]
+                s.eval(toks)
+                decoded += toks
+        s.freeze(50, 600)  # end in a frozen state, to compare against
+        probe_tok = next(extra)
+        frozen_logits = s.eval([probe_tok])
+        s.rewind(1)
+        s.thaw(0, 10**9)
+        assert s.kv_stats()["frozen_tokens"] == 0
+        thawed = s.eval([probe_tok])
+        s.rewind(1)
+        s.refresh()
+        refreshed = s.eval([probe_tok])
+    with real.session(2048) as ref:
+        ref.eval(base)
+        if decoded:
+            ref.eval(decoded)
+        want = ref.eval([probe_tok])
+    assert int(thawed.argmax()) == int(want.argmax())
+    k_frozen, k_refreshed = kl(want, frozen_logits), kl(want, refreshed)
+    assert k_refreshed * 10 <= k_frozen, (k_frozen, kl(want, thawed), k_refreshed)
+    assert np.abs(refreshed - want).max() <= 1e-6
+
+
+def test_long_context_on_small_cache(real, doc):
+    """2,000 logical tokens through 512 cells: active never exceeds 512, the store holds the rest."""
+    tokens = (doc * 2)[:2000]
+    peak = 0
+    with real.session(512) as s:
+        s.eval(tokens[:1700])
+        peak = s.kv_stats()["active_tokens_peak"]
+        for t in tokens[1700:]:
+            s.eval([t])
+            peak = max(peak, s.kv_stats()["active_tokens"])
+        st_ = s.kv_stats()
+        assert st_["logical_tokens"] == 2000
+        assert st_["active_tokens_peak"] <= 512 and peak <= 512
+        assert st_["active_tokens"] + st_["frozen_tokens"] == 2000
+        assert st_["frozen_kv_bytes"] == st_["frozen_tokens"] * 23040
+        logits = s.eval([tokens[0]])
+    assert np.isfinite(logits).all()
+
+
+def test_refuses_when_nothing_can_be_frozen(real):
+    with real.session(256, sinks=4, recent=300) as s:
+        with pytest.raises(OutOfCellsError, match="may not be frozen"):
+            s.eval(real.tokenize(TEXT * 6))
+
+
+def _frozen_session(real, doc, **kw):
+    s = real.session(2048, **kw)
+    s.eval(doc[:600])
+    s.freeze(100, 300)
+    return s
+
+
+@pytest.mark.parametrize("fault", ["truncate", "alter", "remove_dir"])
+def test_store_faults_name_the_range(real, doc, fault):
+    s = _frozen_session(real, doc)
+    try:
+        seg = next(s.store.segments())
+        if fault == "truncate":
+            with open(seg.path, "r+b") as f:
+                f.truncate(seg.nbytes - 100)
+        elif fault == "alter":
+            with open(seg.path, "r+b") as f:
+                f.seek(seg.nbytes // 2)
+                b = f.read(1)
+                f.seek(seg.nbytes // 2)
+                f.write(bytes([b[0] ^ 0xFF]))
+        else:
+            import shutil
+
+            shutil.rmtree(s.store.dir)
+        before = s.kv_stats()
+        with pytest.raises(StoreError, match=r"\[100, 300\)"):
+            s.thaw(100, 300)
+        assert s.kv_stats()["active_tokens"] == before["active_tokens"]  # no wrong KV went in
+    finally:
+        s.close()
+
+
+def test_disk_full_keeps_range_in_cache(real, doc, monkeypatch):
+    s = real.session(2048)
+    try:
+        s.eval(doc[:400])
+        want = s.eval(doc[400:401])
+
+        def full(*a):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(os, "posix_fallocate", full)
+        with pytest.raises(StoreError, match="disk full"):
+            s.freeze(100, 200)
+        st_ = s.kv_stats()
+        assert st_["active_tokens"] == 401 and st_["frozen_tokens"] == 0
+        assert list(s.store.dir.iterdir()) == []
+        s.rewind(1)
+        assert np.abs(s.eval(doc[400:401]) - want).max() <= 1e-6
+    finally:
+        s.close()
+
+
+def test_store_dir_removed_on_close_unless_kept(real, doc, tmp_path):
+    s = _frozen_session(real, doc)
+    d = s.store.dir
+    assert any(d.iterdir())
+    s.close()
+    assert not d.exists()
+    s = _frozen_session(real, doc, store_dir=tmp_path / "keep", keep_store=True)
+    s.close()
+    assert any((tmp_path / "keep").iterdir())
+
+
+def test_store_keys_view(real, doc):
+    with _frozen_session(real, doc) as s:
+        (pos, k), = list(s.store.keys(0))
+        assert pos.tolist() == list(range(100, 300))
+        assert k.shape == (200, 3 * 64 * 2)
+        kf = k.view(np.float16)
+        assert np.isfinite(kf).all() and np.abs(kf).max() > 0
