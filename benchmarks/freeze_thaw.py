@@ -1,0 +1,61 @@
+"""Freeze and thaw cost per token on the default model, native row copy vs its NumPy twin.
+
+Usage: python benchmarks/freeze_thaw.py [--tokens 1200] [--range 400] [--repeat 20]
+Prints one JSON object (machine, per-token µs for each path, store bytes per token).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import numpy as np
+
+from asrkf_edge import Engine, kvcopy
+
+TEXT = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+
+
+def measure(engine: Engine, n_tokens: int, span: int, repeat: int, native: bool) -> dict[str, float]:
+    kvcopy._lib = kvcopy._load_native() if native else None
+    tokens = (engine.tokenize(TEXT * 200))[:n_tokens]
+    freeze_s, thaw_s = [], []
+    with engine.session(2048) as s:
+        s.eval(tokens)
+        for i in range(repeat):
+            p0 = 100 + (i * 37) % (n_tokens - span - 200)
+            t0 = time.perf_counter()
+            s.freeze(p0, p0 + span)
+            t1 = time.perf_counter()
+            s.thaw(p0, p0 + span)
+            t2 = time.perf_counter()
+            freeze_s.append(t1 - t0)
+            thaw_s.append(t2 - t1)
+        bpt = s.bytes_per_token
+    return {
+        "freeze_us_per_token": float(np.median(freeze_s)) / span * 1e6,
+        "thaw_us_per_token": float(np.median(thaw_s)) / span * 1e6,
+        "store_bytes_per_token": bpt,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=1200)
+    ap.add_argument("--range", type=int, default=400)
+    ap.add_argument("--repeat", type=int, default=20)
+    a = ap.parse_args()
+    native_built = kvcopy.native_available()
+    with Engine.load() as eng:
+        out: dict[str, object] = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+                                  "model": eng.info.name, "range_tokens": a.range}
+        out["python"] = measure(eng, a.tokens, a.range, a.repeat, native=False)
+        if native_built:
+            out["native"] = measure(eng, a.tokens, a.range, a.repeat, native=True)
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
