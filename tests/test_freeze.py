@@ -41,11 +41,16 @@ def probe(sess, tokens):
     return np.stack([sess.eval([t]) for t in tokens])
 
 
-def test_thaw_into_same_cells_is_exact(real, doc):
-    base, tail = doc[:1100], doc[1100:1108]
+def never_frozen(real, base, tail):
+    """Logits of ``tail`` after ``base`` in a session that never froze."""
     with real.session(2048) as ref:
         ref.eval(base)
-        want = probe(ref, tail)
+        return probe(ref, tail)
+
+
+def test_thaw_into_same_cells_is_exact(real, doc):
+    base, tail = doc[:1100], doc[1100:1108]
+    want = never_frozen(real, base, tail)
     with real.session(2048) as s:
         s.eval(base)
         assert s.freeze(200, 600) == 400
@@ -62,9 +67,7 @@ def test_thaw_into_same_cells_is_exact(real, doc):
 
 def test_thaw_in_other_order_and_partial(real, doc):
     base, tail = doc[:1000], doc[1000:1006]
-    with real.session(2048) as ref:
-        ref.eval(base)
-        want = probe(ref, tail)
+    want = never_frozen(real, base, tail)
     with real.session(2048) as s:
         s.eval(base)
         s.freeze(100, 300)
