@@ -80,6 +80,7 @@ class Session:
         self.freeze_events = self.thaw_events = 0
         self.active_peak = 0
         self.stale_from: int | None = None  # first position decoded while something was frozen
+        self._chunks: list[int] = []  # first position of every decode: refresh replays the same batches
 
     # lifecycle
     def close(self) -> None:
@@ -139,6 +140,7 @@ class Session:
             if self.stale_from is None and self.store is not None and self.store.frozen_tokens:
                 self.stale_from = pos0
             self.ctx.decode(chunk, pos0, all_logits=all_logits)
+            self._chunks.append(pos0)
             self.cells.decode(np.arange(pos0, pos0 + len(chunk)))
             self.tokens.extend(chunk)
             self.active_peak = max(self.active_peak, len(self.cells.cells_of(0)))
@@ -157,9 +159,12 @@ class Session:
             return 0
         if self.store is not None and self.store.frozen_tokens:
             raise OutOfCellsError("refresh needs every token active; thaw first")
-        redo = self.rewind(self.n_logical - self.stale_from)
+        start = self.stale_from
+        bounds = [p for p in self._chunks if p >= start] + [self.n_logical]
+        redo = self.rewind(self.n_logical - start)
         self.stale_from = None
-        self.eval(redo)
+        for a, b in zip(bounds, bounds[1:], strict=False):  # same batches as before: same rounding
+            self.eval(redo[a - start : b - start])
         return len(redo)
 
     def rewind(self, n: int) -> list[int]:
@@ -173,6 +178,7 @@ class Session:
         self.cells.seq_rm(0, start)
         gone = self.tokens[start:]
         del self.tokens[start:]
+        self._chunks = [p for p in self._chunks if p < start]
         if self.stale_from is not None and self.stale_from >= start:
             self.stale_from = None
         return gone
