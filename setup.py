@@ -4,6 +4,6 @@ from setuptools import Extension, setup
 
 setup(
     ext_modules=[
-        Extension("asrkf_edge._native", ["native/kvcopy.c"], extra_compile_args=["-O3"], optional=True),
+        Extension("asrkf_edge._native", ["native/kvcopy.c", "native/capture.c"], extra_compile_args=["-O3"], optional=True),
     ]
 )

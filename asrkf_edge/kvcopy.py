@@ -6,15 +6,12 @@ Both paths give identical bytes (tested). ``ASRKF_EDGE_NATIVE=0`` forces the Num
 from __future__ import annotations
 
 import ctypes
-import logging
-import os
 from dataclasses import dataclass
 
 import numpy as np
 
+from . import native
 from .blob import Layout
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -41,14 +38,9 @@ def segment_side(buf: np.ndarray, layout: Layout, n: int) -> Side:
 
 
 def _load_native() -> ctypes.CDLL | None:
-    if os.environ.get("ASRKF_EDGE_NATIVE", "1") == "0":
+    lib = native.load()
+    if lib is None:
         return None
-    try:
-        from . import _native  # type: ignore[attr-defined]
-    except ImportError:
-        log.debug("native KV copy not built; using the NumPy path")
-        return None
-    lib = ctypes.CDLL(_native.__file__)
     fn = lib.asrkf_copy_rows
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     fn.argtypes = [p, p, p, i64, ctypes.c_int32, p, p, p, i64, ctypes.c_int32, p, p, i64,

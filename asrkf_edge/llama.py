@@ -12,7 +12,7 @@ import ctypes
 import logging
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,9 +143,6 @@ class Model:
         raise ModelError("chat template output kept growing")  # pragma: no cover
 
 
-EvalCallback = Callable[[ctypes.c_void_p, bool, ctypes.c_void_p], bool]
-
-
 @dataclass(frozen=True)
 class ContextConfig:
     """How a llama.cpp context is made: cells, batch, attention kernel and cache type."""
@@ -161,7 +158,7 @@ class ContextConfig:
 class Context:
     """One llama.cpp context with a unified KV cell pool shared by sequence 0 and a scratch sequence."""
 
-    def __init__(self, model: Model, cfg: ContextConfig, cb_eval: object | None = None) -> None:
+    def __init__(self, model: Model, cfg: ContextConfig, cb_eval: object | None = None, cb_user: object | None = None) -> None:
         self.model = model
         p = L.llama_context_default_params()
         p.n_ctx = cfg.n_ctx
@@ -174,8 +171,8 @@ class Context:
         p.no_perf = True
         if cb_eval is not None:
             p.cb_eval = cb_eval
-            p.cb_eval_user_data = None
-        self._cb = cb_eval  # keep the ctypes thunk alive as long as the context
+            p.cb_eval_user_data = cb_user
+        self._cb = (cb_eval, cb_user)  # keep the ctypes thunk and its state alive as long as the context
         ptr = L.llama_init_from_model(model.ptr, p)
         if not ptr:
             raise _fail(f"could not create a llama.cpp context with {cfg.n_ctx} cells")

@@ -1,0 +1,213 @@
+"""Attention capture from inside llama.cpp's graph (``cb_eval``): probabilities, queries and keys.
+
+For each enabled layer it copies, after every decode, the rows of the newest tokens of:
+``kq_soft_max-<il>`` (attention probabilities over KV *cells*, flash attention off only), post-RoPE
+``Qcur-<il>`` (the last ``window`` queries) and post-RoPE ``Kcur-<il>`` (every new key). The callback
+is native C (``native/capture.c``) when built, else a Python twin that copies the same bytes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+
+import llama_cpp.llama_cpp as L  # noqa: N812
+import numpy as np
+from llama_cpp import _ggml as ggml_bindings
+
+from . import native
+from .errors import LlamaError
+from .llama import Model
+
+PROBS, QUERIES, KEYS = 0, 1, 2
+_NAMES = {"kq_soft_max": PROBS, "Qcur": QUERIES, "Kcur": KEYS}
+
+
+class _Head(ctypes.Structure):
+    """The leading fields of ggml's ``struct ggml_tensor``."""
+
+    _fields_ = [("type", ctypes.c_int32), ("buffer", ctypes.c_void_p), ("ne", ctypes.c_int64 * 4),
+                ("nb", ctypes.c_size_t * 4), ("op", ctypes.c_int32)]
+
+
+class _State(ctypes.Structure):
+    """Mirror of ``asrkf_capture`` in native/capture.c."""
+
+    _fields_ = [("get_name", ctypes.c_void_p), ("tensor_get", ctypes.c_void_p), ("rope_op", ctypes.c_int32),
+                ("n_layer", ctypes.c_int32), ("enabled", ctypes.c_int32), ("window", ctypes.c_int32),
+                ("error", ctypes.c_int32), ("err_slot", ctypes.c_int32), ("want", ctypes.c_void_p),
+                ("buf", ctypes.c_void_p), ("cap", ctypes.c_void_p), ("shape", ctypes.c_void_p), ("hits", ctypes.c_void_p)]
+
+
+def _ggml_lib() -> ctypes.CDLL:
+    lib = ggml_bindings.libggml
+    lib.ggml_get_name.argtypes, lib.ggml_get_name.restype = [ctypes.c_void_p], ctypes.c_char_p
+    lib.ggml_op_name.argtypes, lib.ggml_op_name.restype = [ctypes.c_int], ctypes.c_char_p
+    lib.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
+    lib.ggml_backend_tensor_get.restype = None
+    return lib
+
+
+def _rope_op(lib: ctypes.CDLL) -> int:
+    for op in range(1, 200):
+        if lib.ggml_op_name(op) == b"ROPE":
+            return op
+    raise LlamaError("ggml has no ROPE op; this llama.cpp is not supported")
+
+
+@dataclass(frozen=True)
+class CaptureSpec:
+    """What to copy: which layers, how many of the newest query rows, and which tensors."""
+
+    layers: tuple[int, ...]
+    window: int = 32
+    probs: bool = True
+    queries: bool = True
+    keys: bool = True
+
+
+class Capture:
+    """Owns the callback and its buffers; read the copies after each decode, then :meth:`reset`."""
+
+    def __init__(self, model: Model, spec: CaptureSpec, n_cells: int, n_batch: int, use_native: bool | None = None) -> None:
+        self.spec = spec
+        self.n_layer = nl = model.n_layer
+        self.n_head, self.n_head_kv, self.head_dim = model.n_head, model.n_head_kv, model.head_dim
+        cells = -(-n_cells // 256) * 256  # llama.cpp pads the attended range to 256 cells
+        sizes = {PROBS: self.n_head * spec.window * cells * 4, QUERIES: spec.window * self.n_head * self.head_dim * 4,
+                 KEYS: n_batch * self.n_head_kv * self.head_dim * 4}
+        enabled = {PROBS: spec.probs, QUERIES: spec.queries, KEYS: spec.keys}
+        self._want = np.zeros(3 * nl, np.uint8)
+        self._cap = np.zeros(3 * nl, np.int64)
+        self._shape = np.zeros(3 * nl * 3, np.int64)
+        self._hits = np.zeros(3 * nl, np.int32)
+        self._bufs: dict[int, np.ndarray] = {}
+        self._ptrs = (ctypes.c_void_p * (3 * nl))()
+        for kind, on in enabled.items():
+            for layer in spec.layers if on else ():
+                if not 0 <= layer < nl:
+                    raise ValueError(f"layer {layer} out of range: the model has {nl}")
+                slot = kind * nl + layer
+                self._bufs[slot] = np.zeros(sizes[kind], np.uint8)
+                self._want[slot], self._cap[slot] = 1, sizes[kind]
+                self._ptrs[slot] = self._bufs[slot].ctypes.data
+        self._lib = _ggml_lib()
+        st = self._state = _State()
+        st.get_name = ctypes.cast(self._lib.ggml_get_name, ctypes.c_void_p)
+        st.tensor_get = ctypes.cast(self._lib.ggml_backend_tensor_get, ctypes.c_void_p)
+        st.rope_op, st.n_layer, st.enabled, st.window = _rope_op(self._lib), nl, 1, spec.window
+        st.want, st.cap = self._want.ctypes.data, self._cap.ctypes.data
+        st.shape, st.hits = self._shape.ctypes.data, self._hits.ctypes.data
+        st.buf = ctypes.cast(self._ptrs, ctypes.c_void_p)
+        lib = native.load() if use_native is not False else None
+        if use_native and lib is None:
+            raise RuntimeError("native capture is not built")
+        self.native = lib is not None
+        if lib is not None:
+            self.callback = ctypes.cast(lib.asrkf_capture_cb, L.ggml_backend_sched_eval_callback)
+        else:
+            self.callback = L.ggml_backend_sched_eval_callback(self._python_callback)
+        self.user_data = ctypes.cast(ctypes.pointer(st), ctypes.c_void_p)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._state.enabled)
+
+    @enabled.setter
+    def enabled(self, on: bool) -> None:
+        self._state.enabled = int(on)
+
+    def reset(self) -> None:
+        """Forget the last decode's copies (call before each decode)."""
+        self._hits[:] = 0
+        self._state.error = 0
+
+    def check(self) -> None:
+        """Raise if the last decode's capture failed (buffer too small, unexpected tensor layout)."""
+        if self._state.error:
+            slot = self._state.err_slot
+            what = ["kq_soft_max", "Qcur", "Kcur"][slot // self.n_layer]
+            reason = "buffer too small" if self._state.error == 1 else "unexpected tensor type or layout"
+            raise LlamaError(f"capturing {what}-{slot % self.n_layer} failed: {reason}")
+
+    def _get(self, kind: int, layer: int) -> np.ndarray | None:
+        slot = kind * self.n_layer + layer
+        if not self._hits[slot]:
+            return None
+        shape = tuple(int(x) for x in self._shape[3 * slot : 3 * slot + 3])
+        return self._bufs[slot][: 4 * shape[0] * shape[1] * shape[2]].view(np.float32).reshape(shape)
+
+    def probs(self, layer: int) -> np.ndarray | None:
+        """Attention probabilities of the last decode, [n_head, rows, n_kv cells], or None."""
+        return self._get(PROBS, layer)
+
+    def queries(self, layer: int) -> np.ndarray | None:
+        """Post-RoPE queries of the newest ``rows`` tokens, [rows, n_head, head_dim], or None."""
+        return self._get(QUERIES, layer)
+
+    def keys(self, layer: int) -> np.ndarray | None:
+        """Post-RoPE keys of every token of the last decode, [n_tokens, n_head_kv, head_dim], or None."""
+        return self._get(KEYS, layer)
+
+    # the Python twin of asrkf_capture_cb
+    def _python_callback(self, tensor: int, ask: bool, _user: int) -> bool:
+        st = self._state
+        if not st.enabled:
+            return False
+        head = _Head.from_address(tensor)
+        slot = self._slot(tensor, head)
+        if ask:
+            return slot >= 0
+        if slot >= 0:
+            self._copy(tensor, head, slot)
+        return True
+
+    def _slot(self, tensor: int, head: _Head) -> int:
+        name = (self._lib.ggml_get_name(tensor) or b"").decode("ascii", "replace")
+        base, _, idx = name.rpartition("-")
+        kind = _NAMES.get(base)
+        if kind is None or not idx[:1].isdigit():
+            return -1
+        layer = _atoi(idx)
+        if layer >= self.n_layer or (kind != PROBS and head.op != self._state.rope_op):
+            return -1
+        slot = kind * self.n_layer + layer
+        return slot if self._want[slot] else -1
+
+    def _copy(self, tensor: int, head: _Head, slot: int) -> None:
+        st = self._state
+        ne, nb = list(head.ne), list(head.nb)
+        if head.type != 0 or nb[0] != 4 or nb[1] != 4 * ne[0] or nb[2] != nb[1] * ne[1]:
+            self._fail(2, slot)
+            return
+        dst = self._bufs[slot].ctypes.data
+        get = self._lib.ggml_backend_tensor_get
+        shape = self._shape[3 * slot : 3 * slot + 3]
+        if slot // self.n_layer == PROBS:
+            rows = min(ne[1], st.window)
+            part = rows * nb[1]
+            if part * ne[2] > self._cap[slot]:
+                self._fail(1, slot)
+                return
+            for h in range(ne[2]):
+                get(tensor, dst + h * part, h * nb[2] + (ne[1] - rows) * nb[1], part)
+            shape[:] = (ne[2], rows, ne[0])
+        else:
+            rows = ne[2] if (slot // self.n_layer == KEYS or ne[2] < st.window) else st.window
+            size = rows * nb[2]
+            if size > self._cap[slot]:
+                self._fail(1, slot)
+                return
+            get(tensor, dst, (ne[2] - rows) * nb[2], size)
+            shape[:] = (rows, ne[1], ne[0])
+        self._hits[slot] += 1
+
+    def _fail(self, err: int, slot: int) -> None:
+        if not self._state.error:
+            self._state.error, self._state.err_slot = err, slot
+
+
+def _atoi(text: str) -> int:
+    """C's atoi on a string that starts with a digit: the leading digits."""
+    digits = len(text) - len(text.lstrip("0123456789"))
+    return int(text[:digits])

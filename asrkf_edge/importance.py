@@ -1,0 +1,194 @@
+"""Token importance from the model's own attention: Numba kernels, their NumPy references, the tracker.
+
+Importance of a token is the attention mass it receives from the queries of a sliding observation
+window, averaged over heads and the scored layers and decayed over time (an exponential moving average
+over query rows, so the newest ~``window`` queries dominate). With flash attention off the mass comes
+from llama.cpp's own softmax (``kq_soft_max``, exact, per KV cell); with it on, it is computed here from
+the captured post-RoPE queries and a mirror of the keys (the same f16 rows the cache and store hold).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from .capture import Capture, CaptureSpec
+from .llama import Model
+
+_JIT = {"cache": True, "nogil": True, "fastmath": False}
+
+
+# kernels -----------------------------------------------------------------------------------------
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def attention_mass(q: np.ndarray, qpos: np.ndarray, keys: np.ndarray, kpos: np.ndarray, scale: float) -> np.ndarray:
+    """Causal softmax attention of queries over keys, averaged over layers and heads.
+
+    q [L, R, H, d], keys [L, N, Hkv, d] (float32), positions qpos [R], kpos [N]; a key is visible to a
+    query when kpos <= qpos. Returns mass [R, N]: each row sums to 1 over visible keys.
+    """
+    n_l, n_r, n_h, d = q.shape
+    n = keys.shape[1]
+    group = n_h // keys.shape[2]
+    part = np.zeros((n_l * n_h, n_r, n), np.float32)
+    for lh in numba.prange(n_l * n_h):
+        layer, h = lh // n_h, lh % n_h
+        kh = h // group
+        logit = np.empty(n, np.float64)
+        for r in range(n_r):
+            top = -np.inf
+            for j in range(n):
+                if kpos[j] <= qpos[r]:
+                    acc = np.float32(0.0)
+                    for e in range(d):
+                        acc += q[layer, r, h, e] * keys[layer, j, kh, e]
+                    logit[j] = acc * scale
+                    top = max(top, logit[j])
+            total = 0.0
+            for j in range(n):
+                if kpos[j] <= qpos[r]:
+                    logit[j] = np.exp(logit[j] - top)
+                    total += logit[j]
+            for j in range(n):
+                if kpos[j] <= qpos[r]:
+                    part[lh, r, j] = logit[j] / total
+    out = np.zeros((n_r, n), np.float32)
+    for lh in range(n_l * n_h):
+        out += part[lh]
+    return out / (n_l * n_h)
+
+
+def attention_mass_reference(q: np.ndarray, qpos: np.ndarray, keys: np.ndarray, kpos: np.ndarray, scale: float) -> np.ndarray:
+    """NumPy twin of :func:`attention_mass`."""
+    group = q.shape[2] // keys.shape[2]
+    k = np.repeat(keys.astype(np.float64), group, axis=2)  # [L, N, H, d]
+    logits = np.einsum("lrhd,lnhd->lrhn", q.astype(np.float64), k) * scale
+    visible = kpos[None, :] <= qpos[:, None]  # [R, N]
+    logits = np.where(visible[None, :, None, :], logits, -np.inf)
+    p = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    p /= p.sum(axis=-1, keepdims=True)
+    return p.mean(axis=(0, 2)).astype(np.float32)
+
+
+@numba.njit(**_JIT)
+def fold(scores: np.ndarray, mass: np.ndarray, kpos: np.ndarray, qpos: np.ndarray, gamma: float, weight: float) -> None:
+    """Fold attention rows into per-position scores in query order: s = gamma * s + weight * mass.
+
+    mass [R, N] over keys at positions kpos (-1: no token); only keys a query can see are touched.
+    """
+    for r in range(mass.shape[0]):
+        for j in range(mass.shape[1]):
+            p = kpos[j]
+            if p >= 0 and p <= qpos[r]:
+                scores[p] = gamma * scores[p] + weight * mass[r, j]
+
+
+def fold_reference(scores: np.ndarray, mass: np.ndarray, kpos: np.ndarray, qpos: np.ndarray, gamma: float, weight: float) -> None:
+    """NumPy twin of :func:`fold`."""
+    for r in range(mass.shape[0]):
+        seen = (kpos >= 0) & (kpos <= qpos[r])
+        p = kpos[seen]
+        scores[p] = np.float32(gamma) * scores[p] + np.float32(weight) * mass[r, seen]
+
+
+@numba.njit(**_JIT)
+def entropy(logits: np.ndarray) -> float:
+    """Shannon entropy (nats) of softmax(logits)."""
+    top = -np.inf
+    for x in logits:
+        if x > top:
+            top = x
+    z = 0.0
+    s = 0.0
+    for x in logits:
+        e = np.exp(x - top)
+        z += e
+        s += e * (x - top)
+    return np.log(z) - s / z
+
+
+def entropy_reference(logits: np.ndarray) -> float:
+    """NumPy twin of :func:`entropy`."""
+    x = logits.astype(np.float64) - logits.max()
+    p = np.exp(x) / np.exp(x).sum()
+    return float(-(p * np.log(np.where(p > 0, p, 1.0))).sum())
+
+
+# tracker -----------------------------------------------------------------------------------------
+
+
+class Importance:
+    """Per-position importance scores and key mirror, updated after every decode of a session.
+
+    ``gamma``/``weight`` choose the fold: an EMA over the window (ASR-KF) or a plain running sum (H2O).
+    ``mirror_keys`` keeps the post-RoPE keys of the scored layers (f16, by position) for scoring frozen
+    tokens against new queries and for flash attention; without it only ``kq_soft_max`` is used.
+    """
+
+    def __init__(self, model: Model, layers: tuple[int, ...], window: int, flash_attn: bool,
+                 decay: bool = True, mirror_keys: bool = True) -> None:
+        self.model = model
+        self.layers = layers
+        self.window = window
+        self.flash_attn = flash_attn
+        self.gamma, self.weight = (1.0 - 1.0 / window, 1.0 / window) if decay else (1.0, 1.0)
+        self.mirror_keys = mirror_keys or flash_attn
+        self.scale = 1.0 / float(np.sqrt(model.head_dim))
+        self.scores = np.zeros(1024, np.float32)
+        self._kv = model.n_head_kv * model.head_dim
+        self.keys = np.zeros((len(layers), 1024 if self.mirror_keys else 0, self._kv), np.float16)
+        self.capture: Capture | None = None
+
+    def spec(self) -> CaptureSpec:
+        """What the session's capture must copy for this tracker."""
+        return CaptureSpec(self.layers, self.window, probs=not self.flash_attn, queries=self.mirror_keys, keys=self.mirror_keys)
+
+    @property
+    def mirror_bytes(self) -> int:
+        return int(self.keys.nbytes)
+
+    def _grow(self, n: int) -> None:
+        if n > len(self.scores):
+            cap = max(n, 2 * len(self.scores))
+            self.scores = np.concatenate([self.scores, np.zeros(cap - len(self.scores), np.float32)])
+            if self.mirror_keys:
+                more = np.zeros((len(self.layers), cap - self.keys.shape[1], self._kv), np.float16)
+                self.keys = np.concatenate([self.keys, more], axis=1)
+
+    def observe(self, cell_pos: np.ndarray, pos0: int, n: int) -> None:
+        """Fold the last decode (positions pos0..pos0+n-1) into the scores; ``cell_pos`` maps cells to
+        positions of sequence 0 (-1 elsewhere). New tokens start at the uniform share 1/logical tokens."""
+        cap = self.capture
+        assert cap is not None
+        self._grow(pos0 + n)
+        active = cell_pos[cell_pos >= 0]
+        self.scores[pos0 : pos0 + n] = 1.0 / (pos0 + n)
+        if self.mirror_keys:
+            for i, layer in enumerate(self.layers):
+                k = cap.keys(layer)
+                if k is not None:
+                    self.keys[i, pos0 : pos0 + n] = k.reshape(n, -1)
+        rows = min(n, self.window)
+        qpos = np.arange(pos0 + n - rows, pos0 + n, dtype=np.int64)
+        if not self.flash_attn:
+            probs = [p for layer in self.layers if (p := cap.probs(layer)) is not None]
+            if not probs:
+                return
+            mass = np.mean([p.mean(axis=0) for p in probs], axis=0)  # [rows, n_kv]
+            kpos = cell_pos[: mass.shape[1]]
+        else:
+            kpos = np.sort(active)
+            mass = self.mass(self.queries(), qpos, kpos)
+        fold(self.scores, np.ascontiguousarray(mass, np.float32), kpos.astype(np.int64), qpos, self.gamma, self.weight)
+
+    def queries(self) -> np.ndarray:
+        """The last decode's newest queries, [L, rows, H, d]."""
+        cap = self.capture
+        assert cap is not None
+        return np.stack([cap.queries(layer) for layer in self.layers])
+
+    def mass(self, q: np.ndarray, qpos: np.ndarray, kpos: np.ndarray) -> np.ndarray:
+        """Attention mass [rows, len(kpos)] that queries ``q`` give the mirrored keys at ``kpos``."""
+        keys = self.keys[:, kpos].astype(np.float32).reshape(len(self.layers), len(kpos), self.model.n_head_kv, self.model.head_dim)
+        return attention_mass(np.ascontiguousarray(q, np.float32), qpos, keys, kpos.astype(np.int64), self.scale)

@@ -1,0 +1,124 @@
+/* asrkf-edge native hot path: copy attention tensors out of llama.cpp's graph while it runs.
+ *
+ * asrkf_capture_cb is a ggml_backend_sched_eval_callback (llama_context_params.cb_eval). The
+ * scheduler asks it about every graph node; it answers "yes" only for the nodes the caller enabled
+ * (kq_soft_max-<il>, post-RoPE Qcur-<il> and Kcur-<il>) and, once a node is computed, copies the
+ * rows of the newest tokens into caller-owned buffers through ggml_backend_tensor_get (host or device
+ * memory alike). Deciding by name in C keeps the per-node cost to a few nanoseconds; a Python callback
+ * costs about a microsecond per node and there are about a thousand nodes per decode.
+ * The Python twin is asrkf_edge.capture._python_callback: both must copy identical bytes.
+ */
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(_WIN32)
+#define EXPORT __declspec(dllexport)
+#else
+#define EXPORT __attribute__((visibility("default")))
+#endif
+
+/* The leading fields of ggml.h's struct ggml_tensor, in order (stable across ggml versions). */
+struct tensor_head {
+    int32_t type;
+    void *buffer;
+    int64_t ne[4];
+    size_t nb[4];
+    int32_t op;
+};
+
+typedef const char *(*name_fn)(const void *tensor);
+typedef void (*get_fn)(const void *tensor, void *data, size_t offset, size_t size);
+
+enum { KIND_PROBS = 0, KIND_Q = 1, KIND_K = 2, N_KINDS = 3 };
+enum { ERR_NONE = 0, ERR_CAPACITY = 1, ERR_LAYOUT = 2 };
+
+/* Mirrored by asrkf_edge.capture._State (ctypes); slot = kind * n_layer + layer. */
+typedef struct {
+    name_fn get_name;
+    get_fn tensor_get;
+    int32_t rope_op;
+    int32_t n_layer;
+    int32_t enabled;
+    int32_t window;   /* rows kept from the end of the batch for probabilities and queries */
+    int32_t error;    /* first error since the last reset */
+    int32_t err_slot;
+    uint8_t *want;    /* [N_KINDS * n_layer] */
+    uint8_t **buf;    /* [N_KINDS * n_layer] destinations */
+    int64_t *cap;     /* [N_KINDS * n_layer] capacity in bytes */
+    int64_t *shape;   /* [N_KINDS * n_layer * 3] shape of what was copied */
+    int32_t *hits;    /* [N_KINDS * n_layer] copies since the last reset */
+} asrkf_capture;
+
+static int parse(const char *name, int32_t n_layer, int *kind) {
+    const char *dash = strrchr(name, '-');
+    if (!dash || dash[1] < '0' || dash[1] > '9') return -1;
+    size_t len = (size_t)(dash - name);
+    if (len == 11 && memcmp(name, "kq_soft_max", 11) == 0) *kind = KIND_PROBS;
+    else if (len == 4 && memcmp(name, "Qcur", 4) == 0) *kind = KIND_Q;
+    else if (len == 4 && memcmp(name, "Kcur", 4) == 0) *kind = KIND_K;
+    else return -1;
+    int layer = atoi(dash + 1);
+    return layer < n_layer ? layer : -1;
+}
+
+static int slot_of(const asrkf_capture *s, const struct tensor_head *t) {
+    int kind = 0;
+    int layer = parse(s->get_name(t), s->n_layer, &kind);
+    if (layer < 0) return -1;
+    if (kind != KIND_PROBS && t->op != s->rope_op) return -1;  /* Qcur/Kcur: only the post-RoPE node */
+    int slot = kind * s->n_layer + layer;
+    return s->want[slot] ? slot : -1;
+}
+
+static void fail(asrkf_capture *s, int err, int slot) {
+    if (!s->error) {
+        s->error = err;
+        s->err_slot = slot;
+    }
+}
+
+static void copy_node(asrkf_capture *s, const struct tensor_head *t, int slot) {
+    const int kind = slot / s->n_layer;
+    const int64_t *ne = t->ne;
+    const size_t *nb = t->nb;
+    if (t->type != 0 || nb[0] != 4 || nb[1] != nb[0] * (size_t)ne[0] || nb[2] != nb[1] * (size_t)ne[1]) {
+        fail(s, ERR_LAYOUT, slot);
+        return;
+    }
+    uint8_t *dst = s->buf[slot];
+    int64_t *shape = s->shape + 3 * slot;
+    if (kind == KIND_PROBS) { /* ne = [n_kv, n_tokens, n_head] -> [n_head, rows, n_kv] */
+        int64_t rows = ne[1] < s->window ? ne[1] : s->window;
+        size_t part = (size_t)rows * nb[1];
+        if ((int64_t)(part * (size_t)ne[2]) > s->cap[slot]) {
+            fail(s, ERR_CAPACITY, slot);
+            return;
+        }
+        for (int64_t h = 0; h < ne[2]; ++h) {
+            s->tensor_get(t, dst + h * part, (size_t)h * nb[2] + (size_t)(ne[1] - rows) * nb[1], part);
+        }
+        shape[0] = ne[2], shape[1] = rows, shape[2] = ne[0];
+    } else { /* ne = [head_dim, n_head, n_tokens] -> [rows, n_head, head_dim] */
+        int64_t rows = (kind == KIND_K || ne[2] < s->window) ? ne[2] : s->window;
+        size_t size = (size_t)rows * nb[2];
+        if ((int64_t)size > s->cap[slot]) {
+            fail(s, ERR_CAPACITY, slot);
+            return;
+        }
+        s->tensor_get(t, dst, (size_t)(ne[2] - rows) * nb[2], size);
+        shape[0] = rows, shape[1] = ne[1], shape[2] = ne[0];
+    }
+    s->hits[slot] += 1;
+}
+
+EXPORT bool asrkf_capture_cb(void *tensor, bool ask, void *user) {
+    asrkf_capture *s = (asrkf_capture *)user;
+    if (!s->enabled) return false;
+    const struct tensor_head *t = (const struct tensor_head *)tensor;
+    int slot = slot_of(s, t);
+    if (ask) return slot >= 0;
+    if (slot >= 0) copy_node(s, t, slot);
+    return true;
+}

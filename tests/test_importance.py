@@ -1,0 +1,133 @@
+"""Attention capture and importance kernels: Numba against NumPy, native against Python, softmax against Q.K."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from asrkf_edge import capture as capture_mod
+from asrkf_edge.capture import CaptureSpec
+from asrkf_edge.importance import (
+    Importance,
+    attention_mass,
+    attention_mass_reference,
+    entropy,
+    entropy_reference,
+    fold,
+    fold_reference,
+)
+from asrkf_edge.session import Session
+
+TEXT = "The grass is green. The sky is blue. The pass key is 4242. Remember it. Here we go, there and back again. "
+
+
+def test_kernels_match_numpy_references() -> None:
+    rng = np.random.default_rng(1)
+    q = rng.standard_normal((3, 5, 6, 16)).astype(np.float32)
+    keys = rng.standard_normal((3, 40, 2, 16)).astype(np.float32)
+    kpos = rng.permutation(np.arange(100, 140)).astype(np.int64)
+    qpos = np.arange(130, 135, dtype=np.int64)  # some keys lie in each query's future
+    got, want = attention_mass(q, qpos, keys, kpos, 0.25), attention_mass_reference(q, qpos, keys, kpos, 0.25)
+    assert np.abs(got - want).max() < 1e-5
+    assert np.allclose(got.sum(axis=1), 1.0, atol=1e-5)
+    assert got[0, kpos > 130].max() == 0.0  # causal
+
+    mass = rng.random((5, 40)).astype(np.float32)
+    cells = np.where(rng.random(40) < 0.2, -1, kpos)
+    a, b = np.full(200, 0.01, np.float32), np.full(200, 0.01, np.float32)
+    fold(a, mass, cells, qpos, 0.9, 0.1)
+    fold_reference(b, mass, cells, qpos, 0.9, 0.1)
+    assert np.abs(a - b).max() < 1e-6
+    assert a[kpos[cells < 0]].tolist() == [np.float32(0.01)] * int((cells < 0).sum())  # no token there
+
+    for logits in (rng.standard_normal(49152).astype(np.float32) * 5, np.zeros(7, np.float32)):
+        assert abs(entropy(logits) - entropy_reference(logits)) < 1e-5
+    assert abs(entropy(np.zeros(7, np.float32)) - np.log(7)) < 1e-6
+
+
+def _captured(engine, use_native: bool, tokens: list[int], flash_attn: bool = False):
+    """Decode ``tokens`` in one batch and one more token with every layer captured."""
+    layers = tuple(range(engine.model.n_layer))
+    spec = CaptureSpec(layers, window=8, probs=not flash_attn)
+    native = capture_mod.native.load
+    if not use_native:
+        capture_mod.native.load = lambda: None
+    try:
+        sess = Session(engine.model, 512, flash_attn=flash_attn, capture=spec)
+    finally:
+        capture_mod.native.load = native
+    assert sess.capture is not None and sess.capture.native is use_native
+    return sess, layers
+
+
+def test_native_capture_copies_what_the_python_twin_copies(tiny) -> None:
+    toks = tiny.tokenize(TEXT * 3)[:200]  # one decode batch
+    out = []
+    for use_native in (True, False):
+        sess, layers = _captured(tiny, use_native, toks)
+        with sess:
+            sess.eval(toks)
+            cap = sess.capture
+            out.append([(cap.probs(i).copy(), cap.queries(i).copy(), cap.keys(i).copy()) for i in layers])
+            n_head, rows, n_kv = out[-1][0][0].shape  # last 8 query rows over the attended cells
+            assert (n_head, rows) == (tiny.model.n_head, 8) and n_kv % 256 == 0 and n_kv >= len(toks)
+            assert out[-1][0][2].shape == (len(toks), tiny.model.n_head_kv, tiny.model.head_dim)
+    for a, b in zip(*out, strict=True):
+        for x, y in zip(a, b, strict=True):
+            assert np.array_equal(x, y)
+
+
+@pytest.mark.parametrize("which", ["tiny", pytest.param("real", marks=pytest.mark.real)])
+def test_softmax_capture_agrees_with_host_attention(which, request) -> None:
+    """llama.cpp's own probabilities (per cell) and ours from captured Q and mirrored K (per position)."""
+    engine = request.getfixturevalue(which)
+    toks = engine.tokenize(TEXT * 12)[:300]
+    layers = tuple(range(engine.model.n_layer))
+    imp = Importance(engine.model, layers, window=8, flash_attn=False)
+    checks = []
+
+    def on_decode(sess, pos0, n):
+        imp.observe(sess.cell_positions(), pos0, n)
+        cells = sess.cell_positions()
+        held = np.flatnonzero(cells >= 0)
+        probs = np.mean([imp.capture.probs(i).mean(axis=0) for i in layers], axis=0)[:, held]
+        qpos = np.arange(pos0 + n - probs.shape[0], pos0 + n)
+        q = np.ascontiguousarray(imp.queries())
+        keys = imp.keys[:, cells[held]].astype(np.float32).reshape(len(layers), len(held), engine.model.n_head_kv, -1)
+        ours = attention_mass(q, qpos, keys, cells[held], imp.scale)
+        ref = attention_mass_reference(q, qpos, keys, cells[held], imp.scale)
+        checks.append((np.abs(probs - ours).max(), np.abs(ours - ref).max()))
+
+    with Session(engine.model, 512, capture=imp.spec(), on_decode=on_decode) as sess:
+        imp.capture = sess.capture
+        sess.eval(toks[:250])
+        sess.freeze(40, 120)  # cells and positions no longer line up
+        for t in toks[250:]:
+            sess.eval([t])
+        for i, layer in enumerate(layers):  # the mirror holds exactly the keys the store holds
+            pos, raw = zip(*sess.store.keys(layer), strict=True)
+            pos, raw = np.concatenate(pos), np.concatenate(raw)
+            assert np.array_equal(imp.keys[i, pos].view(np.uint8).reshape(len(pos), -1), raw)
+    assert len(checks) == 52
+    assert max(c[0] for c in checks) < 1e-4, checks  # f16 K rounding on llama.cpp's side
+    assert max(c[1] for c in checks) < 1e-5
+
+
+@pytest.mark.real
+def test_flash_attention_scores_rank_like_softmax_scores(real) -> None:
+    """With flash attention on there is no softmax to capture; host attention must rank tokens the same."""
+    toks = real.tokenize(TEXT * 12)[:400]
+    scores = []
+    for fa in (False, True):
+        imp = Importance(real.model, (3, 9, 15, 21, 27), window=16, flash_attn=fa)
+        with Session(real.model, 512, flash_attn=fa, capture=imp.spec(),
+                     on_decode=lambda s, p, n, imp=imp: imp.observe(s.cell_positions(), p, n)) as sess:
+            imp.capture = sess.capture
+            sess.eval(toks[:360])
+            for t in toks[360:]:
+                sess.eval([t])
+        scores.append(imp.scores[:400].copy())
+    off, on = scores
+    assert np.corrcoef(off, on)[0, 1] > 0.99
+    top_off, top_on = set(np.argsort(-off)[:40]), set(np.argsort(-on)[:40])
+    assert len(top_off & top_on) >= 36
