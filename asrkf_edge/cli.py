@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from .errors import AsrkfError
+from .policy import POLICIES
 
 
 def _fail(msg: str) -> None:
@@ -38,6 +39,30 @@ def _read_prompt(prompt: str | None, file: Path | None) -> str:
     return prompt
 
 
+class BudgetType(click.ParamType):
+    """A fraction of the prompt (0 < x <= 1) or a whole number of tokens (> 1)."""
+
+    name = "N|FRACTION"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        try:
+            x = float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not x > 0 or (x > 1 and not x.is_integer()):
+            self.fail(f"{value!r}: give a fraction in (0, 1] or a whole number of tokens", param, ctx)
+        return x
+
+
+def kv_line(stats: dict[str, object]) -> str:
+    """One-line KV status: logical / active / frozen tokens and recoveries."""
+    logical, active = int(stats["logical_tokens"]), int(stats["active_tokens"])  # type: ignore[call-overload]
+    share = f" ({100 * active / logical:.0f}%)" if logical else ""
+    dropped = f" | dropped {stats['dropped_tokens']}" if stats.get("dropped_tokens") else ""
+    return (f"KV {stats.get('policy', '')}: logical {logical} | active {active}{share} | frozen {stats['frozen_tokens']}"
+            f"{dropped} | recoveries {stats.get('recoveries', 0)}")
+
+
 @main.command()
 @click.argument("prompt", required=False)
 @click.option("-f", "--file", "file", type=click.Path(path_type=Path, allow_dash=True), help="Read the prompt from FILE ('-': stdin).")
@@ -51,10 +76,15 @@ def _read_prompt(prompt: str | None, file: Path | None) -> str:
 @click.option("--chat/--raw", default=True, show_default=True, help="Wrap the prompt in the model's chat template.")
 @click.option("--flash-attn/--no-flash-attn", default=False, show_default=True, help="llama.cpp flash attention.")
 @click.option("--gpu-layers", type=int, default=0, show_default=True, help="Layers to offload (-1: all).")
+@click.option("--policy", type=click.Choice(POLICIES), default="asrkf", show_default=True,
+              help="KV policy: asrkf (freeze/thaw), full (plain llama.cpp), streaming or h2o (drop).")
+@click.option("--budget", type=BudgetType(), default=None,
+              help="Cap the KV cache: a fraction of the prompt (0.4) or tokens (800). Default: no cap.")
+@click.option("--stats", "show_stats", is_flag=True, help="Live KV status line on stderr and a summary at the end.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text and stats) instead of streaming.")
 def run(prompt: str | None, file: Path | None, model: Path | None, max_tokens: int, temp: float, top_k: int,
         top_p: float, seed: int | None, ctx: int | None, chat: bool, flash_attn: bool, gpu_layers: int,
-        as_json: bool) -> None:
+        policy: str, budget: float | None, show_stats: bool, as_json: bool) -> None:
     """Generate an answer to PROMPT and stream it."""
     from .engine import Engine
 
@@ -69,8 +99,10 @@ def run(prompt: str | None, file: Path | None, model: Path | None, max_tokens: i
         with Engine.load(model, n_gpu_layers=gpu_layers, flash_attn=flash_attn) as eng:
             load_s = time.perf_counter() - t0
             stats: dict[str, object] = {}
-            pieces = eng.stream(text, max_tokens, temperature=temp, top_k=top_k, top_p=top_p, seed=seed,
-                                chat=chat, ctx=ctx, stats=stats)
+            live = show_stats and sys.stderr.isatty()
+            on_token = (lambda r: click.echo("\r\033[K" + kv_line(r.stats()), err=True, nl=False)) if live else None
+            pieces = eng.stream(text, max_tokens, policy=policy, budget=budget, temperature=temp, top_k=top_k,
+                                top_p=top_p, seed=seed, chat=chat, ctx=ctx, stats=stats, on_token=on_token)
             if as_json:
                 out = "".join(pieces)
                 click.echo(json.dumps({"text": out, "model": eng.info.name, "load_seconds": load_s, **stats}))
@@ -78,6 +110,10 @@ def run(prompt: str | None, file: Path | None, model: Path | None, max_tokens: i
                 for piece in pieces:
                     click.echo(piece, nl=False)
                 click.echo()
+            if show_stats:
+                peak = int(stats["active_tokens_peak"])  # type: ignore[call-overload]
+                click.echo(("\r\033[K" if live else "") + kv_line(stats) + f" | peak active {peak}"
+                           f" | decode {float(stats['decode_tokens_per_s']):.1f} tok/s", err=True)  # type: ignore[arg-type]
     except AsrkfError as e:
         _fail(str(e))
     except ValueError as e:

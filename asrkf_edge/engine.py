@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import PromptTooLongError
 from .llama import Model, Sampler
 from .models import default_model_path, inspect
+from .policy import Policy, make_policy
+from .runner import Runner, budget_cells
 from .session import Session
 
 
@@ -74,11 +77,18 @@ class Engine:
         """A new session with ``n_ctx`` KV cells (default: the model's context length)."""
         return Session(self.model, n_ctx or self.n_ctx_train, flash_attn=self.flash_attn, **kwargs)  # type: ignore[arg-type]
 
+    def runner(self, policy: str | Policy, cells: int, **kwargs: object) -> Runner:
+        """A :class:`Runner` with ``cells`` KV cells driven by ``policy`` (a name or a configured policy)."""
+        pol = make_policy(policy) if isinstance(policy, str) else dataclasses.replace(policy)  # fresh state
+        return Runner(self.model, pol, cells, flash_attn=self.flash_attn, **kwargs)  # type: ignore[arg-type]
+
     def stream(
         self,
         prompt: str,
         max_tokens: int = 256,
         *,
+        policy: str | Policy = "asrkf",
+        budget: float | None = None,
         temperature: float = 0.0,
         top_k: int = 40,
         top_p: float = 0.95,
@@ -86,8 +96,15 @@ class Engine:
         chat: bool = True,
         ctx: int | None = None,
         stats: dict[str, object] | None = None,
+        on_token: Callable[[Runner], None] | None = None,
     ) -> Iterator[str]:
-        """Yield the answer as text pieces; fills ``stats`` (if given) when done."""
+        """Yield the answer as text pieces; fills ``stats`` (if given) when done.
+
+        ``policy`` manages the KV cache (``asrkf``, ``full``, ``streaming``, ``h2o``); ``budget`` caps the
+        cache at a fraction of the prompt (<= 1.0) or a number of tokens (> 1). ``ctx`` bounds the
+        logical context (default: the model's training context). ``on_token`` sees the runner after
+        every token (live KV status).
+        """
         if max_tokens <= 0:
             raise ValueError(f"max_tokens must be positive, got {max_tokens}")
         limit = ctx or self.n_ctx_train
@@ -95,16 +112,18 @@ class Engine:
         if len(tokens) + 1 > limit:
             raise PromptTooLongError(f"the prompt has {len(tokens)} tokens; the context holds {limit}")
         max_tokens = min(max_tokens, limit - len(tokens))
-        with self.lock, self.session(limit) as sess:
+        pol = make_policy(policy) if isinstance(policy, str) else policy
+        cells = budget_cells(pol, budget, len(tokens), max_tokens)
+        with self.lock, self.runner(pol, cells) as run:
             sampler = Sampler(temperature, top_k, top_p, seed)
             try:
                 t0 = time.perf_counter()
-                sess.eval(tokens)
+                run.prefill(tokens)
                 t1 = time.perf_counter()
                 dec = codecs.getincrementaldecoder("utf-8")("replace")
                 n_gen, stop = 0, "length"
                 while n_gen < max_tokens:
-                    tok = sampler.sample(sess.ctx)
+                    tok = sampler.sample(run.session.ctx)
                     if self.model.is_eog(tok):
                         stop = "eog"
                         break
@@ -113,7 +132,9 @@ class Engine:
                     if piece:
                         yield piece
                     if n_gen < max_tokens:
-                        sess.eval([tok])
+                        run.decode(tok)
+                        if on_token is not None:
+                            on_token(run)
                 tail = dec.decode(b"", final=True)
                 if tail:
                     yield tail
@@ -129,7 +150,7 @@ class Engine:
                     decode_seconds=t2 - t1,
                     prefill_tokens_per_s=len(tokens) / (t1 - t0) if t1 > t0 else 0.0,
                     decode_tokens_per_s=max(n_gen - 1, 0) / (t2 - t1) if t2 > t1 and n_gen > 1 else 0.0,
-                    **sess.kv_stats(),
+                    **run.stats(),
                 )
 
     def generate(self, prompt: str, max_tokens: int = 256, **kwargs: object) -> GenerationResult:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from . import blob as blobfmt
+from .capture import Capture, CaptureSpec
 from .cells import DUMMY_POS, LANE, CellMap
 from .errors import LlamaError, OutOfCellsError
 from .kvcopy import blob_side, copy_rows
@@ -26,8 +27,14 @@ log = logging.getLogger(__name__)
 
 _TYPE_BYTES = {0: (4, 1), 1: (2, 1), 30: (2, 1), 8: (34, 32), 2: (18, 32)}  # ggml type: (bytes, per elems)
 
-Evictor = Callable[["Session", int, np.ndarray], np.ndarray]
-"""Chooses which active positions to freeze: (session, how many, candidate positions) -> positions."""
+Evictor = Callable[["Session", int, int, np.ndarray], np.ndarray]
+"""Chooses which active positions leave: (session, at least, preferably, candidates) -> positions.
+
+Freezing runs of tokens at once is cheaper than one per decode, so the session asks for more than it
+needs; an evictor may return fewer than "preferably" (not fewer than "at least") to spare tokens it wants."""
+
+OnDecode = Callable[["Session", int, int], None]
+"""Called after every decode with (session, first position, token count); the capture holds its tensors."""
 
 
 def runs(positions: np.ndarray) -> list[tuple[int, int]]:
@@ -44,7 +51,9 @@ class Session:
     """A logical context that may be longer than the cache: eval, freeze, thaw, kv_stats.
 
     ``sinks`` first positions and the ``recent`` newest ones are never frozen (the newest token must stay:
-    llama.cpp continues a sequence from its highest cached position).
+    llama.cpp continues a sequence from its highest cached position). ``evict`` picks what leaves when
+    cells run out; with ``drop`` it is discarded (the irreversible baselines) instead of frozen.
+    ``capture`` copies attention tensors out of every decode for ``on_decode``.
     """
 
     def __init__(
@@ -61,15 +70,20 @@ class Session:
         store_dir: str | Path | None = None,
         keep_store: bool = False,
         evict: Evictor | None = None,
-        cb_eval: object | None = None,
+        drop: bool = False,
+        capture: CaptureSpec | None = None,
+        on_decode: OnDecode | None = None,
     ) -> None:
         self.model = model
-        self.ctx = Context(model, ContextConfig(n_ctx, n_batch, flash_attn, type_k, type_v), cb_eval)
+        self.capture = Capture(model, capture, n_ctx, n_batch) if capture is not None else None
+        cb = (self.capture.callback, self.capture.user_data) if self.capture is not None else (None, None)
+        self.ctx = Context(model, ContextConfig(n_ctx, n_batch, flash_attn, type_k, type_v), *cb)
         self.cells = CellMap(self.ctx.n_ctx)
         self.budget = min(n_ctx, self.ctx.n_ctx)
         self.sinks, self.recent = sinks, max(1, recent)
         self.tokens: list[int] = []
-        self.evict = evict
+        self.evict, self.drop, self.on_decode = evict, drop, on_decode
+        self.dropped = 0
         n_kv = model.n_head_kv * model.head_dim
         kb, ke = _TYPE_BYTES.get(type_k, (2, 1))
         vb, ve = _TYPE_BYTES.get(type_v, (2, 1))
@@ -121,6 +135,7 @@ class Session:
             "thaw_events": self.thaw_events,
             "cells": self.ctx.n_ctx,
             "active_tokens_peak": self.active_peak,
+            "dropped_tokens": self.dropped,
         }
 
     # evaluation
@@ -139,11 +154,17 @@ class Session:
             pos0 = self.n_logical
             if self.stale_from is None and self.store is not None and self.store.frozen_tokens:
                 self.stale_from = pos0
+            if self.capture is not None:
+                self.capture.reset()
             self.ctx.decode(chunk, pos0, all_logits=all_logits)
+            if self.capture is not None:
+                self.capture.check()
             self._chunks.append(pos0)
             self.cells.decode(np.arange(pos0, pos0 + len(chunk)))
             self.tokens.extend(chunk)
             self.active_peak = max(self.active_peak, len(self.cells.cells_of(0)))
+            if self.on_decode is not None:
+                self.on_decode(self, pos0, len(chunk))
             if all_logits:
                 rows += [self.ctx.logits(j) for j in range(len(chunk))]
         return np.stack(rows) if all_logits else self.ctx.logits()
@@ -186,27 +207,51 @@ class Session:
     def free_cells(self) -> int:
         return self.budget - int(np.count_nonzero(self.cells.seqs))
 
-    def make_room(self, n: int, keep: tuple[int, int] | None = None) -> None:
-        """Freeze until ``n`` cells are free, never touching protected positions or ``keep``."""
+    def make_room(self, n: int, keep: np.ndarray | None = None) -> None:
+        """Freeze (or drop) until ``n`` cells are free, never touching protected positions or ``keep``."""
         short = n - self.free_cells()
         if short <= 0:
             return
         act = self.active_positions()
-        cand = act[~self.protected(act) & ~_in(act, keep)]
+        cand = act[~self.protected(act)]
+        if keep is not None and len(keep):
+            cand = cand[~np.isin(cand, keep)]
         if len(cand) < short:
             raise OutOfCellsError(
                 f"the KV cache has {self.budget} cells and {len(act)} hold tokens that may not be frozen; "
                 f"{n} more are needed: raise the budget or lower the protected sink/recent sizes"
             )
-        short = max(short, min(len(cand), self.budget // 16))  # freeze in runs, not one cell per step
-        chosen = self.evict(self, short, cand) if self.evict else cand[:short]
-        self._freeze_positions(np.sort(np.asarray(chosen, np.int64)))
+        batch = max(short, min(len(cand), self.budget // 16))  # freeze in runs, not one cell per step
+        chosen = np.sort(np.asarray(self.evict(self, short, batch, cand) if self.evict else cand[:batch], np.int64))
+        if len(chosen) < short:
+            raise LlamaError(f"internal error: the evictor chose {len(chosen)} tokens, {short} are needed")
+        if self.drop:
+            self.discard(chosen)
+        else:
+            self._freeze_positions(chosen)
+
+    def cell_positions(self) -> np.ndarray:
+        """Position held by each cell for sequence 0, -1 where the cell holds none."""
+        return np.where(self.cells.seqs & 1, self.cells.pos, -1).astype(np.int64)
+
+    def discard(self, positions: np.ndarray) -> None:
+        """Remove active tokens for good (what the irreversible baselines do instead of freezing)."""
+        for a, b in runs(positions):
+            self.ctx.seq_rm(0, a, b)
+            self.cells.seq_rm(0, a, b)
+        self.dropped += len(positions)
 
     # freeze / thaw
     def freeze(self, p0: int, p1: int) -> int:
         """Move active tokens in [p0, p1) to the store (protected ones stay); returns how many moved."""
         act = self.active_positions()
-        sel = act[(act >= p0) & (act < p1)]
+        return self.freeze_positions(act[(act >= p0) & (act < p1)])
+
+    def freeze_positions(self, positions: np.ndarray) -> int:
+        """Move these active positions to the store (protected and inactive ones are skipped)."""
+        act = self.active_positions()
+        sel = np.unique(np.asarray(positions, np.int64))
+        sel = sel[np.isin(sel, act)]
         sel = sel[~self.protected(sel)]
         self._freeze_positions(sel)
         return len(sel)
@@ -215,11 +260,19 @@ class Session:
         """Bring frozen tokens in [p0, p1) back into the cache; returns how many came back."""
         if self.store is None:
             return 0
-        want = sorted(p for seg, rows in self.store.locate(p0, p1).items() for p in self.store.segment(seg).pos[rows])
-        if not want:
+        located = self.store.locate(p0, p1)
+        return self.thaw_positions(np.concatenate([self.store.segment(seg).pos[rows] for seg, rows in located.items()] or [[]]))
+
+    def thaw_positions(self, positions: np.ndarray) -> int:
+        """Bring these frozen positions back (others are ignored), making room if needed; returns the count."""
+        if self.store is None or len(positions) == 0:
             return 0
-        self.make_room(len(want), keep=(p0, p1))
-        self._restore(np.asarray(want, np.int64))
+        want = np.unique(np.asarray(positions, np.int64))
+        want = want[self.store.is_frozen(want)]
+        if len(want) == 0:
+            return 0
+        self.make_room(len(want), keep=want)
+        self._restore(want)
         return len(want)
 
     def _freeze_positions(self, positions: np.ndarray) -> None:

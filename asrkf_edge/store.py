@@ -129,8 +129,13 @@ class FrozenStore:
             del self._segments[seg_id]
             seg.path.unlink(missing_ok=True)
 
-    def is_frozen(self, p: int) -> bool:
-        return p in self._where
+    def is_frozen(self, positions: np.ndarray) -> np.ndarray:
+        """Mask: which of ``positions`` are frozen here."""
+        return np.fromiter((int(p) in self._where for p in positions), bool, len(positions))
+
+    def positions(self) -> np.ndarray:
+        """Every frozen position, sorted."""
+        return np.sort(np.fromiter(self._where, np.int64, len(self._where)))
 
     def segments(self) -> Iterator[Segment]:
         return iter(list(self._segments.values()))

@@ -1,0 +1,71 @@
+"""Entropy-guided recovery: when the next-token entropy spikes, frozen context may be missing.
+
+:class:`EntropyMonitor` keeps a running mean and variance of the entropy of generated steps and calls a
+step a spike when it is above ``mean + k * std`` (after a warm-up) or above an absolute level. What to
+thaw on a spike is the policy's ladder (:class:`asrkf_edge.asrkf.AsrKf`); each one is a :class:`Recovery`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class EntropyRule:
+    """Spike rule. ``k``: standard deviations above the running mean; ``absolute``: nats that always
+    count (None: off); ``floor``: nats below which a step is never a spike (the model is sure);
+    ``warmup``: steps observed before the relative rule applies; ``alpha``: rate of the running stats."""
+
+    k: float = 2.5
+    absolute: float | None = None
+    floor: float = 1.0
+    warmup: int = 8
+    alpha: float = 0.05
+
+
+class EntropyMonitor:
+    """Running entropy statistics over generated steps; spikes are kept out of the statistics."""
+
+    def __init__(self, rule: EntropyRule) -> None:
+        self.rule = rule
+        self.n = 0
+        self.mean = 0.0
+        self.var = 0.0
+
+    def threshold(self) -> float:
+        """Entropy above which the next step is a spike (inf while warming up without an absolute level)."""
+        r = self.rule
+        rel = self.mean + r.k * math.sqrt(self.var) if self.n >= r.warmup else math.inf
+        level = min(rel, r.absolute) if r.absolute is not None else rel
+        return max(level, r.floor)
+
+    def observe(self, h: float) -> bool:
+        """Record one step's entropy; True when it is a spike."""
+        spike = h > self.threshold()
+        if not spike:
+            self.n += 1
+            a = 1.0 / self.n if self.n <= self.rule.warmup else self.rule.alpha
+            d = h - self.mean
+            self.mean += a * d
+            self.var = (1 - a) * (self.var + a * d * d)
+        return spike
+
+
+@dataclass
+class Recovery:
+    """One recovery: when, why (entropy vs threshold), how hard (ladder level) and what came back."""
+
+    step: int
+    position: int
+    entropy: float
+    threshold: float
+    level: int
+    ranges: list[tuple[int, int]] = field(default_factory=list)
+    thawed: int = 0
+    entropy_after: float | None = None
+
+    def as_dict(self) -> dict[str, object]:
+        d = asdict(self)
+        d["ranges"] = [list(r) for r in self.ranges]
+        return d

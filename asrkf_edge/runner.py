@@ -1,0 +1,127 @@
+"""Runner: one generation's KV management. Sizes the session to the budget and wires a policy into it.
+
+It folds captured attention into importance after every decode, asks the policy what to evict when
+the cache is full, calls the policy's hooks, and re-decodes the newest token when a thaw changed the
+context its logits were computed from.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .importance import Importance
+from .llama import Model
+from .policy import Policy, default_layers
+from .recovery import Recovery
+from .session import Session
+
+
+def budget_cells(policy: Policy, budget: float | None, prompt_tokens: int, max_new: int) -> int:
+    """Cache cells for a generation: ``budget`` is a fraction of the prompt (<= 1.0) or a token count
+    (> 1); unbounded policies, or no budget, get room for the whole context."""
+    whole = prompt_tokens + max_new
+    if not policy.bounded or budget is None:
+        if policy.bounded and not policy.reversible:
+            raise ValueError(f"the {policy.name} policy drops what it evicts and needs a budget")
+        return whole
+    if budget <= 0:
+        raise ValueError(f"budget must be positive, got {budget}")
+    tokens = int(budget * prompt_tokens) if budget <= 1.0 else int(budget)
+    return min(whole, max(tokens, policy.min_cells()))
+
+
+class Runner:
+    """A session driven by a policy: prefill, decode one token at a time, stats."""
+
+    def __init__(self, model: Model, policy: Policy, cells: int, *, flash_attn: bool = False, n_batch: int = 512,
+                 store_dir: str | Path | None = None) -> None:
+        self.policy = policy
+        self.step = 0
+        self.recoveries: list[Recovery] = []
+        self.stale_logits = False  # a thaw after the last decode: its logits miss the thawed tokens
+        self.policy_seconds = 0.0
+        self.importance: Importance | None = None
+        if policy.attention is not None or policy.reversible:
+            layers = policy.layers or default_layers(model.n_layer)
+            self.importance = Importance(model, layers, policy.window, flash_attn, decay=policy.attention == "ema",
+                                         mirror_keys=policy.reversible)
+        self.session = Session(
+            model, cells, flash_attn=flash_attn, n_batch=n_batch, sinks=policy.sinks, recent=policy.recent,
+            store_dir=store_dir, evict=self._evict, drop=not policy.reversible,
+            capture=self.importance.spec() if self.importance else None, on_decode=self._on_decode,
+        )
+        if self.importance is not None:
+            self.importance.capture = self.session.capture
+
+    def close(self) -> None:
+        self.session.close()
+
+    def __enter__(self) -> Runner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # decoding
+    def prefill(self, tokens: Sequence[int]) -> None:
+        """Read the prompt (in chunks, evicting as the policy says); logits of its last token are ready."""
+        self.session.eval(tokens)
+        self._settle()
+
+    def decode(self, token: int) -> None:
+        """Append one generated token; logits of the next one are ready."""
+        self.session.eval([token])
+        self._settle()
+
+    def logits(self) -> np.ndarray:
+        return self.session.ctx.logits()
+
+    def redecode_last(self) -> None:
+        """Decode the newest token again so its logits see the cache as it is now."""
+        self.stale_logits = False
+        self.session.eval(self.session.rewind(1))
+
+    def _settle(self) -> None:
+        if self.stale_logits:
+            self.redecode_last()
+        t0 = time.perf_counter()
+        self.policy.after_logits(self)
+        self.policy_seconds += time.perf_counter() - t0
+
+    # hooks the session calls
+    def _on_decode(self, session: Session, pos0: int, n: int) -> None:
+        t0 = time.perf_counter()
+        self.step += 1
+        if self.importance is not None:
+            self.importance.observe(session.cell_positions(), pos0, n)
+        self.policy.after_decode(self, pos0, n)
+        self.policy_seconds += time.perf_counter() - t0
+
+    def _evict(self, session: Session, need: int, batch: int, candidates: np.ndarray) -> np.ndarray:
+        """The lowest-scoring candidates; beyond ``need``, none the policy scores as infinite (pinned)."""
+        scores = self.policy.score(self, candidates)
+        order = np.argsort(scores, kind="stable")
+        extra = order[need:batch]
+        chosen = candidates[np.concatenate([order[:need], extra[np.isfinite(scores[extra])]])]
+        self.policy.on_evict(self, chosen)
+        return chosen
+
+    def importance_of(self, positions: np.ndarray) -> np.ndarray:
+        assert self.importance is not None
+        return self.importance.scores[positions].astype(np.float64)
+
+    def stats(self) -> dict[str, object]:
+        """The session's ``kv_stats()`` plus the policy, budget, recoveries and time spent deciding."""
+        return {
+            **self.session.kv_stats(),
+            "policy": self.policy.name,
+            "budget_tokens": self.session.budget if self.policy.bounded else None,
+            "recoveries": len(self.recoveries),
+            "recovery_log": [r.as_dict() for r in self.recoveries],
+            "policy_seconds": self.policy_seconds,
+            "key_mirror_bytes": self.importance.mirror_bytes if self.importance else 0,
+        }

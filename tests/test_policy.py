@@ -1,0 +1,126 @@
+"""KV policies in generation: schedule, entropy rule, budgets, passkey retrieval and recoveries."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from asrkf_edge.asrkf import AsrKf
+from asrkf_edge.policy import Full, Streaming, make_policy
+from asrkf_edge.recovery import EntropyMonitor, EntropyRule
+from asrkf_edge.runner import budget_cells
+from asrkf_edge.schedule import Ledger, Schedule
+from asrkf_edge.tasks import passkey
+
+GPL = (Path(__file__).parent / "data" / "gpl-3.0.txt").read_text()
+
+
+def test_freeze_duration_grows_like_sqrt_of_detections() -> None:
+    s = Schedule(base=16, law="sqrt")
+    assert s.duration(np.array([1, 4, 9, 16])).tolist() == [16, 32, 48, 64]
+    assert Schedule(base=16, law="linear").duration(np.array([4])).tolist() == [64]
+    with pytest.raises(ValueError, match="growth law"):
+        Schedule(law="cubic")  # type: ignore[arg-type]
+    ledger = Ledger(s)
+    ledger.grow(10)
+    ledger.frozen(np.array([3]), step=100)
+    ledger.thawed(np.array([3]), step=116)
+    ledger.frozen(np.array([3, 5]), step=200)  # second detection of 3 lasts sqrt(2) times longer
+    assert ledger.until[[3, 5]].tolist() == [200 + 23, 200 + 16]
+    assert ledger.expired(216).tolist() == [5]
+    assert ledger.expired(223).tolist() == [5, 3]
+
+
+def test_entropy_spike_rule() -> None:
+    mon = EntropyMonitor(EntropyRule(k=3.0, floor=1.0, warmup=8))
+    rng = np.random.default_rng(0)
+    assert not any(mon.observe(h) for h in 2.0 + 0.1 * rng.standard_normal(8))  # warm-up never spikes
+    assert not mon.observe(2.2)
+    assert mon.observe(4.0)
+    assert not mon.observe(0.9)  # below the floor: never a spike
+    absolute = EntropyMonitor(EntropyRule(absolute=3.0, warmup=100))
+    assert absolute.observe(3.5) and not absolute.observe(2.5)
+
+
+def test_budget_is_a_fraction_of_the_prompt_or_a_token_count() -> None:
+    asrkf = AsrKf()
+    assert budget_cells(asrkf, 0.4, 2000, 10) == 800
+    assert budget_cells(asrkf, 900, 2000, 10) == 900
+    assert budget_cells(asrkf, 0.01, 2000, 10) == asrkf.min_cells()
+    assert budget_cells(asrkf, None, 2000, 10) == 2010  # no cap: threshold freezing only
+    assert budget_cells(Full(), 0.4, 2000, 10) == 2010
+    with pytest.raises(ValueError, match="needs a budget"):
+        budget_cells(Streaming(), None, 2000, 10)
+    with pytest.raises(ValueError, match="positive"):
+        budget_cells(asrkf, -1, 2000, 10)
+    with pytest.raises(ValueError, match="unknown policy"):
+        make_policy("lru")
+    with pytest.raises(ValueError, match="threshold"):
+        AsrKf(threshold=1.5)
+
+
+def test_streaming_drops_and_asrkf_keeps_everything(tiny) -> None:
+    prompt = "the sky is blue and the grass is green " * 15
+    kept = tiny.generate(prompt, 20, policy="asrkf", budget=100, chat=False).stats
+    dropped = tiny.generate(prompt, 20, policy="streaming", budget=100, chat=False).stats
+    for st in (kept, dropped):
+        assert st["active_tokens_peak"] <= 100
+    assert kept["dropped_tokens"] == 0
+    assert kept["active_tokens"] + kept["frozen_tokens"] == kept["logical_tokens"]  # nothing lost
+    assert dropped["frozen_tokens"] == 0
+    assert dropped["active_tokens"] + dropped["dropped_tokens"] == dropped["logical_tokens"]
+
+
+@pytest.mark.real
+def test_passkey_2k_at_budget_04_asrkf_answers_where_full_does(real) -> None:
+    """Acceptance: asrkf within 40% of the prompt answers wherever the full cache does; streaming, with
+    the same budget, misses at least once (so the task tells the policies apart)."""
+    tok = lambda text: real.tokenize(text, add_bos=real.model.add_bos)  # noqa: E731
+    right: dict[tuple[str, float], bool] = {}
+    for depth, key in ((0.25, 68231), (0.5, 40917), (0.75, 75302)):
+        case = passkey(tok, 2000, depth, key)
+        assert 1900 <= case.n_tokens <= 2100
+        for policy in ("full", "asrkf", "streaming"):
+            r = real.generate(case.prompt, 8, policy=policy, budget=0.4, chat=False)
+            right[policy, depth] = case.correct(r.text)
+            if policy != "full":
+                assert r.stats["active_tokens_peak"] <= 0.4 * r.stats["prompt_tokens"]
+    depths = (0.25, 0.5, 0.75)
+    assert any(right["full", d] for d in depths), right
+    assert all(right["asrkf", d] for d in depths if right["full", d]), right
+    assert not all(right["streaming", d] for d in depths), right
+
+
+@pytest.mark.real
+def test_recoveries_bring_thawed_ranges_back_over_500_tokens(real) -> None:
+    """Acceptance: over 500 generated tokens the entropy rule fires, and each recovery's ranges are in
+    the cache right after it (kv_stats, the store) and the logits the sampler uses are the re-decoded ones."""
+    prompt = GPL[:7000]  # the model continues the licence text
+    seen: list[dict] = []
+    checked: list[int] = []
+    last = {"thaw_events": 0}
+
+    def check(run) -> None:
+        stats = run.session.kv_stats()
+        for rec in run.recoveries[len(seen):]:
+            want = np.concatenate([np.arange(a, b) for a, b in rec.ranges])
+            assert len(want) == rec.thawed > 0
+            assert not run.session.store.is_frozen(want).any()
+            assert np.isin(want, run.session.active_positions()).all()
+            assert stats["thaw_events"] > last["thaw_events"]
+            seen.append(rec.as_dict())
+        if run.recoveries and run.recoveries[-1].position == run.session.n_logical:  # recovered on this token
+            from asrkf_edge.importance import entropy
+
+            assert abs(float(entropy(run.logits())) - run.recoveries[-1].entropy_after) < 1e-9
+            assert run.recoveries[-1].entropy_after != run.recoveries[-1].entropy
+            checked.append(run.step)
+        last.update(stats)
+
+    r = real.generate(prompt, 500, policy="asrkf", budget=0.4, chat=False, on_token=check)
+    assert r.stats["generated_tokens"] == 500, r.stats["stop_reason"]
+    assert r.stats["recoveries"] == len(seen) == len(checked) >= 1
+    assert r.stats["active_tokens_peak"] <= 0.4 * r.stats["prompt_tokens"]
+    assert r.stats["active_tokens"] + r.stats["frozen_tokens"] == r.stats["logical_tokens"]
