@@ -1,14 +1,27 @@
 """asrkf-edge: run GGUF LLaMA-family models through llama.cpp with a small active KV cache.
 
-Public API: :class:`Engine` (one model), :class:`Session` (one logical context with freeze/thaw).
+Public API: :class:`Engine` (one model), :class:`Session` (one logical context with freeze/thaw), and
+the KV policies (:class:`AsrKf`, :class:`Full`, :class:`Streaming`, :class:`H2O`).
 """
 
+from .asrkf import AsrKf
 from .engine import Engine, GenerationResult
 from .errors import AsrkfError, LlamaError, ModelError, OutOfCellsError, PromptTooLongError, StoreError
+from .policy import H2O, Full, Policy, Streaming, make_policy
+from .recovery import EntropyRule
+from .schedule import Schedule
 from .session import Session
 
 __all__ = [
+    "H2O",
+    "AsrKf",
     "AsrkfError",
+    "EntropyRule",
+    "Full",
+    "Policy",
+    "Schedule",
+    "Streaming",
+    "make_policy",
     "Engine",
     "GenerationResult",
     "LlamaError",

@@ -63,8 +63,8 @@ class AsrKf(Policy):
     _monitor: EntropyMonitor = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if not 0 < self.threshold < 1:
-            raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
+        if not self.threshold > 0:
+            raise ValueError(f"threshold must be positive, got {self.threshold}")
         if self.reeval_every < 1 or self.window < 1 or self.pin < 0:
             raise ValueError("reeval_every and window must be >= 1, pin >= 0")
         self._ledger = Ledger(self.schedule)

@@ -120,6 +120,50 @@ def run(prompt: str | None, file: Path | None, model: Path | None, max_tokens: i
         _fail(str(e))
 
 
+@main.command()
+@click.argument("suite", type=click.Choice(["passkey"]))
+@click.option("-m", "--model", type=click.Path(path_type=Path), help="A local GGUF file (default: SmolLM2-135M-Instruct).")
+@click.option("--policies", default="full,asrkf,streaming,h2o", show_default=True, help="Comma-separated policies.")
+@click.option("--budget", type=BudgetType(), default=0.35, show_default=True, help="Budget for the bounded policies.")
+@click.option("--lengths", default="1000,2000,4000", show_default=True, help="Prompt lengths in tokens.")
+@click.option("--depths", default="0.1,0.25,0.5,0.75,0.9", show_default=True, help="Needle depths (0..1).")
+@click.option("--keys", "keys_per_cell", type=click.IntRange(min=1), default=1, show_default=True, help="Keys per length x depth.")
+@click.option("--flash-attn/--no-flash-attn", default=False, show_default=True)
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write every raw figure to this file.")
+def bench(suite: str, model: Path | None, policies: str, budget: float, lengths: str, depths: str, keys_per_cell: int,
+          flash_attn: bool, json_path: Path | None) -> None:
+    """Measure every policy side by side on the same prompts (Markdown table on stdout)."""
+    from .bench import SUITES, PasskeyPlan, machine, peak_rss_mb, summarize
+    from .engine import Engine
+
+    try:
+        names = [p.strip() for p in policies.split(",") if p.strip()]
+        bad = [p for p in names if p not in POLICIES]
+        if bad or not names:
+            raise click.BadParameter(f"unknown policy {', '.join(bad) or '(none)'}; choose from {', '.join(POLICIES)}")
+        plan = PasskeyPlan([int(x) for x in lengths.split(",")], [float(x) for x in depths.split(",")], keys_per_cell,
+                           names, budget)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from e
+    records: list[dict[str, object]] = []
+    try:
+        with Engine.load(model, flash_attn=flash_attn) as eng:
+            with click.progressbar(length=plan.size(), label=f"bench {suite}", file=sys.stderr) as bar:
+                for rec in SUITES[suite](eng, plan):
+                    records.append(rec)
+                    bar.update(1)
+            info = {"machine": machine(), "model": eng.info.as_dict(), "flash_attn": flash_attn, "budget": budget,
+                    "peak_rss_mb": peak_rss_mb()}
+    except AsrkfError as e:
+        _fail(str(e))
+    table = summarize(records)
+    m = info["machine"]
+    click.echo(f"{suite} on {info['model']['name']}, {m['cpu']} ({m['cores']} cores), budget {budget}\n")  # type: ignore[index]
+    click.echo(table)
+    if json_path is not None:
+        json_path.write_text(json.dumps({**info, "suite": suite, "records": records}, indent=1, default=str))
+
+
 @main.group()
 def models() -> None:
     """Pull and list GGUF models."""

@@ -113,7 +113,7 @@ class Engine:
             raise PromptTooLongError(f"the prompt has {len(tokens)} tokens; the context holds {limit}")
         max_tokens = min(max_tokens, limit - len(tokens))
         pol = make_policy(policy) if isinstance(policy, str) else policy
-        cells = budget_cells(pol, budget, len(tokens), max_tokens)
+        cells = budget_cells(pol, budget if budget is not None else pol.budget, len(tokens), max_tokens)
         with self.lock, self.runner(pol, cells) as run:
             sampler = Sampler(temperature, top_k, top_p, seed)
             try:

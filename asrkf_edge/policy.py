@@ -26,7 +26,11 @@ def default_layers(n_layer: int, count: int = 8) -> tuple[int, ...]:
 
 @dataclass
 class Policy:
-    """Base of every policy: protected sizes, what attention it needs, and the hooks the runner calls."""
+    """Base of every policy: protected sizes, what attention it needs, and the hooks the runner calls.
+
+    sinks, recent: first and newest tokens never evicted. window: queries observed per decode (and the
+    horizon of the decayed score). layers: layers whose attention is captured (None: 8 evenly spaced).
+    """
 
     name: ClassVar[str] = "base"
     reversible: ClassVar[bool] = False
@@ -37,6 +41,7 @@ class Policy:
     recent: int = 16
     window: int = 32
     layers: tuple[int, ...] | None = None
+    budget: float | None = None  # used when generate() gets none: fraction of the prompt or tokens
 
     def min_cells(self) -> int:
         """Smallest cache this policy can run with."""

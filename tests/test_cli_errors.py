@@ -78,3 +78,33 @@ def test_process_survives_bad_model(tmp_path: Path):
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 1
     assert res.stderr.strip().startswith("error:") and len(res.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("budget", ["0", "-1", "1.5", "lots"])
+def test_bad_budget(tiny_path: Path, budget: str):
+    assert_clean_error(run_cli("run", "--model", str(tiny_path), "--budget", budget, "hi"), 2, "--budget")
+
+
+def test_dropping_policy_without_budget(tiny_path: Path):
+    assert_clean_error(run_cli("run", "--model", str(tiny_path), "--policy", "h2o", "hi"), 1, "needs a budget")
+
+
+def test_unknown_policy(tiny_path: Path):
+    assert_clean_error(run_cli("run", "--model", str(tiny_path), "--policy", "lru", "hi"), 2, "--policy")
+
+
+def test_json_and_stats_report_the_kv(tiny_path: Path):
+    import json
+
+    prompt = "the sky is blue and the grass is green " * 12
+    res = CliRunner().invoke(main, ["run", "--model", str(tiny_path), "--raw", "--budget", "0.5", "--stats", "--json",
+                                    "-n", "30", prompt])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout.splitlines()[0])
+    for key in ("active_tokens_peak", "recoveries", "logical_tokens", "active_tokens", "frozen_tokens",
+                "active_kv_bytes", "frozen_kv_bytes", "store_bytes", "freeze_events", "thaw_events"):
+        assert key in out, key
+    assert out["policy"] == "asrkf" and out["budget_tokens"] == out["prompt_tokens"] // 2
+    assert out["active_tokens_peak"] <= out["budget_tokens"] < out["prompt_tokens"]
+    assert out["active_tokens"] + out["frozen_tokens"] == out["logical_tokens"]
+    assert "KV asrkf: logical" in res.stderr and "peak active" in res.stderr

@@ -58,7 +58,7 @@ def test_budget_is_a_fraction_of_the_prompt_or_a_token_count() -> None:
     with pytest.raises(ValueError, match="unknown policy"):
         make_policy("lru")
     with pytest.raises(ValueError, match="threshold"):
-        AsrKf(threshold=1.5)
+        AsrKf(threshold=0)
 
 
 def test_streaming_drops_and_asrkf_keeps_everything(tiny) -> None:
