@@ -34,6 +34,10 @@ _RELEVANCE_ROWS = 8  # newest queries used to score frozen keys (a prefill chunk
 class AsrKf(Policy):
     """ASR-KF-EGR. Defaults measured on SmolLM2-135M (see README, "Choosing the defaults").
 
+    budget: the cache is 40% of the prompt unless generate() says otherwise (never below min_cache, 512):
+    freed cells save memory only when the llama.cpp cache itself is that small.
+    min_cache: also the context length before attention alone freezes anything (below it freeze/thaw
+    churn cost 2 ms a token on a 300-token context and saves little).
     threshold: freeze when decayed attention < threshold x the uniform share 1/logical tokens (a fixed bar:
     measured against the active count it would rise as tokens leave, and freeze nearly everything).
     schedule: freeze duration law (base x sqrt(count) decode steps).
@@ -49,6 +53,7 @@ class AsrKf(Policy):
     attention: ClassVar[Attention] = "ema"
 
     recent: int = 32
+    budget: float | None = 0.4
     threshold: float = 0.5
     schedule: Schedule = field(default_factory=Schedule)
     reeval_every: int = 16
@@ -80,9 +85,9 @@ class AsrKf(Policy):
 
     # rolling re-evaluation
     def after_decode(self, runner: Runner, pos0: int, n: int) -> None:
-        if n == 1 and runner.step % self.reeval_every:
-            return
         session, step = runner.session, runner.step
+        if (n == 1 and step % self.reeval_every) or session.n_logical < self.min_cache:
+            return
         self._ledger.grow(session.n_logical)
         frozen = session.store.positions() if session.store is not None else np.zeros(0, np.int64)
         if len(frozen):
@@ -107,9 +112,11 @@ class AsrKf(Policy):
     # entropy-guided recovery
     def after_logits(self, runner: Runner) -> None:
         session = runner.session
+        if session.store is None or not session.store.frozen_tokens:
+            return  # nothing to recover: the entropy is watched while something is frozen
         h = float(entropy(runner.logits()))
         threshold = self._monitor.threshold()
-        if not self._monitor.observe(h) or session.store is None or not session.store.frozen_tokens:
+        if not self._monitor.observe(h):
             return
         last = runner.recoveries[-1] if runner.recoveries else None
         level = min(last.level + 1, 3) if last and runner.step - last.step <= self.escalate_within else 1

@@ -79,7 +79,8 @@ def kv_line(stats: dict[str, object]) -> str:
 @click.option("--policy", type=click.Choice(POLICIES), default="asrkf", show_default=True,
               help="KV policy: asrkf (freeze/thaw), full (plain llama.cpp), streaming or h2o (drop).")
 @click.option("--budget", type=BudgetType(), default=None,
-              help="Cap the KV cache: a fraction of the prompt (0.4) or tokens (800). Default: no cap.")
+              help="Cap the KV cache: a fraction of the prompt (0.4) or tokens (800). Default: the policy's "
+                   "(asrkf: 0.4, at least 512 tokens; full: none).")
 @click.option("--stats", "show_stats", is_flag=True, help="Live KV status line on stderr and a summary at the end.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text and stats) instead of streaming.")
 def run(prompt: str | None, file: Path | None, model: Path | None, max_tokens: int, temp: float, top_k: int,

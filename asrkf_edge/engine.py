@@ -101,7 +101,8 @@ class Engine:
         """Yield the answer as text pieces; fills ``stats`` (if given) when done.
 
         ``policy`` manages the KV cache (``asrkf``, ``full``, ``streaming``, ``h2o``); ``budget`` caps the
-        cache at a fraction of the prompt (<= 1.0) or a number of tokens (> 1). ``ctx`` bounds the
+        cache at a fraction of the prompt (<= 1.0) or a number of tokens (> 1); None: the policy's own
+        (asrkf: 0.4 of the prompt, at least 512 tokens). ``ctx`` bounds the
         logical context (default: the model's training context). ``on_token`` sees the runner after
         every token (live KV status).
         """
@@ -113,7 +114,7 @@ class Engine:
             raise PromptTooLongError(f"the prompt has {len(tokens)} tokens; the context holds {limit}")
         max_tokens = min(max_tokens, limit - len(tokens))
         pol = make_policy(policy) if isinstance(policy, str) else policy
-        cells = budget_cells(pol, budget if budget is not None else pol.budget, len(tokens), max_tokens)
+        cells = budget_cells(pol, budget, len(tokens), max_tokens)
         with self.lock, self.runner(pol, cells) as run:
             sampler = Sampler(temperature, top_k, top_p, seed)
             try:

@@ -42,6 +42,7 @@ class Policy:
     window: int = 32
     layers: tuple[int, ...] | None = None
     budget: float | None = None  # used when generate() gets none: fraction of the prompt or tokens
+    min_cache: int = 512  # the policy's own budget never shrinks the cache below this many tokens
 
     def min_cells(self) -> int:
         """Smallest cache this policy can run with."""

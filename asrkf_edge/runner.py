@@ -22,16 +22,22 @@ from .session import Session
 
 def budget_cells(policy: Policy, budget: float | None, prompt_tokens: int, max_new: int) -> int:
     """Cache cells for a generation: ``budget`` is a fraction of the prompt (<= 1.0) or a token count
-    (> 1); unbounded policies, or no budget, get room for the whole context."""
+    (> 1), honoured down to the policy's hard minimum. None means the policy's own budget, never below
+    ``policy.min_cache``; unbounded policies, or no budget at all, get room for the whole context."""
     whole = prompt_tokens + max_new
-    if not policy.bounded or budget is None:
-        if policy.bounded and not policy.reversible:
-            raise ValueError(f"the {policy.name} policy drops what it evicts and needs a budget")
+    if not policy.bounded:
         return whole
+    floor = policy.min_cells()
+    if budget is None:
+        budget, floor = policy.budget, max(floor, policy.min_cache)
+        if budget is None:
+            if not policy.reversible:
+                raise ValueError(f"the {policy.name} policy drops what it evicts and needs a budget")
+            return whole
     if budget <= 0:
         raise ValueError(f"budget must be positive, got {budget}")
     tokens = int(budget * prompt_tokens) if budget <= 1.0 else int(budget)
-    return min(whole, max(tokens, policy.min_cells()))
+    return min(whole, max(tokens, floor))
 
 
 class Runner:

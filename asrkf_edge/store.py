@@ -34,6 +34,7 @@ class Segment:
     crc: int
     nbytes: int
     live: np.ndarray = field(init=False)  # bool [n]: still frozen
+    verified_mtime: int = field(default=-1, init=False)  # file mtime when the checksum last matched
 
     def __post_init__(self) -> None:
         self.live = np.ones(len(self.pos), dtype=bool)
@@ -76,7 +77,8 @@ class FrozenStore:
             mm = np.memmap(path, dtype=np.uint8, mode="r+", shape=(nbytes,))
             copy_rows(src, segment_side(mm, self.layout, n), src_rows, np.arange(n), self.layout)
             crc = zlib.crc32(mm)
-            mm.flush()
+            if self.keep:  # a temporary store dies with its session: no msync on the freeze path
+                mm.flush()
             del mm
         except OSError as e:
             path.unlink(missing_ok=True)
@@ -94,16 +96,19 @@ class FrozenStore:
 
     # reading
     def read(self, seg: Segment) -> Side:
-        """The segment's bytes, checked against length and checksum."""
+        """The segment's bytes, checked against length and checksum (again whenever the file changed)."""
         try:
-            size = seg.path.stat().st_size
+            st = seg.path.stat()
+            size = st.st_size
         except OSError as e:
             raise StoreError(f"frozen range {seg.span}: segment {seg.path} is missing") from e
         if size != seg.nbytes:
             raise StoreError(f"frozen range {seg.span}: segment {seg.path} has {size} bytes, expected {seg.nbytes}")
         mm = np.memmap(seg.path, dtype=np.uint8, mode="r", shape=(seg.nbytes,))
-        if zlib.crc32(mm) != seg.crc:
-            raise StoreError(f"frozen range {seg.span}: segment {seg.path} is corrupt (checksum mismatch)")
+        if st.st_mtime_ns != seg.verified_mtime:  # partial thaws read a segment many times: check it once
+            if zlib.crc32(mm) != seg.crc:
+                raise StoreError(f"frozen range {seg.span}: segment {seg.path} is corrupt (checksum mismatch)")
+            seg.verified_mtime = st.st_mtime_ns
         return segment_side(mm, self.layout, len(seg.pos))
 
     def locate(self, p0: int, p1: int) -> dict[int, np.ndarray]:

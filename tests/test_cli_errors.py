@@ -97,14 +97,14 @@ def test_json_and_stats_report_the_kv(tiny_path: Path):
     import json
 
     prompt = "the sky is blue and the grass is green " * 12
-    res = CliRunner().invoke(main, ["run", "--model", str(tiny_path), "--raw", "--budget", "0.5", "--stats", "--json",
+    res = CliRunner().invoke(main, ["run", "--model", str(tiny_path), "--raw", "--budget", "100", "--stats", "--json",
                                     "-n", "30", prompt])
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout.splitlines()[0])
     for key in ("active_tokens_peak", "recoveries", "logical_tokens", "active_tokens", "frozen_tokens",
                 "active_kv_bytes", "frozen_kv_bytes", "store_bytes", "freeze_events", "thaw_events"):
         assert key in out, key
-    assert out["policy"] == "asrkf" and out["budget_tokens"] == out["prompt_tokens"] // 2
+    assert out["policy"] == "asrkf" and out["budget_tokens"] == 100
     assert out["active_tokens_peak"] <= out["budget_tokens"] < out["prompt_tokens"]
     assert out["active_tokens"] + out["frozen_tokens"] == out["logical_tokens"]
     assert "KV asrkf: logical" in res.stderr and "peak active" in res.stderr

@@ -49,7 +49,9 @@ def test_budget_is_a_fraction_of_the_prompt_or_a_token_count() -> None:
     assert budget_cells(asrkf, 0.4, 2000, 10) == 800
     assert budget_cells(asrkf, 900, 2000, 10) == 900
     assert budget_cells(asrkf, 0.01, 2000, 10) == asrkf.min_cells()
-    assert budget_cells(asrkf, None, 2000, 10) == 2010  # no cap: threshold freezing only
+    assert budget_cells(asrkf, None, 2000, 10) == 800  # the policy's own budget, 0.4
+    assert budget_cells(asrkf, None, 300, 10) == 310  # ... never below min_cache (512), never above the context
+    assert budget_cells(AsrKf(budget=None), None, 2000, 10) == 2010  # no cap: threshold freezing only
     assert budget_cells(Full(), 0.4, 2000, 10) == 2010
     with pytest.raises(ValueError, match="needs a budget"):
         budget_cells(Streaming(), None, 2000, 10)
