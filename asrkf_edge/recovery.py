@@ -17,7 +17,7 @@ class EntropyRule:
     count (None: off); ``floor``: nats below which a step is never a spike (the model is sure);
     ``warmup``: steps observed before the relative rule applies; ``alpha``: rate of the running stats."""
 
-    k: float = 2.5
+    k: float = 2.0
     absolute: float | None = None
     floor: float = 1.0
     warmup: int = 8
