@@ -97,7 +97,7 @@ class AsrKf(Policy):
             if len(back) and self._thaw(runner, back, self.pin):
                 runner.stale_logits = True
             due = self._ledger.expired(step)
-            due = due[session.store.is_frozen(due)] if session.store is not None else due
+            due = due[session.store.is_frozen(due)]
             room = session.free_cells() - session.budget // 16
             if room > 0 and len(due):
                 self._thaw(runner, due[:room], 0)

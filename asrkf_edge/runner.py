@@ -50,7 +50,6 @@ class Runner:
         self.recoveries: list[Recovery] = []
         self.stale_logits = False  # a thaw after the last decode: its logits miss the thawed tokens
         self.policy_seconds = 0.0
-        self._active_sum = self._active_n = 0  # active tokens after each decode, for the mean
         self.importance: Importance | None = None
         if policy.attention is not None or policy.reversible:
             layers = policy.layers or default_layers(model.n_layer)
@@ -103,8 +102,6 @@ class Runner:
     def _on_decode(self, session: Session, pos0: int, n: int) -> None:
         t0 = time.perf_counter()
         self.step += 1
-        self._active_sum += len(session.cells.cells_of(0))
-        self._active_n += 1
         if self.importance is not None:
             self.importance.observe(session.cell_positions(), pos0, n)
         self.policy.after_decode(self, pos0, n)
@@ -129,7 +126,6 @@ class Runner:
             **self.session.kv_stats(),
             "policy": self.policy.name,
             "budget_tokens": self.session.budget if self.policy.bounded else None,
-            "active_tokens_mean": self._active_sum / self._active_n if self._active_n else 0.0,
             "recoveries": len(self.recoveries),
             "recovery_log": [r.as_dict() for r in self.recoveries],
             "policy_seconds": self.policy_seconds,

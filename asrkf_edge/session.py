@@ -93,6 +93,7 @@ class Session:
         self._left: dict[int, int] = {}  # frozen position -> cell it left
         self.freeze_events = self.thaw_events = 0
         self.active_peak = 0
+        self._active_sum = self._decodes = 0  # active tokens summed after each decode, for the mean
         self.stale_from: int | None = None  # first position decoded while something was frozen
         self._chunks: list[int] = []  # first position of every decode: refresh replays the same batches
 
@@ -135,6 +136,7 @@ class Session:
             "thaw_events": self.thaw_events,
             "cells": self.ctx.n_ctx,
             "active_tokens_peak": self.active_peak,
+            "active_tokens_mean": self._active_sum / self._decodes if self._decodes else 0.0,
             "dropped_tokens": self.dropped,
         }
 
@@ -162,7 +164,10 @@ class Session:
             self._chunks.append(pos0)
             self.cells.decode(np.arange(pos0, pos0 + len(chunk)))
             self.tokens.extend(chunk)
-            self.active_peak = max(self.active_peak, len(self.cells.cells_of(0)))
+            active = len(self.cells.cells_of(0))
+            self.active_peak = max(self.active_peak, active)
+            self._active_sum += active
+            self._decodes += 1
             if self.on_decode is not None:
                 self.on_decode(self, pos0, len(chunk))
             if all_logits:
@@ -382,9 +387,3 @@ class Session:
         for p in want.tolist():
             self._left.pop(p, None)
         self.thaw_events += 1
-
-
-def _in(positions: np.ndarray, span: tuple[int, int] | None) -> np.ndarray:
-    if span is None:
-        return np.zeros(len(positions), dtype=bool)
-    return (positions >= span[0]) & (positions < span[1])
