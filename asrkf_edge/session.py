@@ -189,6 +189,11 @@ class Session:
         bounds = [p for p in self._chunks if p >= start] + [self.n_logical]
         redo = self.rewind(self.n_logical - start)
         self.stale_from = None
+        cells = self.cells.cells_of(0)
+        misplaced = np.sort(self.cells.pos[cells][self.cells.pos[cells] % self.cells.size != cells]).astype(np.int64)
+        if len(misplaced):  # e.g. a thaw whose home cell a stale token held: move them home too
+            self._freeze_positions(misplaced)
+            self._restore(misplaced)
         for a, b in zip(bounds, bounds[1:], strict=False):  # same batches as before: same rounding
             self.eval(redo[a - start : b - start])
         return len(redo)
