@@ -21,48 +21,66 @@ _JIT = {"cache": True, "nogil": True, "fastmath": False}
 # kernels -----------------------------------------------------------------------------------------
 
 
-@numba.njit(cache=True, nogil=True, parallel=True)
-def attention_mass(q: np.ndarray, qpos: np.ndarray, keys: np.ndarray, kpos: np.ndarray, scale: float) -> np.ndarray:
-    """Causal softmax attention of queries over keys, averaged over layers and heads.
+# float32 value of every float16 bit pattern: Numba has no float16 type, so kernels decode keys by lookup
+F16_TABLE = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
 
-    q [L, R, H, d], keys [L, N, Hkv, d] (float32), positions qpos [R], kpos [N]; a key is visible to a
-    query when kpos <= qpos. Returns mass [R, N]: each row sums to 1 over visible keys.
+
+def attention_mass(q: np.ndarray, qpos: np.ndarray, keys: np.ndarray, kpos: np.ndarray, scale: float) -> np.ndarray:
+    """Causal softmax attention of queries over mirrored keys, averaged over layers and heads.
+
+    q [L, R, H, d] float32; keys [L, P, Hkv, d] float16 bits (uint16), indexed by position; qpos [R], kpos [N]
+    (positions of the keys attended; a key is visible to a query when kpos <= qpos). Returns mass [R, N]:
+    each row sums to 1 over visible keys. Each key row is decoded once and shared by its query heads (GQA).
+    Serial on purpose: with llama.cpp's threads busy, Numba's thread pool cost more than it saved.
     """
+    return _attention_mass(q, qpos, keys, kpos, np.float32(scale), F16_TABLE)
+
+
+@numba.njit(**_JIT)
+def _attention_mass(q: np.ndarray, qpos: np.ndarray, keys: np.ndarray, kpos: np.ndarray, scale: np.float32,
+                    table: np.ndarray) -> np.ndarray:
     n_l, n_r, n_h, d = q.shape
-    n = keys.shape[1]
-    group = n_h // keys.shape[2]
-    part = np.zeros((n_l * n_h, n_r, n), np.float32)
-    for lh in numba.prange(n_l * n_h):
-        layer, h = lh // n_h, lh % n_h
-        kh = h // group
-        logit = np.empty(n, np.float64)
-        for r in range(n_r):
-            top = -np.inf
-            for j in range(n):
-                if kpos[j] <= qpos[r]:
-                    acc = np.float32(0.0)
-                    for e in range(d):
-                        acc += q[layer, r, h, e] * keys[layer, j, kh, e]
-                    logit[j] = acc * scale
-                    top = max(top, logit[j])
-            total = 0.0
-            for j in range(n):
-                if kpos[j] <= qpos[r]:
-                    logit[j] = np.exp(logit[j] - top)
-                    total += logit[j]
-            for j in range(n):
-                if kpos[j] <= qpos[r]:
-                    part[lh, r, j] = logit[j] / total
+    n_kv = keys.shape[2]
+    group = n_h // n_kv
+    n = len(kpos)
     out = np.zeros((n_r, n), np.float32)
-    for lh in range(n_l * n_h):
-        out += part[lh]
+    logit = np.empty((group, n_r, n), np.float32)
+    row = np.empty(d, np.float32)
+    for layer in range(n_l):
+        for kh in range(n_kv):
+            for j in range(n):
+                src = keys[layer, kpos[j], kh]
+                for e in range(d):
+                    row[e] = table[src[e]]
+                for g in range(group):
+                    for r in range(n_r):
+                        qv = q[layer, r, kh * group + g]
+                        acc = np.float32(0.0)
+                        for e in range(d):
+                            acc += qv[e] * row[e]
+                        logit[g, r, j] = acc * scale
+            for g in range(group):
+                for r in range(n_r):
+                    top = np.float32(-np.inf)
+                    for j in range(n):
+                        if kpos[j] <= qpos[r] and logit[g, r, j] > top:
+                            top = logit[g, r, j]
+                    total = np.float32(0.0)
+                    for j in range(n):
+                        if kpos[j] <= qpos[r]:
+                            x = np.exp(logit[g, r, j] - top)
+                            logit[g, r, j] = x
+                            total += x
+                    for j in range(n):
+                        if kpos[j] <= qpos[r]:
+                            out[r, j] += logit[g, r, j] / total
     return out / (n_l * n_h)
 
 
 def attention_mass_reference(q: np.ndarray, qpos: np.ndarray, keys: np.ndarray, kpos: np.ndarray, scale: float) -> np.ndarray:
     """NumPy twin of :func:`attention_mass`."""
-    group = q.shape[2] // keys.shape[2]
-    k = np.repeat(keys.astype(np.float64), group, axis=2)  # [L, N, H, d]
+    k = keys[:, kpos].view(np.float16).astype(np.float64)  # [L, N, Hkv, d]
+    k = np.repeat(k, q.shape[2] // k.shape[2], axis=2)  # [L, N, H, d]
     logits = np.einsum("lrhd,lnhd->lrhn", q.astype(np.float64), k) * scale
     visible = kpos[None, :] <= qpos[:, None]  # [R, N]
     logits = np.where(visible[None, :, None, :], logits, -np.inf)
@@ -188,7 +206,10 @@ class Importance:
         assert cap is not None
         return np.stack([cap.queries(layer) for layer in self.layers])
 
+    def mirror(self) -> np.ndarray:
+        """The key mirror as the kernels take it: [L, positions, Hkv, d] float16 bits."""
+        return self.keys.view(np.uint16).reshape(len(self.layers), -1, self.model.n_head_kv, self.model.head_dim)
+
     def mass(self, q: np.ndarray, qpos: np.ndarray, kpos: np.ndarray) -> np.ndarray:
         """Attention mass [rows, len(kpos)] that queries ``q`` give the mirrored keys at ``kpos``."""
-        keys = self.keys[:, kpos].astype(np.float32).reshape(len(self.layers), len(kpos), self.model.n_head_kv, self.model.head_dim)
-        return attention_mass(np.ascontiguousarray(q, np.float32), qpos, keys, kpos.astype(np.int64), self.scale)
+        return attention_mass(np.ascontiguousarray(q, np.float32), qpos, self.mirror(), kpos.astype(np.int64), self.scale)

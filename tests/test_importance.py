@@ -24,7 +24,7 @@ TEXT = "The grass is green. The sky is blue. The pass key is 4242. Remember it. 
 def test_kernels_match_numpy_references() -> None:
     rng = np.random.default_rng(1)
     q = rng.standard_normal((3, 5, 6, 16)).astype(np.float32)
-    keys = rng.standard_normal((3, 40, 2, 16)).astype(np.float32)
+    keys = rng.standard_normal((3, 150, 2, 16)).astype(np.float16).view(np.uint16)  # a mirror: f16 bits by position
     kpos = rng.permutation(np.arange(100, 140)).astype(np.int64)
     qpos = np.arange(130, 135, dtype=np.int64)  # some keys lie in each query's future
     got, want = attention_mass(q, qpos, keys, kpos, 0.25), attention_mass_reference(q, qpos, keys, kpos, 0.25)
@@ -93,9 +93,8 @@ def test_softmax_capture_agrees_with_host_attention(which, request) -> None:
         probs = np.mean([imp.capture.probs(i).mean(axis=0) for i in layers], axis=0)[:, held]
         qpos = np.arange(pos0 + n - probs.shape[0], pos0 + n)
         q = np.ascontiguousarray(imp.queries())
-        keys = imp.keys[:, cells[held]].astype(np.float32).reshape(len(layers), len(held), engine.model.n_head_kv, -1)
-        ours = attention_mass(q, qpos, keys, cells[held], imp.scale)
-        ref = attention_mass_reference(q, qpos, keys, cells[held], imp.scale)
+        ours = attention_mass(q, qpos, imp.mirror(), cells[held], imp.scale)
+        ref = attention_mass_reference(q, qpos, imp.mirror(), cells[held], imp.scale)
         a, b = imp.scores.copy(), imp.scores.copy()
         fold(a, probs, cells[held], qpos, 0.9, 0.1)
         fold_reference(b, probs, cells[held], qpos, 0.9, 0.1)
