@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import PromptTooLongError
 from .llama import Model, Sampler
@@ -16,6 +17,9 @@ from .models import default_model_path, inspect
 from .policy import Policy, make_policy
 from .runner import Runner, budget_cells
 from .session import Session
+
+if TYPE_CHECKING:
+    from .chat import Chat
 
 
 @dataclass
@@ -81,6 +85,21 @@ class Engine:
         """A :class:`Runner` with ``cells`` KV cells driven by ``policy`` (a name or a configured policy)."""
         pol = make_policy(policy) if isinstance(policy, str) else dataclasses.replace(policy)  # fresh state
         return Runner(self.model, pol, cells, flash_attn=self.flash_attn, **kwargs)  # type: ignore[arg-type]
+
+    def chat(self, system: str | None = None, **kwargs: object) -> Chat:
+        """A :class:`~asrkf_edge.chat.Chat` that keeps its KV across turns (options: see ``Chat``)."""
+        from .chat import Chat
+
+        return Chat(self, system=system, **kwargs)  # type: ignore[arg-type]
+
+    def resume(self, path: str | Path) -> Chat:
+        """A chat saved with :meth:`Chat.save`, with its KV and frozen store, ready for the next message.
+
+        Raises :class:`~asrkf_edge.errors.SessionFileError` when the file is from another model or format version.
+        """
+        from .persist import load_chat
+
+        return load_chat(self, Path(path))
 
     def stream(
         self,

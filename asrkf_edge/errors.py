@@ -25,3 +25,7 @@ class StoreError(AsrkfError):
 
 class LlamaError(AsrkfError):
     """llama.cpp reported a failure (decode, state copy, context creation)."""
+
+
+class SessionFileError(AsrkfError):
+    """A saved chat cannot be resumed: another model, another format version, or a damaged file."""

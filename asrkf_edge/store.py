@@ -94,6 +94,15 @@ class FrozenStore:
             self._where[int(p)] = (seg_id, row)
         return seg
 
+    def adopt(self, seg: Segment) -> None:
+        """Register an existing segment file (e.g. a resumed session's); its live rows become frozen positions."""
+        if seg.seg_id in self._segments:
+            raise StoreError(f"segment {seg.seg_id} is already in the store")
+        self._segments[seg.seg_id] = seg
+        for row in np.flatnonzero(seg.live).tolist():
+            self._where[int(seg.pos[row])] = (seg.seg_id, row)
+        self._next_id = max(self._next_id, seg.seg_id + 1)
+
     # reading
     def read(self, seg: Segment) -> Side:
         """The segment's bytes, checked against length and checksum (again whenever the file changed)."""
