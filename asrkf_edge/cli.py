@@ -206,5 +206,7 @@ def models_list(as_json: bool, paths: tuple[Path, ...]) -> None:
                    f"{i.kv_bytes_per_token:10}  {i.path}")
 
 
+from . import cli_serve  # noqa: E402,F401  (registers the chat and serve commands)
+
 if __name__ == "__main__":  # pragma: no cover
     main()

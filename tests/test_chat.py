@@ -146,3 +146,22 @@ def test_resume_refuses_other_model_and_version(tiny, tmp_path: Path):
     (tmp_path / "notes" / "x.txt").write_text("keep")
     with tiny.chat(policy="full", ctx=200) as chat, pytest.raises(SessionFileError, match="not overwriting"):
         chat.save(tmp_path / "notes")
+
+
+def test_chat_command_answers_lines_saves_and_resumes(tiny_path: Path, tmp_path: Path):
+    from click.testing import CliRunner
+
+    from asrkf_edge.cli import main
+
+    save = tmp_path / "saved"
+    args = ["chat", "--model", str(tiny_path), "--policy", "full", "--ctx", "300", "-n", "5"]
+    r = CliRunner().invoke(main, [*args, "--save", str(save)], input="the sky\n/kv\nthe grass\n")
+    assert r.exit_code == 0, r.output
+    assert r.stderr.count("KV full: logical") == 2  # a status line after each answer
+    assert "KV full: logical" in r.stdout  # /kv
+    assert json.loads((save / "manifest.json").read_text())["turns"] == 2
+    r2 = CliRunner().invoke(main, [*args, "--resume", str(save)], input="blue\n/quit\n")
+    assert r2.exit_code == 0, r2.output
+    assert "resumed 4 messages" in r2.stderr
+    r3 = CliRunner().invoke(main, [*args, "--resume", str(tmp_path)], input="blue\n")
+    assert r3.exit_code == 1 and "not a saved chat" in r3.stderr

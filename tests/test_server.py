@@ -175,3 +175,34 @@ def test_api_key_and_loopback(tiny):
         assert c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "the"}], max_tokens=3).choices
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=url + "/v1", api_key="nope", max_retries=0).models.list()
+
+
+def test_serve_command_runs_a_loopback_server(tiny_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-c", "from asrkf_edge.cli import main; main()", "serve", "--model", str(tiny_path),
+           "--port", str(port), "--policy", "full", "--ctx", "256", "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "ASRKF_EDGE_API_KEY": "k"})
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stderr.read().decode()
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            assert time.monotonic() < deadline, "serve did not come up"
+            time.sleep(0.2)
+        models = httpx.get(url + "/v1/models", headers={"Authorization": "Bearer k"}).json()
+        assert models["data"][0]["id"] == "tiny"
+        assert httpx.get(url + "/v1/models").status_code == 401  # the key came from $ASRKF_EDGE_API_KEY
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(20)
+    assert proc.returncode == 0
