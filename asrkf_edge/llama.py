@@ -222,6 +222,10 @@ class Context:
     def seq_cp(self, src: int, dst: int, p0: int, p1: int) -> None:
         L.llama_memory_seq_cp(self.mem, src, dst, p0, p1)
 
+    def seq_add(self, seq: int, p0: int, p1: int, delta: int) -> None:
+        """Renumber positions in [p0, p1) by ``delta`` (K is re-rotated lazily at the next decode)."""
+        L.llama_memory_seq_add(self.mem, seq, p0, p1, delta)
+
     def seq_pos_max(self, seq: int) -> int:
         return L.llama_memory_seq_pos_max(self.mem, seq)
 

@@ -141,7 +141,7 @@ NEEDLES: tuple[Needle, ...] = (
            "Silver Heron"),
     Needle("The old clock in the Kettleby museum was built in the year 1742.",
            "In what year was the old clock in the Kettleby museum built?", "1742"),
-    Needle("Professor Tamsin Reed grows purple tomatoes in her garden.",
+    Needle("The tomatoes that Professor Tamsin Reed grows in her garden are purple.",
            "What color are the tomatoes that Professor Tamsin Reed grows?", "purple"),
     Needle("The village of Brindlemere holds its lantern festival every October.",
            "In which month does the village of Brindlemere hold its lantern festival?", "October"),
