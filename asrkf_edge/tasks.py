@@ -281,11 +281,14 @@ def cwe_words(n_rare: int, index: int, k: int, freq_common: int) -> tuple[list[s
     return items, common
 
 
-def cwe(lm: _Engine | Tokenize, n_tokens: int, index: int, k: int = 3, freq_common: int = 20,
+def cwe(lm: _Engine | Tokenize, n_tokens: int, index: int, k: int = 3, freq_common: int = 10,
         render: Render | None = None) -> Case:
     """Common words extraction (RULER's CWE): a numbered list of about ``n_tokens`` tokens where ``k`` words
     appear ``freq_common`` times and the rest once or twice; the reply scores the share of the ``k`` it names
-    among its first ``k`` list words. ``lm`` and ``render`` as for :func:`needle`."""
+    among its first ``k`` list words. ``lm`` and ``render`` as for :func:`needle`.
+
+    A reply naming random list items scores about the share of items that are common (k=3, freq 10: ~0.3 at
+    500 tokens, ~0.16 at 1k), so compare scores with that, not with zero."""
     if k < 1 or freq_common < 3:
         raise ValueError(f"need k >= 1 and freq_common >= 3, got k={k}, freq_common={freq_common}")
     tokenize, render = _tools(lm, render)
