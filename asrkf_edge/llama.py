@@ -11,6 +11,7 @@ import collections
 import ctypes
 import logging
 import os
+import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -74,6 +75,7 @@ class Model:
         init_backend()
         params = L.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
+        self.n_gpu_layers = n_gpu_layers
         self.path = Path(path)
         ptr = L.llama_model_load_from_file(str(self.path).encode(), params)
         if not ptr:
@@ -183,8 +185,13 @@ class Context:
         self.mem = L.llama_get_memory(ptr)
         self._batch = L.llama_batch_init(self.n_batch, 0, 1)
         self._n_vocab = model.n_vocab
+        self._stage: np.ndarray | None = None  # reused host memory for state copies (pinned with a GPU)
+        self._stage_refs = 0
+        self._pinned = model.n_gpu_layers != 0 and os.environ.get("ASRKF_EDGE_STAGING", "1") != "0"
+        self._reuse = os.environ.get("ASRKF_EDGE_STAGING", "1") != "0"
 
     def close(self) -> None:
+        self._stage = None  # views handed out keep their memory alive
         if self.ptr:
             L.llama_batch_free(self._batch)
             L.llama_free(self.ptr)
@@ -233,10 +240,27 @@ class Context:
         L.llama_memory_clear(self.mem, True)
 
     # sequence state
+    def staging(self, nbytes: int) -> np.ndarray:
+        """Host memory of ``nbytes`` for a state copy: page-locked when layers are on a GPU, and reused
+        (no fresh pages to fault in) unless a view returned earlier is still alive somewhere."""
+        from .kvcopy import host_array
+
+        if not self._reuse:
+            return host_array(nbytes, self._pinned)
+        if self._stage is None or self._stage.nbytes < nbytes or sys.getrefcount(self._stage) > self._stage_refs:
+            old = 0 if self._stage is None else self._stage.nbytes
+            cap = max(nbytes, 1 << 20, 2 * old if nbytes > old else old)
+            self._stage = None
+            self._stage = host_array(cap, self._pinned)
+            self._stage_refs = sys.getrefcount(self._stage)
+        return self._stage[:nbytes]
+
     def state_get(self, seq: int) -> np.ndarray:
-        """The serialized KV of sequence ``seq`` (cells in cell order), as a uint8 array."""
+        """The serialized KV of sequence ``seq`` (cells in cell order), as a uint8 array.
+
+        The array is staging memory (see :meth:`staging`): valid for as long as the caller holds it."""
         size = L.llama_state_seq_get_size(self.ptr, seq)
-        buf = np.empty(size, dtype=np.uint8)
+        buf = self.staging(size)
         n = L.llama_state_seq_get_data(self.ptr, buf.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), size, seq)
         if n != size:
             raise _fail(f"llama_state_seq_get_data wrote {n} of {size} bytes")

@@ -9,6 +9,10 @@
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#include <unistd.h>
+#endif
 
 #if defined(_WIN32)
 #define EXPORT __declspec(dllexport)
@@ -21,6 +25,15 @@ static inline int64_t v_addr(int64_t off, int64_t n, int32_t vt, int64_t r, int6
     return vt ? off + (e * n + r) * v_el : off + r * v_row + e * v_el;
 }
 
+/* Length of the run starting at i where source and destination rows both advance by one. */
+static inline int64_t run_len(const int64_t *src_rows, const int64_t *dst_rows, int64_t i, int64_t count) {
+    int64_t r = 1;
+    while (i + r < count && src_rows[i + r] == src_rows[i] + r && dst_rows[i + r] == dst_rows[i] + r) ++r;
+    return r;
+}
+
+/* Rows that are consecutive on both sides move as one memcpy (a freeze of a contiguous range, a thaw
+ * into home cells): fewer, larger copies. The bytes written are the same as row by row. */
 EXPORT void asrkf_copy_rows(
     const uint8_t *src, const int64_t *src_k, const int64_t *src_v, int64_t src_n, int32_t src_vt,
     uint8_t *dst, const int64_t *dst_k, const int64_t *dst_v, int64_t dst_n, int32_t dst_vt,
@@ -28,12 +41,24 @@ EXPORT void asrkf_copy_rows(
     int32_t n_layer, int64_t k_row, int64_t v_row, int64_t v_el) {
     const int64_t n_e = v_el > 0 ? v_row / v_el : 0;
     for (int32_t l = 0; l < n_layer; ++l) {
-        for (int64_t i = 0; i < count; ++i) {
-            memcpy(dst + dst_k[l] + dst_rows[i] * k_row, src + src_k[l] + src_rows[i] * k_row, (size_t)k_row);
+        for (int64_t i = 0, r; i < count; i += r) {
+            r = run_len(src_rows, dst_rows, i, count);
+            memcpy(dst + dst_k[l] + dst_rows[i] * k_row, src + src_k[l] + src_rows[i] * k_row, (size_t)(r * k_row));
         }
         if (!src_vt && !dst_vt) {
-            for (int64_t i = 0; i < count; ++i) {
-                memcpy(dst + dst_v[l] + dst_rows[i] * v_row, src + src_v[l] + src_rows[i] * v_row, (size_t)v_row);
+            for (int64_t i = 0, r; i < count; i += r) {
+                r = run_len(src_rows, dst_rows, i, count);
+                memcpy(dst + dst_v[l] + dst_rows[i] * v_row, src + src_v[l] + src_rows[i] * v_row, (size_t)(r * v_row));
+            }
+            continue;
+        }
+        if (src_vt && dst_vt) {  /* runs are contiguous in both transposed layouts */
+            for (int64_t e = 0; e < n_e; ++e) {
+                for (int64_t i = 0, r; i < count; i += r) {
+                    r = run_len(src_rows, dst_rows, i, count);
+                    memcpy(dst + v_addr(dst_v[l], dst_n, 1, dst_rows[i], e, v_row, v_el),
+                           src + v_addr(src_v[l], src_n, 1, src_rows[i], e, v_row, v_el), (size_t)(r * v_el));
+                }
             }
             continue;
         }
@@ -44,6 +69,21 @@ EXPORT void asrkf_copy_rows(
             }
         }
     }
+}
+
+/* Fault a buffer's pages in with one system call (MADV_POPULATE_WRITE / _READ, Linux 5.14+) instead of one
+ * trap per 4 KiB page during the copy: fresh store segments and fresh blobs are mostly untouched pages.
+ * Contents are not changed. Returns 0, or -1 where the kernel lacks it (the copy then faults as before). */
+EXPORT int32_t asrkf_populate(void *ptr, int64_t len, int32_t write) {
+#if defined(__linux__)
+    const uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    uintptr_t a = (uintptr_t)ptr & ~(page - 1);
+    uintptr_t b = ((uintptr_t)ptr + (uintptr_t)len + page - 1) & ~(page - 1);
+    return madvise((void *)a, (size_t)(b - a), write ? 23 /* MADV_POPULATE_WRITE */ : 22 /* MADV_POPULATE_READ */);
+#else
+    (void)ptr; (void)len; (void)write;
+    return -1;
+#endif
 }
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", "asrkf-edge native KV copy (used via ctypes)", -1, NULL};
