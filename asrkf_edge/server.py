@@ -1,10 +1,10 @@
 """OpenAI-compatible local HTTP server (Starlette + uvicorn): chat and text completions, SSE streaming, KV stats.
 
 Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completions``,
-``GET /v1/kv`` (KV figures of every session). Generations run one at a time in worker threads under the
-engine lock (llama.cpp contexts are not thread-safe); requests queue there. A request names a session
-with the ``X-Session-Id`` header or a ``session_id`` (else ``user``) body field: its :class:`Chat` keeps
-the KV between requests, so only the new messages are prefilled. A client that disconnects mid-stream
+``GET /v1/kv`` (KV figures of every session). Generations run one at a time, first come first served, on
+one generation thread under the engine lock (llama.cpp contexts are not thread-safe). A request names a
+session with the ``X-Session-Id`` header or a ``session_id`` (else ``user``) body field: its :class:`Chat`
+keeps the KV between requests, so only the new messages are prefilled. A client that disconnects mid-stream
 cancels its generation. Needs the ``server`` extra: ``pip install 'asrkf-edge[server]'``.
 """
 
@@ -14,6 +14,7 @@ import asyncio
 import hmac
 import json
 import logging
+import queue
 import threading
 import time
 import uuid
@@ -95,6 +96,11 @@ class ChatServer:
         self.counters = {"requests": 0, "completed": 0, "cancelled": 0, "failed": 0, "waiting": 0, "running": 0}
         self._counter_lock = threading.Lock()
         self.created = int(time.time())
+        # One generation thread, fed first come first served. Not a thread per request: llama.cpp's OpenMP
+        # pool belongs to the calling thread, and decodes from several threads ran at half speed (measured).
+        self._jobs: queue.Queue[tuple[_Job, Callable[[str, object], None]] | None] = queue.Queue()
+        self._worker: threading.Thread | None = None
+        self._worker_lock = threading.Lock()
 
     # plumbing
     def _count(self, key: str, delta: int = 1) -> None:
@@ -189,38 +195,39 @@ class ChatServer:
         self.sessions.move_to_end(session)
         return chat, False
 
+    def _loop(self) -> None:
+        while (item := self._jobs.get()) is not None:
+            self._count("waiting", -1)
+            self._work(*item)
+
     def _work(self, job: _Job, emit: Callable[[str, object], None]) -> None:
-        """Run one job (in a worker thread); emits ("piece", str), then ("done", stats) or ("error", exc)."""
-        self._count("waiting")
-        waiting = True
+        """Run one job (on the generation thread); emits ("piece", str), then ("done", stats) or ("error", exc)."""
+        if job.cancel.is_set():  # the client left while queued
+            self._count("cancelled")
+            emit("done", {"stop_reason": "cancelled"})
+            return
         try:
             with self.engine.lock:
-                self._count("waiting", -1)
-                waiting = False
-                if job.cancel.is_set():
-                    self._count("cancelled")
-                    emit("done", {"stop_reason": "cancelled"})
-                    return
                 self._count("running")
-                chat, one_off = self._chat_for(job.session)
                 try:
-                    if job.kind == "chat":
-                        it = chat.respond(job.messages, job.max_tokens, stop=job.stop, stats=job.stats, cancel=job.cancel,
-                                          **job.sampling)
-                    else:
-                        it = chat.complete(job.prompt, job.max_tokens, stop=job.stop, stats=job.stats, cancel=job.cancel,
-                                           **job.sampling)
-                    for piece in it:
-                        emit("piece", piece)
+                    chat, one_off = self._chat_for(job.session)
+                    try:
+                        if job.kind == "chat":
+                            it = chat.respond(job.messages, job.max_tokens, stop=job.stop, stats=job.stats,
+                                              cancel=job.cancel, **job.sampling)
+                        else:
+                            it = chat.complete(job.prompt, job.max_tokens, stop=job.stop, stats=job.stats,
+                                               cancel=job.cancel, **job.sampling)
+                        for piece in it:
+                            emit("piece", piece)
+                    finally:
+                        if one_off:
+                            chat.close()
                 finally:
-                    if one_off:
-                        chat.close()
                     self._count("running", -1)
             self._count("cancelled" if job.stats.get("stop_reason") == "cancelled" else "completed")
             emit("done", job.stats)
         except Exception as e:  # reported to the client; the server stays up
-            if waiting:
-                self._count("waiting", -1)
             if not isinstance(e, AsrkfError | ValueError):
                 log.exception("generation failed")
             self._count("failed")
@@ -230,17 +237,22 @@ class ChatServer:
         if self.counters["waiting"] >= self.config.max_queue:
             raise ApiError(503, "too many queued requests; try again later", "server_busy", kind="server_error")
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[tuple[str, object]] = asyncio.Queue()
+        events: asyncio.Queue[tuple[str, object]] = asyncio.Queue()
 
         def emit(kind: str, value: object) -> None:
             try:
-                loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
+                loop.call_soon_threadsafe(events.put_nowait, (kind, value))
             except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
                 job.cancel.set()
 
         self._count("requests")
-        threading.Thread(target=self._work, args=(job, emit), name="asrkf-generate", daemon=True).start()
-        return queue
+        self._count("waiting")
+        with self._worker_lock:
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._loop, name="asrkf-generate", daemon=True)
+                self._worker.start()
+        self._jobs.put((job, emit))
+        return events
 
     # responses
     @staticmethod
@@ -263,11 +275,11 @@ class ChatServer:
         return {"kv": kv, "timings": timings}
 
     async def _collect(self, job: _Job) -> tuple[str, dict[str, object]]:
-        queue = self._start(job)
+        events = self._start(job)
         pieces: list[str] = []
         try:
             while True:
-                kind, value = await queue.get()
+                kind, value = await events.get()
                 if kind == "piece":
                     pieces.append(value)  # type: ignore[arg-type]
                 elif kind == "error":
@@ -285,7 +297,7 @@ class ChatServer:
             return ApiError(400, str(e), "invalid_request")
         return ApiError(500, f"internal error: {type(e).__name__}: {e}", "internal_error", kind="server_error")
 
-    async def _sse(self, job: _Job, queue: asyncio.Queue[tuple[str, object]], chunk: Callable[..., dict[str, object]],
+    async def _sse(self, job: _Job, events: asyncio.Queue[tuple[str, object]], chunk: Callable[..., dict[str, object]],
                    include_usage: bool) -> AsyncIterator[bytes]:
         def event(obj: object) -> bytes:
             return f"data: {json.dumps(obj)}\n\n".encode()
@@ -295,7 +307,7 @@ class ChatServer:
             if first:
                 yield event(first)
             while True:
-                kind, value = await queue.get()
+                kind, value = await events.get()
                 if kind == "piece":
                     yield event(chunk(value, None))
                 elif kind == "error":
@@ -351,8 +363,8 @@ class ChatServer:
             return {**base, "object": "chat.completion.chunk",
                     "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
 
-        queue = self._start(job)
-        return StreamingResponse(self._sse(job, queue, chunk, p["include_usage"]), media_type="text/event-stream",
+        events = self._start(job)
+        return StreamingResponse(self._sse(job, events, chunk, p["include_usage"]), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def completions(self, request: Request) -> Response:
@@ -387,12 +399,16 @@ class ChatServer:
             return {**base, "object": "text_completion",
                     "choices": [{"index": 0, "text": piece or "", "logprobs": None, "finish_reason": finish}]}
 
-        queue = self._start(job)
-        return StreamingResponse(self._sse(job, queue, chunk, p["include_usage"]), media_type="text/event-stream",
+        events = self._start(job)
+        return StreamingResponse(self._sse(job, events, chunk, p["include_usage"]), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     def close(self) -> None:
-        """Close every session's context."""
+        """Stop the generation thread (after its current job) and close every session's context."""
+        if self._worker is not None:
+            self._jobs.put(None)
+            self._worker.join(30)
+            self._worker = None
         with self.engine.lock:
             while self.sessions:
                 self.sessions.popitem()[1].close()
