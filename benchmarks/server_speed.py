@@ -1,0 +1,112 @@
+"""Decode speed through the HTTP server vs in-process, side by side, and serial vs concurrent sessions.
+
+Usage: python benchmarks/server_speed.py [--tokens 96] [--repeat 3]
+1. The same greedy request in-process (``Chat.stream`` on an app thread), then through a real uvicorn
+   server (``/v1/chat/completions``, SSE, httpx), then in-process again; default model. Decode tokens/s
+   measured inside the engine and, for the server, also by the client (first to last streamed token).
+   Nothing decodes on the main thread and one thread decodes per phase: llama.cpp's OpenMP pool belongs
+   to the calling thread, and a second thread's decodes ran at half speed once the main thread had one.
+2. Two sessions answering at once: one engine, one context per session, turns serialised by the engine
+   lock (what the server does) vs two engines decoding in parallel threads (no shared lock):
+   aggregate tokens/s. Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import statistics
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import uvicorn
+
+from asrkf_edge import Engine
+from asrkf_edge.server import create_app
+
+PROMPT = "Write a long story about a dragon who learns to bake bread. Describe every step."
+
+
+def in_process(eng: Engine, tokens: int) -> dict[str, float]:
+    with eng.chat(ctx=2048) as chat:
+        stats: dict[str, object] = {}
+        for _ in chat.stream(PROMPT, tokens, stats=stats):
+            pass
+    return {"tokens": float(stats["generated_tokens"]), "decode_tokens_per_s": float(stats["decode_tokens_per_s"])}  # type: ignore[arg-type]
+
+
+def over_http(url: str, tokens: int) -> dict[str, float]:
+    body = {"model": "bench", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": tokens, "stream": True}
+    stamps: list[float] = []
+    final: dict[str, object] = {}
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=300) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            obj = json.loads(line[6:])
+            if obj["choices"] and obj["choices"][0]["delta"].get("content"):
+                stamps.append(time.perf_counter())
+            if "timings" in obj:
+                final = obj
+    client = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else 0.0
+    return {"tokens": float(len(stamps)), "decode_tokens_per_s": float(final["timings"]["decode_tokens_per_s"]),  # type: ignore[index]
+            "client_tokens_per_s": client}
+
+
+def sessions(eng: Engine, second: Engine | None, tokens: int) -> float:
+    """Aggregate decode tokens/s of two chats answering at once (``second``: its own engine, no shared lock)."""
+    counts: list[int] = []
+
+    def one(e: Engine) -> None:
+        with e.chat(ctx=2048) as chat:
+            counts.append(int(chat.send(PROMPT, tokens).stats["generated_tokens"]))  # type: ignore[call-overload]
+
+    threads = [threading.Thread(target=one, args=(e,)) for e in (eng, second or eng)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(counts) / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=96)
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+    with Engine.load() as eng:
+        app, server = create_app(eng, model_id="bench")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+        thread = threading.Thread(target=uv.run, daemon=True)
+        thread.start()
+        while not uv.started:
+            time.sleep(0.05)
+        url = f"http://127.0.0.1:{port}"
+        rows: dict[str, list[dict[str, float]]] = {"in_process": [], "server": [], "in_process_after": []}
+        with ThreadPoolExecutor(1) as app_thread:  # an app's own generation thread
+            app_thread.submit(in_process, eng, 8).result()  # warm-up (JIT, page cache)
+            rows["in_process"] = [app_thread.submit(in_process, eng, args.tokens).result() for _ in range(args.repeat)]
+        over_http(url, 8)
+        rows["server"] = [over_http(url, args.tokens) for _ in range(args.repeat)]
+        uv.should_exit = True
+        thread.join(10)
+        server.close()  # ends the server's generation thread
+        with ThreadPoolExecutor(1) as app_thread:
+            rows["in_process_after"] = [app_thread.submit(in_process, eng, args.tokens).result() for _ in range(args.repeat)]
+        med = {k: {m: statistics.median(r[m] for r in v) for m in v[0]} for k, v in rows.items()}
+        serial = sessions(eng, None, args.tokens // 2)
+        with Engine.load() as other:
+            parallel = sessions(eng, other, args.tokens // 2)
+    print(json.dumps({"median": med, "runs": rows, "two_sessions_tokens_per_s": {
+        "serial_one_engine_lock": serial, "parallel_two_engines": parallel}}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
