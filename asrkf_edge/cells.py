@@ -73,6 +73,12 @@ class CellMap:
         hit = ((self.seqs & np.uint8(1 << src)) != 0) & (self.pos >= p0) & (self.pos < p1)
         self.seqs[hit] |= np.uint8(1 << dst)
 
+    def seq_add(self, seq: int, p0: int, delta: int) -> None:
+        """Mirror of ``llama_memory_seq_add`` for [p0, end) with no position going negative: the search restarts at 0."""
+        hit = ((self.seqs & np.uint8(1 << seq)) != 0) & (self.pos >= p0)
+        self.pos[hit] += delta
+        self.head = 0
+
     def cells_of(self, seq: int) -> np.ndarray:
         return np.flatnonzero((self.seqs & np.uint8(1 << seq)) != 0)
 

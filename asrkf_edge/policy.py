@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 
 Attention = Literal["ema", "sum"] | None
 
+GGML_F16, GGML_Q4_0, GGML_Q8_0 = 1, 2, 8  # llama.cpp cache types (ggml_type)
+
 
 def default_layers(n_layer: int, count: int = 8) -> tuple[int, ...]:
     """``count`` evenly spaced layers, skipping layer 0 (its attention is mostly positional)."""
@@ -36,6 +38,8 @@ class Policy:
     reversible: ClassVar[bool] = False
     attention: ClassVar[Attention] = None
     bounded: ClassVar[bool] = True  # False: the cache holds the whole context, budget ignored
+    cache_type: ClassVar[int] = GGML_F16  # K and V cache type; quantized V needs flash attention
+    shift: ClassVar[bool] = False  # when full: drop the older half after the sinks and renumber (llama.cpp)
 
     sinks: int = 4
     recent: int = 16
@@ -74,6 +78,34 @@ class Full(Policy):
 
 
 @dataclass
+class Q8Cache(Full):
+    """llama.cpp's own saver, ``--cache-type-k/v q8_0``: the whole context, K and V rows quantized to 8 bits."""
+
+    name: ClassVar[str] = "q8_0"
+    cache_type: ClassVar[int] = GGML_Q8_0
+
+
+@dataclass
+class Q4Cache(Full):
+    """The same with 4-bit rows (``q4_0``)."""
+
+    name: ClassVar[str] = "q4_0"
+    cache_type: ClassVar[int] = GGML_Q4_0
+
+
+@dataclass
+class ContextShift(Policy):
+    """llama.cpp's context shift: when the cache is full, keep the first ``sinks`` tokens, drop the older half
+    of the rest and renumber positions down (what ``llama-server`` and ``llama-cli`` do at ``n_ctx``)."""
+
+    name: ClassVar[str] = "shift"
+    shift: ClassVar[bool] = True
+
+    def score(self, runner: Runner, positions: np.ndarray) -> np.ndarray:
+        raise AssertionError("context shift drops by position, not by score")
+
+
+@dataclass
 class Streaming(Policy):
     """StreamingLLM: attention sinks plus a sliding window; the oldest other tokens are dropped."""
 
@@ -97,14 +129,14 @@ class H2O(Policy):
 
 
 def make_policy(name: str, **overrides: object) -> Policy:
-    """A fresh policy by name (``full``, ``asrkf``, ``streaming``, ``h2o``) with fields overridden."""
+    """A fresh policy by name (one of :data:`POLICIES`) with fields overridden."""
     from .asrkf import AsrKf
 
-    kinds: dict[str, type[Policy]] = {"full": Full, "asrkf": AsrKf, "streaming": Streaming, "h2o": H2O}
+    kinds: dict[str, type[Policy]] = {k.name: k for k in (Full, AsrKf, Streaming, H2O, Q8Cache, Q4Cache, ContextShift)}
     if name not in kinds:
         raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(kinds)}")
     return kinds[name](**overrides)  # type: ignore[arg-type]
 
 
-POLICIES = ("full", "asrkf", "streaming", "h2o")
+POLICIES = ("full", "asrkf", "streaming", "h2o", "q8_0", "q4_0", "shift")
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from .importance import Importance
 from .llama import Model
-from .policy import Policy, default_layers
+from .policy import GGML_F16, Policy, default_layers
 from .recovery import Recovery
 from .session import Session
 
@@ -49,15 +49,19 @@ class Runner:
         self.step = 0
         self.recoveries: list[Recovery] = []
         self.stale_logits = False  # a thaw after the last decode: its logits miss the thawed tokens
-        self.policy_seconds = 0.0
+        self.policy_seconds = 0.0  # in the policy's hooks and evictions, freezes and thaws included
+        self.observe_seconds = 0.0  # folding captured attention into importance
         self.importance: Importance | None = None
+        quantized = policy.cache_type != GGML_F16
+        flash_attn = flash_attn or quantized  # llama.cpp refuses a quantized V cache without flash attention
         if policy.attention is not None or policy.reversible:
             layers = policy.layers or default_layers(model.n_layer)
             self.importance = Importance(model, layers, policy.window, flash_attn, decay=policy.attention == "ema",
                                          mirror_keys=policy.reversible)
         self.session = Session(
             model, cells, flash_attn=flash_attn, n_batch=n_batch, sinks=policy.sinks, recent=policy.recent,
-            store_dir=store_dir, evict=self._evict, drop=not policy.reversible,
+            type_k=policy.cache_type, type_v=policy.cache_type,
+            store_dir=store_dir, evict=self._evict, drop=not policy.reversible, shift=policy.shift,
             capture=self.importance.spec() if self.importance else None, on_decode=self._on_decode,
         )
         if self.importance is not None:
@@ -104,6 +108,8 @@ class Runner:
         self.step += 1
         if self.importance is not None:
             self.importance.observe(session.cell_positions(), pos0, n)
+        t1 = time.perf_counter()
+        self.observe_seconds += t1 - t0
         self.policy.after_decode(self, pos0, n)
         self.policy_seconds += time.perf_counter() - t0
 
@@ -129,5 +135,6 @@ class Runner:
             "recoveries": len(self.recoveries),
             "recovery_log": [r.as_dict() for r in self.recoveries],
             "policy_seconds": self.policy_seconds,
+            "observe_seconds": self.observe_seconds,
             "key_mirror_bytes": self.importance.mirror_bytes if self.importance else 0,
         }

@@ -4,12 +4,14 @@ Sequence 0 holds the active tokens; sequence 1 is a scratch area. Freeze copies 
 the scratch sequence, serializes it (``llama_state_seq_get_data``, O(range)), writes it to the
 :class:`~asrkf_edge.store.FrozenStore` and only then removes it from the cache. Thaw builds a blob from
 the store whose cells land exactly in chosen cells (:mod:`asrkf_edge.cells`), loads it into the
-scratch sequence and copies it to sequence 0. Positions never change, so RoPE stays exact.
+scratch sequence and copies it to sequence 0. Positions never change, so RoPE stays exact (only the
+context-shift baseline renumbers them, as llama.cpp does).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -71,6 +73,7 @@ class Session:
         keep_store: bool = False,
         evict: Evictor | None = None,
         drop: bool = False,
+        shift: bool = False,
         capture: CaptureSpec | None = None,
         on_decode: OnDecode | None = None,
     ) -> None:
@@ -82,7 +85,9 @@ class Session:
         self.budget = min(n_ctx, self.ctx.n_ctx)
         self.sinks, self.recent = sinks, max(1, recent)
         self.tokens: list[int] = []
-        self.evict, self.drop, self.on_decode = evict, drop, on_decode
+        self.evict, self.drop, self.on_decode = evict, drop or shift, on_decode
+        self.shift = shift
+        self.shifted = 0  # with shift: how far llama.cpp's positions trail the logical ones
         self.dropped = 0
         n_kv = model.n_head_kv * model.head_dim
         kb, ke = _TYPE_BYTES.get(type_k, (2, 1))
@@ -92,6 +97,7 @@ class Session:
         self.store: FrozenStore | None = None
         self._left: dict[int, int] = {}  # frozen position -> cell it left
         self.freeze_events = self.thaw_events = 0
+        self.freeze_seconds = self.thaw_seconds = 0.0  # thaw time excludes the freezes that made room
         self.active_peak = 0
         self._active_sum = self._decodes = 0  # active tokens summed after each decode, for the mean
         self.stale_from: int | None = None  # first position decoded while something was frozen
@@ -134,6 +140,9 @@ class Session:
             "store_bytes": self.store.frozen_bytes if self.store else 0,
             "freeze_events": self.freeze_events,
             "thaw_events": self.thaw_events,
+            "freeze_seconds": self.freeze_seconds,
+            "thaw_seconds": self.thaw_seconds,
+            "kv_bytes_per_token": self.bytes_per_token,
             "cells": self.ctx.n_ctx,
             "active_tokens_peak": self.active_peak,
             "active_tokens_mean": self._active_sum / self._decodes if self._decodes else 0.0,
@@ -153,7 +162,7 @@ class Session:
         for i in range(0, len(tokens), step):
             chunk = list(tokens[i : i + step])
             self.make_room(len(chunk))
-            pos0 = self.n_logical
+            pos0 = self.n_logical - self.shifted
             if self.stale_from is None and self.store is not None and self.store.frozen_tokens:
                 self.stale_from = pos0
             if self.capture is not None:
@@ -205,8 +214,8 @@ class Session:
         start = self.n_logical - n
         if self.store is not None and self.store.locate(start, self.n_logical):
             raise ValueError("cannot rewind over frozen tokens; thaw them first")
-        self.ctx.seq_rm(0, start, -1)
-        self.cells.seq_rm(0, start)
+        self.ctx.seq_rm(0, start - self.shifted, -1)
+        self.cells.seq_rm(0, start - self.shifted)
         gone = self.tokens[start:]
         del self.tokens[start:]
         self._chunks = [p for p in self._chunks if p < start]
@@ -223,6 +232,9 @@ class Session:
         if short <= 0:
             return
         act = self.active_positions()
+        if self.shift:
+            self._shift(max(short, (len(act) - self.sinks) // 2))
+            return
         cand = act[~self.protected(act)]
         if keep is not None and len(keep):
             cand = cand[~np.isin(cand, keep)]
@@ -250,6 +262,18 @@ class Session:
             self.ctx.seq_rm(0, a, b)
             self.cells.seq_rm(0, a, b)
         self.dropped += len(positions)
+
+    def _shift(self, n: int) -> None:
+        """llama.cpp's context shift: drop the ``n`` tokens after the sinks and renumber the rest down."""
+        keep = self.sinks
+        if n > self.n_logical - self.shifted - keep - 1:
+            raise OutOfCellsError(f"the KV cache has {self.budget} cells; context shift cannot free {n}")
+        self.ctx.seq_rm(0, keep, keep + n)
+        self.cells.seq_rm(0, keep, keep + n)
+        self.ctx.seq_add(0, keep + n, -1, -n)
+        self.cells.seq_add(0, keep + n, -n)
+        self.shifted += n
+        self.dropped += n
 
     # freeze / thaw
     def freeze(self, p0: int, p1: int) -> int:
@@ -288,6 +312,7 @@ class Session:
     def _freeze_positions(self, positions: np.ndarray) -> None:
         if len(positions) == 0:
             return
+        t0 = time.perf_counter()
         spans = runs(positions)
         for a, b in spans:
             self.ctx.seq_cp(0, SCRATCH_SEQ, a, b)
@@ -313,6 +338,7 @@ class Session:
             self.ctx.seq_rm(0, a, b)
             self.cells.seq_rm(0, a, b)
         self.freeze_events += 1
+        self.freeze_seconds += time.perf_counter() - t0
 
     def _targets(self, want: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Cells for thawed positions: home (position mod cells) or the cell left, same SIMD lane, any.
@@ -348,6 +374,7 @@ class Session:
         return targets, np.asarray(evict, np.int64)
 
     def _restore(self, want: np.ndarray) -> None:
+        t0, frozen0 = time.perf_counter(), self.freeze_seconds
         targets, evicted = self._targets(want)
         if len(evicted):
             self._freeze_positions(np.sort(evicted))
@@ -392,3 +419,4 @@ class Session:
         for p in want.tolist():
             self._left.pop(p, None)
         self.thaw_events += 1
+        self.thaw_seconds += time.perf_counter() - t0 - (self.freeze_seconds - frozen0)

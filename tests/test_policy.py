@@ -126,3 +126,30 @@ def test_recoveries_bring_thawed_ranges_back_over_500_tokens(real) -> None:
     assert r.stats["recoveries"] == len(seen) == len(checked) >= 1
     assert r.stats["active_tokens_peak"] <= 0.4 * r.stats["prompt_tokens"]
     assert r.stats["active_tokens"] + r.stats["frozen_tokens"] == r.stats["logical_tokens"]
+
+
+def test_context_shift_drops_half_and_renumbers_like_llama_cpp(tiny) -> None:
+    """The llama.cpp baseline: when full, the older half after the sinks goes and positions close the gap,
+    so llama.cpp's highest position stays below the cache size however long the text."""
+    prompt = "the sky is blue and the grass is green " * 15
+    with tiny.runner("shift", 100) as run:
+        run.prefill(tiny.tokenize(prompt, add_bos=False))
+        s = run.session
+        for _ in range(40):
+            run.decode(int(np.argmax(run.logits())))
+        st = run.stats()
+        assert st["dropped_tokens"] == s.shifted > 0
+        assert st["active_tokens"] + st["dropped_tokens"] == st["logical_tokens"]
+        assert s.ctx.seq_pos_max(0) == st["active_tokens"] - 1 < 100  # positions contiguous from 0
+        assert np.array_equal(s.active_positions(), np.arange(st["active_tokens"]))
+
+
+@pytest.mark.real
+def test_quantized_caches_hold_everything_in_fewer_bytes(real) -> None:
+    """llama.cpp's q8_0/q4_0 caches (blocks of 32 values: the tiny model's head dim 16 cannot use them)."""
+    prompt = "the sky is blue and the grass is green " * 15
+    full = real.generate(prompt, 8, policy="full", chat=False).stats
+    for name, ratio in (("q8_0", 34 / 64), ("q4_0", 18 / 64)):  # bytes per 32 values vs f16's 64
+        st = real.generate(prompt, 8, policy=name, budget=0.1, chat=False).stats  # the budget does not apply
+        assert st["active_tokens_peak"] == full["active_tokens_peak"] and st["dropped_tokens"] == 0
+        assert st["active_kv_bytes"] == pytest.approx(ratio * full["active_kv_bytes"])
