@@ -46,7 +46,19 @@ log = logging.getLogger(__name__)
 
 FORMAT = "asrkf-edge-chat"
 VERSION = 1
-_SESSION_SCALARS = ("dropped", "freeze_events", "thaw_events", "active_peak", "_active_sum", "_decodes", "stale_from")
+
+
+def _scalars(obj: object) -> dict[str, object]:
+    """Counters and flags of a session or runner: every attribute that is a number, a bool or None."""
+    return {k: v for k, v in vars(obj).items() if v is None or isinstance(v, bool | int | float)}
+
+
+def _set_scalars(obj: object, saved: dict[str, object]) -> None:
+    """Restore :func:`_scalars`; attributes that hold objects now (made by the constructor) are left alone."""
+    mine = _scalars(obj)
+    for k, v in saved.items():
+        if k in mine:
+            setattr(obj, k, v)
 
 
 def model_fingerprint(path: Path) -> str:
@@ -223,9 +235,8 @@ def save_chat(chat: Chat, path: Path) -> Path:
                 "messages": chat.messages,
                 "cached": base64.b64encode(chat._cached).decode("ascii"),
                 "policy": {"name": run.policy.name, "config": _policy_config(run.policy), "state": policy_state},
-                "runner": {"step": run.step, "stale_logits": run.stale_logits, "policy_seconds": run.policy_seconds,
-                           "recoveries": [r.as_dict() for r in run.recoveries]},
-                "session": {k: getattr(sess, k) for k in _SESSION_SCALARS} | {"head": sess.cells.head},
+                "runner": {"scalars": _scalars(run), "recoveries": [r.as_dict() for r in run.recoveries]},
+                "session": {"scalars": _scalars(sess), "head": sess.cells.head},
                 "store": None if sess.store is None else {
                     "layout": dataclasses.asdict(sess.store.layout), "segments": segments},
                 "active": {"tokens": int(len(cells0)), "layout": dataclasses.asdict(layout) if layout else None},
@@ -329,8 +340,7 @@ def _restore(chat: Chat, manifest: dict, arrays: dict[str, np.ndarray], path: Pa
     sess.tokens = arrays["tokens"].astype(np.int64).tolist()
     sess._chunks = arrays["chunks"].tolist()
     sess._left = {int(p): int(c) for p, c in arrays["left"].tolist()}
-    for k in _SESSION_SCALARS:
-        setattr(sess, k, manifest["session"][k])
+    _set_scalars(sess, manifest["session"]["scalars"])
     st = manifest["store"]
     if st is not None:
         sess.store = FrozenStore(blobfmt.Layout(**st["layout"]), sess._store_dir, sess._keep)
@@ -352,7 +362,7 @@ def _restore(chat: Chat, manifest: dict, arrays: dict[str, np.ndarray], path: Pa
         if imp.mirror_keys and "imp.keys" in arrays:
             imp.keys[:, :n] = arrays["imp.keys"]
     r = manifest["runner"]
-    run.step, run.stale_logits, run.policy_seconds = int(r["step"]), bool(r["stale_logits"]), float(r["policy_seconds"])
+    _set_scalars(run, r["scalars"])
     run.recoveries = [Recovery(**{**d, "ranges": [tuple(x) for x in d["ranges"]]}) for d in r["recoveries"]]
     _restore_policy_state(run.policy, manifest["policy"]["state"], arrays)
     chat.messages = list(manifest["messages"])

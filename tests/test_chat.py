@@ -122,6 +122,14 @@ def test_resume_continues_exactly_with_frozen_kv_tiny(tiny, tmp_path: Path):
         _continue_equals_resume(tiny, chat, tmp_path, "pass key of the sky", 16)
 
 
+@pytest.mark.parametrize("policy", ["h2o", "shift", "streaming"])
+def test_resume_continues_exactly_with_dropping_policies(tiny, tmp_path: Path, policy: str):
+    with tiny.chat(policy=policy, budget=80, ctx=1000) as chat:
+        chat.send(FILLER * 2, max_tokens=12)
+        assert chat.kv_stats()["dropped_tokens"] > 0
+        _continue_equals_resume(tiny, chat, tmp_path, "pass key of the sky", 12)
+
+
 def test_resume_continues_exactly_real_model(real, tmp_path: Path):
     with real.chat("You are a helpful assistant.", policy="asrkf", budget=96, ctx=2048) as chat:
         chat.send("Name three colors of the rainbow. " * 20, max_tokens=24)
