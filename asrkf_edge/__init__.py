@@ -4,10 +4,11 @@ Public API: :class:`Engine` (one model), :class:`Session` (one logical context w
 the KV policies (:class:`AsrKf`, :class:`Full`, :class:`Streaming`, :class:`H2O`).
 """
 
+from . import llama  # noqa: F401  (first: a CUDA build of llama.cpp crashes when NumPy/Numba load before it)
 from .asrkf import AsrKf
 from .engine import Engine, GenerationResult
 from .errors import AsrkfError, LlamaError, ModelError, OutOfCellsError, PromptTooLongError, StoreError
-from .policy import H2O, Full, Policy, Streaming, make_policy
+from .policy import H2O, ContextShift, Full, Policy, Q4Cache, Q8Cache, Streaming, make_policy
 from .recovery import EntropyRule
 from .schedule import Schedule
 from .session import Session
@@ -16,9 +17,12 @@ __all__ = [
     "H2O",
     "AsrKf",
     "AsrkfError",
+    "ContextShift",
     "EntropyRule",
     "Full",
     "Policy",
+    "Q4Cache",
+    "Q8Cache",
     "Schedule",
     "Streaming",
     "make_policy",

@@ -1,7 +1,8 @@
 """Benchmarks: every policy on the same prompts in one process, side by side, with the machine named.
 
-A suite yields one record (a flat dict of raw figures) per run; :func:`summarize` turns records into a
-Markdown table. ``asrkf-edge bench SUITE`` drives it with a progress bar and ``--json FILE``.
+A suite yields one record (a flat dict of raw figures) per run; :func:`report` turns records into
+Markdown tables. ``asrkf-edge bench SUITE`` drives it with a progress bar, ``--json FILE`` and ``--plots DIR``.
+Questions always come after their document, so no policy sees them while deciding what to freeze or drop.
 """
 
 from __future__ import annotations
@@ -14,12 +15,17 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import llama_cpp
+import numpy as np
 
 from . import __version__
 from .engine import Engine
-from .tasks import passkey
+from .policy import make_policy
+from .runner import Runner, budget_cells
+from .tasks import Case, cwe, haystack_text, needle, needle_multiturn, passkey
 
 KEYS = (68231, 40917, 75302, 19486, 53720, 86154, 27309, 61847)
+POLICY_ORDER = ("full", "asrkf", "streaming", "h2o", "q8_0", "q4_0", "shift")
+Record = dict[str, object]
 
 
 def machine() -> dict[str, object]:
@@ -41,58 +47,295 @@ def peak_rss_mb() -> float:
     return r / (1024 * 1024) if platform.system() == "Darwin" else r / 1024
 
 
+def rss_mb() -> float:
+    """Resident memory of this process now (MB); the peak where /proc is missing (macOS)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+    except OSError:
+        return peak_rss_mb()
+
+
 @dataclass(frozen=True)
-class PasskeyPlan:
-    lengths: Sequence[int] = (1000, 2000, 4000)
-    depths: Sequence[float] = (0.1, 0.25, 0.5, 0.75, 0.9)
-    keys_per_cell: int = 1
-    policies: Sequence[str] = ("full", "asrkf", "streaming", "h2o")
-    budget: float | None = 0.35
-    max_tokens: int = 8
+class Plan:
+    """What a bench run covers. Defaults follow issue 5; a 2-core laptop needs hours for all of them."""
 
-    def size(self) -> int:
-        return len(self.lengths) * len(self.depths) * self.keys_per_cell * len(self.policies)
+    policies: Sequence[str] = POLICY_ORDER
+    budget: float = 0.35
+    lengths: Sequence[int] = (1000, 2000, 4000, 8000)  # passkey and needle prompts, tokens
+    depths: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    keys: int = 1  # passkey keys (needle facts) per length x depth; every cell gets a different one
+    cwe_lengths: Sequence[int] = (500, 1000)
+    ppl_context: int = 4000  # tokens read before scoring
+    ppl_tokens: int = 256  # tokens scored (teacher-forced, one decode each)
+    speed_lengths: Sequence[int] = (512, 1000, 2000, 4000, 8000)
+    speed_tokens: int = 64
+
+    def size(self, suite: str) -> int:
+        """Runs a suite makes (for the progress bar)."""
+        cells = len(self.lengths) * len(self.depths) * self.keys
+        n = {"passkey": cells, "needle": 2 * cells + len(self.cwe_lengths) * self.keys, "ppl": 1,
+             "speed": len(self.speed_lengths)}[suite]
+        return n * len(self.policies)
 
 
-def passkey_suite(engine: Engine, plan: PasskeyPlan) -> Iterator[dict[str, object]]:
+# one generation ----------------------------------------------------------------------------------
+
+
+def kv_figures(stats: dict[str, object], full_bytes_per_token: int) -> Record:
+    """Active KV in tokens, bytes and % of what the full f16 cache holds at the end of the run."""
+    logical = int(stats["logical_tokens"])  # type: ignore[call-overload]
+    bpt = int(stats["kv_bytes_per_token"])  # type: ignore[call-overload]
+    peak, mean = int(stats["active_tokens_peak"]), float(stats["active_tokens_mean"])  # type: ignore[call-overload,arg-type]
+    whole = logical * full_bytes_per_token
+    return {"kv_peak_bytes": peak * bpt, "kv_mean_bytes": mean * bpt,
+            "kv_peak_pct": 100 * peak * bpt / whole if whole else 0.0, "kv_mean_pct": 100 * mean * bpt / whole if whole else 0.0}
+
+
+def _answer(engine: Engine, suite: str, task: str, case: Case, policy: str, plan: Plan, max_tokens: int,
+            **fields: object) -> Record:
+    t0 = time.perf_counter()
+    r = engine.generate(case.prompt, max_tokens, policy=policy, budget=plan.budget, chat=False)
+    st = {k: v for k, v in r.stats.items() if k != "recovery_log"}
+    return {"suite": suite, "task": task, "policy": policy, "length": case.n_tokens, "depth": case.depth,
+            "score": case.score(r.text), "correct": case.correct(r.text), "answer": r.text, "expected": case.answer,
+            "wall_seconds": time.perf_counter() - t0, **fields, **st, **kv_figures(r.stats, engine.info.kv_bytes_per_token)}
+
+
+def _tokenizer(engine: Engine) -> Callable[[str], list[int]]:
+    return lambda text: engine.tokenize(text, add_bos=engine.model.add_bos)
+
+
+# suites ------------------------------------------------------------------------------------------
+
+
+def passkey_suite(engine: Engine, plan: Plan) -> Iterator[Record]:
     """Passkey retrieval: each length x depth x key, every policy on the identical prompt."""
-    tok = lambda text: engine.tokenize(text, add_bos=engine.model.add_bos)  # noqa: E731
-    for length in plan.lengths:
-        for depth in plan.depths:
-            for k in range(plan.keys_per_cell):
-                key = KEYS[(k + int(depth * 100) + length) % len(KEYS)]
+    tok = _tokenizer(engine)
+    for li, length in enumerate(plan.lengths):
+        for di, depth in enumerate(plan.depths):
+            for k in range(plan.keys):
+                key = KEYS[(li * len(plan.depths) * plan.keys + di * plan.keys + k) % len(KEYS)]
                 case = passkey(tok, length, depth, key)
                 for policy in plan.policies:
-                    t0 = time.perf_counter()
-                    r = engine.generate(case.prompt, plan.max_tokens, policy=policy, budget=plan.budget, chat=False)
-                    st = r.stats
-                    yield {
-                        "suite": "passkey", "policy": policy, "length": length, "depth": depth, "key": key,
-                        "correct": case.correct(r.text), "answer": r.text, "wall_seconds": time.perf_counter() - t0,
-                        "active_fraction_peak": int(st["active_tokens_peak"]) / int(st["prompt_tokens"]),  # type: ignore[call-overload]
-                        **{k: v for k, v in st.items() if k != "recovery_log"},
-                    }
+                    yield _answer(engine, "passkey", "passkey", case, policy, plan, 8, target_length=length, key=key)
 
 
-SUITES: dict[str, Callable[..., Iterator[dict[str, object]]]] = {"passkey": passkey_suite}
+def needle_suite(engine: Engine, plan: Plan) -> Iterator[Record]:
+    """A fact in natural prose asked in chat form, right after the document and two unrelated turns later;
+    then common-word extraction (aggregation, where keeping a top-k of tokens is known to fail)."""
+    for li, length in enumerate(plan.lengths):
+        for di, depth in enumerate(plan.depths):
+            for k in range(plan.keys):
+                index = li * len(plan.depths) * plan.keys + di * plan.keys + k
+                for task, build in (("needle", needle), ("multiturn", needle_multiturn)):
+                    case = build(engine, length, depth, index)
+                    for policy in plan.policies:
+                        yield _answer(engine, "needle", task, case, policy, plan, 24, target_length=length, index=index)
+    for length in plan.cwe_lengths:
+        for k in range(plan.keys):
+            case = cwe(engine, length, k)
+            for policy in plan.policies:
+                yield _answer(engine, "needle", "cwe", case, policy, plan, 32, target_length=length, index=k)
 
 
-def summarize(records: Sequence[dict[str, object]]) -> str:
-    """Markdown table per policy and prompt length: accuracy, active KV, speed, recoveries."""
-    groups: dict[tuple[str, int], list[dict[str, object]]] = {}
+def _text_tokens(engine: Engine, n: int) -> list[int]:
+    """``n`` tokens of the shipped prose (repeated when longer than it)."""
+    base = engine.tokenize(haystack_text(), add_bos=False)
+    bos = [engine.model.bos] if engine.model.add_bos else []
+    return (bos + base * (1 + n // len(base)))[:n]
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64)
+    x -= x.max()
+    return x - np.log(np.exp(x).sum())
+
+
+def ppl_suite(engine: Engine, plan: Plan) -> Iterator[Record]:
+    """Perplexity and KL divergence from ``full`` (llama.cpp's --kl-divergence convention, KL(full || policy))
+    over ``ppl_tokens`` of prose read one token at a time after ``ppl_context`` tokens, at equal budget.
+    Also traces active KV against tokens read (the growth picture)."""
+    tokens = _text_tokens(engine, plan.ppl_context + plan.ppl_tokens)
+    ctx, tail = tokens[: plan.ppl_context], tokens[plan.ppl_context :]
+    ref: list[np.ndarray] = []
+    order = ["full"] + [p for p in plan.policies if p != "full"]  # full first: the reference
+    for policy in order:
+        pol = make_policy(policy)
+        t0 = time.perf_counter()
+        with engine.runner(pol, budget_cells(pol, plan.budget, len(ctx), len(tail))) as run:
+            trace: list[tuple[int, int]] = []
+            for i in range(0, len(ctx), 256):
+                run.prefill(ctx[i : i + 256])
+                trace.append((run.session.n_logical, int(run.session.kv_stats()["active_tokens"])))
+            nll, kld, top = [], [], []
+            for j, tok in enumerate(tail):
+                lp = _log_softmax(run.logits())
+                nll.append(-lp[tok])
+                if policy == "full":
+                    ref.append(lp)
+                else:
+                    p = np.exp(ref[j])
+                    kld.append(float((p * (ref[j] - lp)).sum()))
+                    top.append(int(np.argmax(lp) == np.argmax(ref[j])))
+                run.decode(tok)
+                if j % 16 == 15:
+                    trace.append((run.session.n_logical, int(run.session.kv_stats()["active_tokens"])))
+            st = run.stats()
+        if policy not in plan.policies:
+            continue
+        st.pop("recovery_log")
+        yield {"suite": "ppl", "policy": policy, "length": len(ctx), "scored_tokens": len(tail),
+               "ppl": float(np.exp(np.mean(nll))), "kld_mean": float(np.mean(kld)) if kld else 0.0,
+               "kld_max": float(np.max(kld)) if kld else 0.0, "same_top": float(np.mean(top)) if top else 1.0,
+               "wall_seconds": time.perf_counter() - t0, "trace": trace,
+               **st, **kv_figures(st, engine.info.kv_bytes_per_token)}
+
+
+def _decode_greedy(run: Runner, n: int) -> float:
+    """Seconds to decode ``n`` greedy tokens."""
+    t0 = time.perf_counter()
+    for _ in range(n):
+        run.decode(int(np.argmax(run.logits())))
+    return time.perf_counter() - t0
+
+
+def speed_suite(engine: Engine, plan: Plan) -> Iterator[Record]:
+    """Prefill and decode tokens/s, resident memory and the per-token cost of scoring, freezing and thawing."""
+    for length in plan.speed_lengths:
+        tokens = _text_tokens(engine, length)
+        for policy in plan.policies:
+            pol = make_policy(policy)
+            rss0 = rss_mb()
+            with engine.runner(pol, budget_cells(pol, plan.budget, length, plan.speed_tokens)) as run:
+                t0 = time.perf_counter()
+                run.prefill(tokens)
+                prefill = time.perf_counter() - t0
+                before = run.stats()
+                decode = _decode_greedy(run, plan.speed_tokens)
+                st = run.stats()
+                rss = rss_mb()
+            st.pop("recovery_log")
+            n = plan.speed_tokens
+
+            def per_token(key: str, st: Record = st, before: Record = before, n: int = n) -> float:
+                return 1000 * (float(st[key]) - float(before[key])) / n  # type: ignore[arg-type]
+
+            yield {"suite": "speed", "policy": policy, "length": length, "prefill_tokens_per_s": length / prefill,
+                   "decode_tokens_per_s": n / decode, "rss_mb": rss, "rss_delta_mb": rss - rss0,
+                   "observe_ms_per_token": per_token("observe_seconds"), "freeze_ms_per_token": per_token("freeze_seconds"),
+                   "thaw_ms_per_token": per_token("thaw_seconds"), "policy_ms_per_token": per_token("policy_seconds"),
+                   "decode_recoveries": int(st["recoveries"]) - int(before["recoveries"]),  # type: ignore[call-overload]
+                   **st, **kv_figures(st, engine.info.kv_bytes_per_token)}
+
+
+SUITES: dict[str, Callable[[Engine, Plan], Iterator[Record]]] = {
+    "passkey": passkey_suite, "needle": needle_suite, "ppl": ppl_suite, "speed": speed_suite}
+
+
+# tables ------------------------------------------------------------------------------------------
+
+
+def _order(policy: object) -> int:
+    return POLICY_ORDER.index(str(policy)) if policy in POLICY_ORDER else len(POLICY_ORDER)
+
+
+def _mean(rs: Sequence[Record], key: str) -> float:
+    return sum(float(r[key]) for r in rs) / len(rs)  # type: ignore[arg-type]
+
+
+def _groups(records: Sequence[Record], *keys: str) -> list[tuple[tuple[object, ...], list[Record]]]:
+    out: dict[tuple[object, ...], list[Record]] = {}
     for r in records:
-        groups.setdefault((str(r["policy"]), int(r["length"])), []).append(r)  # type: ignore[call-overload]
-    lines = ["| policy | length | accuracy | peak active KV (% of prompt) | mean active KV (%) | frozen MB on disk "
-             "| prefill tok/s | decode tok/s | recoveries |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    order = {p: i for i, p in enumerate(("full", "asrkf", "streaming", "h2o"))}
-    for (policy, length), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], order.get(kv[0][0], 9))):
-        def mean(key: str, rs: list[dict[str, object]] = rs) -> float:
-            return sum(float(r[key]) for r in rs) / len(rs)  # type: ignore[arg-type]
+        out.setdefault(tuple(r[k] for k in keys), []).append(r)
+    return sorted(out.items(), key=lambda kv: tuple(_order(v) if k == "policy" else v for k, v in zip(keys, kv[0], strict=True)))  # type: ignore[misc]
 
-        acc = sum(bool(r["correct"]) for r in rs)
-        mean_active = sum(float(r["active_tokens_mean"]) / float(r["prompt_tokens"]) for r in rs) / len(rs)  # type: ignore[arg-type]
-        lines.append(f"| {policy} | {length} | {acc}/{len(rs)} | {100 * mean('active_fraction_peak'):.0f} | "
-                     f"{100 * mean_active:.0f} | {mean('store_bytes') / 1e6:.1f} | {mean('prefill_tokens_per_s'):.0f} | "
-                     f"{mean('decode_tokens_per_s'):.1f} | {mean('recoveries'):.1f} |")
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def accuracy_table(records: Sequence[Record]) -> str:
+    """Per task, prompt length and policy: accuracy (mean score), active KV, frozen bytes, recoveries."""
+    rows = []
+    for (task, length, policy), rs in _groups(records, "task", "target_length", "policy"):
+        rows.append([task, length, policy, f"{sum(bool(r['correct']) for r in rs)}/{len(rs)}", f"{_mean(rs, 'score'):.2f}",
+                     f"{_mean(rs, 'kv_peak_pct'):.0f}", f"{_mean(rs, 'kv_mean_pct'):.0f}",
+                     f"{_mean(rs, 'store_bytes') / 1e6:.1f}", f"{_mean(rs, 'recoveries'):.1f}"])
+    return _table(["task", "length", "policy", "correct", "score", "peak KV % of full", "mean KV %", "frozen MB",
+                   "recoveries"], rows)
+
+
+def ppl_table(records: Sequence[Record]) -> str:
+    full = next((float(r["ppl"]) for r in records if r["policy"] == "full"), None)  # type: ignore[arg-type]
+    rows = []
+    for r in sorted(records, key=lambda r: _order(r["policy"])):
+        d = f"{100 * (float(r['ppl']) / full - 1):+.2f}%" if full else "-"  # type: ignore[arg-type]
+        rows.append([r["policy"], f"{float(r['ppl']):.3f}", d, f"{float(r['kld_mean']):.4f}", f"{float(r['kld_max']):.3f}",  # type: ignore[arg-type]
+                     f"{100 * float(r['same_top']):.1f}", f"{float(r['kv_peak_pct']):.0f}", r["recoveries"]])  # type: ignore[arg-type]
+    return _table(["policy", "ppl", "vs full", "mean KLD", "max KLD", "same top %", "peak KV % of full", "recoveries"], rows)
+
+
+def speed_table(records: Sequence[Record]) -> str:
+    full = {r["length"]: float(r["decode_tokens_per_s"]) for r in records if r["policy"] == "full"}  # type: ignore[arg-type]
+    rows = []
+    for (length, policy), rs in _groups(records, "length", "policy"):
+        r = rs[0]
+        ratio = f"{float(r['decode_tokens_per_s']) / full[length]:.2f}x" if length in full else "-"  # type: ignore[arg-type]
+        rows.append([length, policy, f"{float(r['prefill_tokens_per_s']):.0f}", f"{float(r['decode_tokens_per_s']):.1f}", ratio,  # type: ignore[arg-type]
+                     f"{float(r['kv_peak_pct']):.0f}", f"{float(r['rss_mb']):.0f}", f"{float(r['observe_ms_per_token']):.2f}",  # type: ignore[arg-type]
+                     f"{float(r['freeze_ms_per_token']):.2f}", f"{float(r['thaw_ms_per_token']):.2f}",  # type: ignore[arg-type]
+                     f"{float(r['policy_ms_per_token']):.2f}", r["decode_recoveries"]])  # type: ignore[arg-type]
+    return _table(["context", "policy", "prefill tok/s", "decode tok/s", "vs full", "peak KV % of full", "RSS MB",
+                   "scoring ms/tok", "freeze ms/tok", "thaw ms/tok", "policy ms/tok (all)", "recoveries"], rows)
+
+
+def targets(records: Sequence[Record]) -> str:
+    """Issue 5's targets for asrkf against full, each with the measured figure and whether it was met."""
+    rows = []
+    by = lambda suite, policy: [r for r in records if r["suite"] == suite and r["policy"] == policy]  # noqa: E731
+    for suite in ("passkey", "needle"):
+        a, f = by(suite, "asrkf"), by(suite, "full")
+        a, f = [r for r in a if int(r["target_length"]) <= 4000], [r for r in f if int(r["target_length"]) <= 4000]  # type: ignore[call-overload]
+        if a and f:
+            sa, sf = _mean(a, "score"), _mean(f, "score")
+            rows.append([f"{suite} accuracy at 1k-4k = full's", f"asrkf {sa:.2f} vs full {sf:.2f}, peak KV "
+                         f"{max(float(r['kv_peak_pct']) for r in a):.0f}% of full", "yes" if sa >= sf else "no"])  # type: ignore[arg-type]
+    a, f = by("ppl", "asrkf"), by("ppl", "full")
+    if a and f:
+        d = float(a[0]["ppl"]) / float(f[0]["ppl"]) - 1  # type: ignore[arg-type]
+        rows.append(["perplexity within 2% of full", f"{100 * d:+.2f}%", "yes" if d <= 0.02 else "no"])
+        k, t = float(a[0]["kld_mean"]), float(a[0]["same_top"])  # type: ignore[arg-type]
+        rows.append(["mean KLD <= 0.005, same top >= 98%", f"{k:.4f}, {100 * t:.1f}%", "yes" if k <= 0.005 and t >= 0.98 else "no"])
+    a, f = by("speed", "asrkf"), {r["length"]: r for r in by("speed", "full")}
+    for r in a:
+        if r["length"] in f:
+            ratio = float(r["decode_tokens_per_s"]) / float(f[r["length"]]["decode_tokens_per_s"])  # type: ignore[arg-type]
+            if int(r["length"]) >= 4000:  # type: ignore[call-overload]
+                rows.append([f"decode at {r['length']} faster than full", f"{ratio:.2f}x", "yes" if ratio > 1 else "no"])
+            elif int(r["length"]) <= 512:  # type: ignore[call-overload]
+                rows.append([f"overhead at {r['length']} under 10%", f"{100 * (1 - ratio):.1f}%", "yes" if ratio > 0.9 else "no"])
+    return _table(["target", "measured", "met"], rows) if rows else ""
+
+
+def report(info: dict[str, object], records: Sequence[Record], plots: Sequence[str] = ()) -> str:
+    """Markdown for a whole run: machine, settings, the targets, one table per suite, the plots."""
+    m, model = info["machine"], info["model"]
+    parts = [f"Model {model['name']} ({model['path']}), {m['cpu']} ({m['cores']} cores, {m['system']}), "  # type: ignore[index]
+             f"llama-cpp-python {m['llama_cpp_python']}, asrkf-edge {m['asrkf_edge']}, flash attention "  # type: ignore[index]
+             f"{'on' if info['flash_attn'] else 'off'}, budget {info['budget']} of the prompt for the bounded policies, "
+             f"peak RSS {float(info['peak_rss_mb']):.0f} MB, {float(info['wall_seconds']) / 60:.0f} minutes.",  # type: ignore[arg-type]
+             f"Command: `{info['command']}`"]
+    if t := targets(records):
+        parts += ["### Targets (asrkf against full)", t]
+    titles = {"passkey": "Passkey retrieval", "needle": "Needle in prose, multi-turn needle, common words (chat form)",
+              "ppl": "Perplexity and KL divergence from full", "speed": "Speed and memory"}
+    tables = {"passkey": accuracy_table, "needle": accuracy_table, "ppl": ppl_table, "speed": speed_table}
+    for suite in SUITES:
+        rs = [r for r in records if r["suite"] == suite]
+        if rs:
+            parts += [f"### {titles[suite]}", tables[suite](rs)]
+    parts += [f"![{p}]({p})" for p in plots]
+    return "\n\n".join(parts) + "\n"

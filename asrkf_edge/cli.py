@@ -1,9 +1,11 @@
-"""``asrkf-edge`` command line: run, models."""
+"""``asrkf-edge`` command line: run, bench, models (chat and serve live in :mod:`asrkf_edge.cli_serve`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -77,7 +79,8 @@ def kv_line(stats: dict[str, object]) -> str:
 @click.option("--flash-attn/--no-flash-attn", default=False, show_default=True, help="llama.cpp flash attention.")
 @click.option("--gpu-layers", type=int, default=0, show_default=True, help="Layers to offload (-1: all).")
 @click.option("--policy", type=click.Choice(POLICIES), default="asrkf", show_default=True,
-              help="KV policy: asrkf (freeze/thaw), full (plain llama.cpp), streaming or h2o (drop).")
+              help="KV policy: asrkf (freeze/thaw), full (plain llama.cpp), streaming, h2o or shift (drop), "
+                   "q8_0 or q4_0 (llama.cpp's quantized cache).")
 @click.option("--budget", type=BudgetType(), default=None,
               help="Cap the KV cache: a fraction of the prompt (0.4) or tokens (800). Default: the policy's "
                    "(asrkf: 0.4, at least 512 tokens; full: none).")
@@ -121,46 +124,86 @@ def run(prompt: str | None, file: Path | None, model: Path | None, max_tokens: i
         _fail(str(e))
 
 
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
 @main.command()
-@click.argument("suite", type=click.Choice(["passkey"]))
+@click.argument("suite", type=click.Choice(["passkey", "needle", "ppl", "kld", "speed", "all"]))
 @click.option("-m", "--model", type=click.Path(path_type=Path), help="A local GGUF file (default: SmolLM2-135M-Instruct).")
-@click.option("--policies", default="full,asrkf,streaming,h2o", show_default=True, help="Comma-separated policies.")
+@click.option("--policies", default=",".join(POLICIES), show_default=True, help="Comma-separated policies.")
 @click.option("--budget", type=BudgetType(), default=0.35, show_default=True, help="Budget for the bounded policies.")
-@click.option("--lengths", default="1000,2000,4000", show_default=True, help="Prompt lengths in tokens.")
-@click.option("--depths", default="0.1,0.25,0.5,0.75,0.9", show_default=True, help="Needle depths (0..1).")
-@click.option("--keys", "keys_per_cell", type=click.IntRange(min=1), default=1, show_default=True, help="Keys per length x depth.")
+@click.option("--lengths", default="1000,2000,4000,8000", show_default=True, help="passkey/needle prompt lengths (tokens).")
+@click.option("--depths", default="0,0.25,0.5,0.75,1", show_default=True, help="Needle depths (0..1).")
+@click.option("--keys", "keys", type=click.IntRange(min=1), default=1, show_default=True, help="Keys (facts) per length x depth.")
+@click.option("--cwe-lengths", default="500,1000", show_default=True, help="Common-words list lengths (tokens).")
+@click.option("--ppl-context", type=click.IntRange(min=64), default=4000, show_default=True, help="ppl: tokens read before scoring.")
+@click.option("--ppl-tokens", type=click.IntRange(min=1), default=256, show_default=True, help="ppl: tokens scored.")
+@click.option("--speed-lengths", default="512,1000,2000,4000,8000", show_default=True, help="speed: context lengths.")
+@click.option("--speed-tokens", type=click.IntRange(min=2), default=64, show_default=True, help="speed: tokens decoded.")
 @click.option("--flash-attn/--no-flash-attn", default=False, show_default=True)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write every raw figure to this file.")
-def bench(suite: str, model: Path | None, policies: str, budget: float, lengths: str, depths: str, keys_per_cell: int,
-          flash_attn: bool, json_path: Path | None) -> None:
-    """Measure every policy side by side on the same prompts (Markdown table on stdout)."""
-    from .bench import SUITES, PasskeyPlan, machine, peak_rss_mb, summarize
-    from .engine import Engine
+@click.option("--plots", "plots_dir", type=click.Path(path_type=Path, file_okay=False), help="Write PNG charts here.")
+@click.option("--report", "report_path", type=click.Path(path_type=Path, dir_okay=False),
+              help="Write the Markdown report here (plots linked relative to it).")
+def bench(suite: str, model: Path | None, policies: str, budget: float, lengths: str, depths: str, keys: int,
+          cwe_lengths: str, ppl_context: int, ppl_tokens: int, speed_lengths: str, speed_tokens: int, flash_attn: bool,
+          json_path: Path | None, plots_dir: Path | None, report_path: Path | None) -> None:
+    """Measure every policy side by side on the same prompts: SUITE is passkey, needle, ppl (with KL
+    divergence; kld is the same), speed or all. Markdown on stdout; --json, --plots and --report write files."""
+    from .bench import SUITES, Plan, machine, peak_rss_mb, report
 
     try:
         names = [p.strip() for p in policies.split(",") if p.strip()]
         bad = [p for p in names if p not in POLICIES]
         if bad or not names:
             raise click.BadParameter(f"unknown policy {', '.join(bad) or '(none)'}; choose from {', '.join(POLICIES)}")
-        plan = PasskeyPlan([int(x) for x in lengths.split(",")], [float(x) for x in depths.split(",")], keys_per_cell,
-                           names, budget)
+        plan = Plan(names, budget, _ints(lengths), _floats(depths), keys, _ints(cwe_lengths), ppl_context, ppl_tokens,
+                    _ints(speed_lengths), speed_tokens)
     except ValueError as e:
         raise click.BadParameter(str(e)) from e
+    if any(not 0 <= d <= 1 for d in plan.depths):
+        raise click.BadParameter("depths must lie within 0..1")
+    if plots_dir is not None:
+        from .plots import _pyplot
+
+        try:
+            _pyplot()  # fail before hours of measuring, not after
+        except AsrkfError as e:
+            _fail(str(e))
+    suites = list(SUITES) if suite == "all" else ["ppl" if suite == "kld" else suite]
     records: list[dict[str, object]] = []
+    t0 = time.perf_counter()
     try:
+        from .engine import Engine
+
         with Engine.load(model, flash_attn=flash_attn) as eng:
-            with click.progressbar(length=plan.size(), label=f"bench {suite}", file=sys.stderr) as bar:
-                for rec in SUITES[suite](eng, plan):
-                    records.append(rec)
-                    bar.update(1)
+            total = sum(plan.size(s) for s in suites)
+            with click.progressbar(length=total, label=f"bench {suite}", file=sys.stderr, show_pos=True,
+                                   item_show_func=lambda r: f"{r['suite']} {r['policy']} {r['length']}" if r else None) as bar:
+                for name in suites:
+                    for rec in SUITES[name](eng, plan):
+                        records.append(rec)
+                        bar.update(1, rec)
             info = {"machine": machine(), "model": eng.info.as_dict(), "flash_attn": flash_attn, "budget": budget,
-                    "peak_rss_mb": peak_rss_mb()}
+                    "plan": dataclasses.asdict(plan), "peak_rss_mb": peak_rss_mb(), "wall_seconds": time.perf_counter() - t0,
+                    "command": " ".join(["asrkf-edge", *sys.argv[1:]])}
     except AsrkfError as e:
         _fail(str(e))
-    table = summarize(records)
-    m = info["machine"]
-    click.echo(f"{suite} on {info['model']['name']}, {m['cpu']} ({m['cores']} cores), budget {budget}\n")  # type: ignore[index]
-    click.echo(table)
+    plots: list[str] = []
+    if plots_dir is not None:
+        from .plots import write
+
+        base = report_path.parent if report_path is not None else Path.cwd()
+        plots = [os.path.relpath(p, base) for p in write(records, plots_dir)]
+    text = report(info, records, plots)
+    click.echo(text)
+    if report_path is not None:
+        report_path.write_text(text)
     if json_path is not None:
         json_path.write_text(json.dumps({**info, "suite": suite, "records": records}, indent=1, default=str))
 

@@ -1,0 +1,87 @@
+"""PNG charts of a bench run (matplotlib, the optional ``bench`` extra): active KV against tokens read,
+passkey accuracy per length x depth, decode tokens/s against context length."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from .bench import POLICY_ORDER, Record
+from .errors import AsrkfError
+
+
+def _pyplot():  # -> matplotlib.pyplot, imported lazily (an optional extra)
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise AsrkfError("--plots needs matplotlib: pip install 'asrkf-edge[bench]'") from e
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _policies(records: Sequence[Record]) -> list[str]:
+    return sorted({str(r["policy"]) for r in records}, key=lambda p: POLICY_ORDER.index(p) if p in POLICY_ORDER else 99)
+
+
+def write(records: Sequence[Record], out: Path) -> list[Path]:
+    """Write every chart the records allow into ``out``; returns the files written."""
+    plt = _pyplot()
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+
+    traced = [r for r in records if r["suite"] == "ppl"]
+    if traced:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for r in sorted(traced, key=lambda r: POLICY_ORDER.index(str(r["policy"])) if r["policy"] in POLICY_ORDER else 99):
+            xs, ys = zip(*r["trace"], strict=True)  # type: ignore[call-overload]
+            bpt = int(r["kv_bytes_per_token"]) / 1e6  # type: ignore[call-overload]
+            ax.plot(xs, [y * bpt for y in ys], label=str(r["policy"]))
+        ax.set(xlabel="tokens read", ylabel="active KV (MB)", title="Active KV cache while reading prose")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        written.append(_save(fig, plt, out / "active_kv.png"))
+
+    keyed = [r for r in records if r["suite"] == "passkey"]
+    if keyed:
+        pols = _policies(keyed)
+        lengths = sorted({int(r["target_length"]) for r in keyed})  # type: ignore[call-overload]
+        depths = sorted({float(r["depth"]) for r in keyed})  # type: ignore[arg-type]
+        fig, axes = plt.subplots(1, len(pols), figsize=(2.6 * len(pols), 3.2), squeeze=False)
+        for ax, pol in zip(axes[0], pols, strict=True):
+            grid = [[0.0] * len(depths) for _ in lengths]
+            count = [[0] * len(depths) for _ in lengths]
+            for r in keyed:
+                if r["policy"] == pol:
+                    i, j = lengths.index(int(r["target_length"])), depths.index(float(r["depth"]))  # type: ignore[call-overload,arg-type]
+                    grid[i][j] += float(r["score"])  # type: ignore[arg-type]
+                    count[i][j] += 1
+            acc = [[g / c if c else float("nan") for g, c in zip(gr, cr, strict=True)] for gr, cr in zip(grid, count, strict=True)]
+            ax.imshow(acc, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="lower")
+            ax.set_xticks(range(len(depths)), [f"{d:.0%}" for d in depths], fontsize=7)
+            ax.set_yticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
+            ax.set_title(pol, fontsize=9)
+            ax.set_xlabel("depth", fontsize=8)
+        axes[0][0].set_ylabel("prompt tokens", fontsize=8)
+        fig.suptitle("Passkey accuracy (green: found)")
+        written.append(_save(fig, plt, out / "passkey_heatmap.png"))
+
+    timed = [r for r in records if r["suite"] == "speed"]
+    if timed:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for pol in _policies(timed):
+            rs = sorted((r for r in timed if r["policy"] == pol), key=lambda r: int(r["length"]))  # type: ignore[call-overload]
+            ax.plot([int(r["length"]) for r in rs], [float(r["decode_tokens_per_s"]) for r in rs], marker="o", label=pol)  # type: ignore[call-overload,arg-type]
+        ax.set(xlabel="context (tokens)", ylabel="decode tokens/s", title="Decode speed against context length", xscale="log")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        written.append(_save(fig, plt, out / "decode_speed.png"))
+    return written
+
+
+def _save(fig, plt, path: Path) -> Path:  # matplotlib figure and pyplot
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
