@@ -93,6 +93,7 @@ class ChatServer:
         self.config = config
         self.ctx = config.ctx or engine.n_ctx_train
         self.sessions: OrderedDict[str, Chat] = OrderedDict()
+        self._sessions_lock = threading.Lock()  # /v1/kv lists sessions while the generation thread adds some
         self.counters = {"requests": 0, "completed": 0, "cancelled": 0, "failed": 0, "waiting": 0, "running": 0}
         self._counter_lock = threading.Lock()
         self.created = int(time.time())
@@ -187,12 +188,14 @@ class ChatServer:
         chat = self.sessions.get(session)
         if chat is None:
             while len(self.sessions) >= self.config.max_sessions:
-                old, gone = self.sessions.popitem(last=False)
+                with self._sessions_lock:
+                    old, gone = self.sessions.popitem(last=False)
                 log.info("closing least recently used session %s", old)
                 gone.close()
             chat = self.engine.chat(policy=self.config.policy, budget=self.config.budget, ctx=self.ctx, name=session)
+        with self._sessions_lock:
             self.sessions[session] = chat
-        self.sessions.move_to_end(session)
+            self.sessions.move_to_end(session)
         return chat, False
 
     def _loop(self) -> None:
@@ -335,7 +338,9 @@ class ChatServer:
 
     async def kv(self, request: Request) -> Response:
         self._auth(request)
-        sessions = [{"id": sid, "messages": len(c.messages), **c.kv_stats()} for sid, c in list(self.sessions.items())]
+        with self._sessions_lock:
+            chats = list(self.sessions.items())
+        sessions = [{"id": sid, "messages": len(c.messages), **c.kv_stats()} for sid, c in chats]
         return JSONResponse({"object": "kv", "model": self.config.model_id, "policy": self.config.policy,
                              "context_limit": self.ctx, "sessions": sessions, "server": dict(self.counters)})
 
@@ -409,7 +414,7 @@ class ChatServer:
             self._jobs.put(None)
             self._worker.join(30)
             self._worker = None
-        with self.engine.lock:
+        with self.engine.lock, self._sessions_lock:
             while self.sessions:
                 self.sessions.popitem()[1].close()
 

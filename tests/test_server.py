@@ -206,3 +206,26 @@ def test_serve_command_runs_a_loopback_server(tiny_path):
         proc.send_signal(signal.SIGINT)
         proc.wait(20)
     assert proc.returncode == 0
+
+
+def test_least_recently_used_session_is_closed(tiny):
+    with running(tiny, policy="full", ctx=256, max_sessions=1) as (url, _):
+        for sid in ("a", "b"):
+            assert _chat(url, "the sky", user=sid).status_code == 200
+        assert [s["id"] for s in httpx.get(url + "/v1/kv").json()["sessions"]] == ["b"]
+
+
+def test_stream_abandoned_while_queued_never_runs(tiny):
+    with running(tiny, policy="full", ctx=256) as (url, server):
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "the"}], "max_tokens": 5, "stream": True}
+        with tiny.lock:  # the engine is busy with something else
+            with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as queued:
+                assert next(queued.iter_lines()).startswith("data: ")  # headers and the role chunk, then hang up
+            time.sleep(0.3)  # let the server notice
+            assert server.counters["running"] == 0
+        deadline = time.monotonic() + 30
+        while server.counters["cancelled"] < 1:
+            assert time.monotonic() < deadline, server.counters
+            time.sleep(0.05)
+        assert server.counters["completed"] == 0 and server.counters["running"] == 0
+        assert _chat(url, "the sky").status_code == 200
