@@ -62,9 +62,10 @@ class Plan:
 
     policies: Sequence[str] = POLICY_ORDER
     budget: float = 0.35
-    lengths: Sequence[int] = (1000, 2000, 4000, 8000)  # passkey and needle prompts, tokens
+    lengths: Sequence[int] = (1000, 2000, 4000, 8000)  # passkey prompts, tokens
     depths: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0)
     keys: int = 1  # passkey keys (needle facts) per length x depth; every cell gets a different one
+    needle_lengths: Sequence[int] = (1000, 2000, 4000, 8000)
     cwe_lengths: Sequence[int] = (500, 1000)
     ppl_context: int = 4000  # tokens read before scoring
     ppl_tokens: int = 256  # tokens scored (teacher-forced, one decode each)
@@ -73,8 +74,9 @@ class Plan:
 
     def size(self, suite: str) -> int:
         """Runs a suite makes (for the progress bar)."""
-        cells = len(self.lengths) * len(self.depths) * self.keys
-        n = {"passkey": cells, "needle": 2 * cells + len(self.cwe_lengths) * self.keys, "ppl": 1,
+        cells = len(self.depths) * self.keys
+        n = {"passkey": len(self.lengths) * cells, "needle": 2 * len(self.needle_lengths) * cells + len(self.cwe_lengths) * self.keys,
+             "ppl": 1,
              "speed": len(self.speed_lengths)}[suite]
         return n * len(self.policies)
 
@@ -124,7 +126,7 @@ def passkey_suite(engine: Engine, plan: Plan) -> Iterator[Record]:
 def needle_suite(engine: Engine, plan: Plan) -> Iterator[Record]:
     """A fact in natural prose asked in chat form, right after the document and two unrelated turns later;
     then common-word extraction (aggregation, where keeping a top-k of tokens is known to fail)."""
-    for li, length in enumerate(plan.lengths):
+    for li, length in enumerate(plan.needle_lengths):
         for di, depth in enumerate(plan.depths):
             for k in range(plan.keys):
                 index = li * len(plan.depths) * plan.keys + di * plan.keys + k

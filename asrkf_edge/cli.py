@@ -137,7 +137,8 @@ def _floats(text: str) -> list[float]:
 @click.option("-m", "--model", type=click.Path(path_type=Path), help="A local GGUF file (default: SmolLM2-135M-Instruct).")
 @click.option("--policies", default=",".join(POLICIES), show_default=True, help="Comma-separated policies.")
 @click.option("--budget", type=BudgetType(), default=0.35, show_default=True, help="Budget for the bounded policies.")
-@click.option("--lengths", default="1000,2000,4000,8000", show_default=True, help="passkey/needle prompt lengths (tokens).")
+@click.option("--lengths", default="1000,2000,4000,8000", show_default=True, help="passkey prompt lengths (tokens).")
+@click.option("--needle-lengths", default="1000,2000,4000,8000", show_default=True, help="needle prompt lengths (tokens).")
 @click.option("--depths", default="0,0.25,0.5,0.75,1", show_default=True, help="Needle depths (0..1).")
 @click.option("--keys", "keys", type=click.IntRange(min=1), default=1, show_default=True, help="Keys (facts) per length x depth.")
 @click.option("--cwe-lengths", default="500,1000", show_default=True, help="Common-words list lengths (tokens).")
@@ -150,7 +151,7 @@ def _floats(text: str) -> list[float]:
 @click.option("--plots", "plots_dir", type=click.Path(path_type=Path, file_okay=False), help="Write PNG charts here.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path, dir_okay=False),
               help="Write the Markdown report here (plots linked relative to it).")
-def bench(suite: str, model: Path | None, policies: str, budget: float, lengths: str, depths: str, keys: int,
+def bench(suite: str, model: Path | None, policies: str, budget: float, lengths: str, needle_lengths: str, depths: str, keys: int,
           cwe_lengths: str, ppl_context: int, ppl_tokens: int, speed_lengths: str, speed_tokens: int, flash_attn: bool,
           json_path: Path | None, plots_dir: Path | None, report_path: Path | None) -> None:
     """Measure every policy side by side on the same prompts: SUITE is passkey, needle, ppl (with KL
@@ -162,8 +163,8 @@ def bench(suite: str, model: Path | None, policies: str, budget: float, lengths:
         bad = [p for p in names if p not in POLICIES]
         if bad or not names:
             raise click.BadParameter(f"unknown policy {', '.join(bad) or '(none)'}; choose from {', '.join(POLICIES)}")
-        plan = Plan(names, budget, _ints(lengths), _floats(depths), keys, _ints(cwe_lengths), ppl_context, ppl_tokens,
-                    _ints(speed_lengths), speed_tokens)
+        plan = Plan(names, budget, _ints(lengths), _floats(depths), keys, _ints(needle_lengths), _ints(cwe_lengths), ppl_context,
+                    ppl_tokens, _ints(speed_lengths), speed_tokens)
     except ValueError as e:
         raise click.BadParameter(str(e)) from e
     if any(not 0 <= d <= 1 for d in plan.depths):

@@ -13,7 +13,8 @@ from asrkf_edge.cli import main
 @pytest.mark.real
 def test_bench_all_writes_records_report_and_plots(real, tmp_path) -> None:
     out, plots, report = tmp_path / "b.json", tmp_path / "img", tmp_path / "RESULTS.md"
-    args = ["bench", "all", "--policies", "full,asrkf,shift", "--lengths", "300", "--depths", "0,1", "--cwe-lengths", "250",
+    args = ["bench", "all", "--policies", "full,asrkf,shift", "--lengths", "300", "--needle-lengths", "300", "--depths", "0,1",
+            "--cwe-lengths", "250",
             "--ppl-context", "300", "--ppl-tokens", "8", "--speed-lengths", "300", "--speed-tokens", "4",
             "--json", str(out), "--plots", str(plots), "--report", str(report)]
     res = CliRunner().invoke(main, args, catch_exceptions=False)
