@@ -140,13 +140,18 @@ class Importance:
     """Per-position importance scores and key mirror, updated after every decode of a session.
 
     ``gamma``/``weight`` choose the fold: an EMA over the window (ASR-KF) or a plain running sum (H2O).
+    ``stride``: with flash attention, host attention is computed for one decode step in ``stride`` (the cost
+    of scoring grows with the active keys; the softmax captured without flash attention is folded every step).
     ``mirror_keys`` keeps the post-RoPE keys of the scored layers (f16, by position) for scoring frozen
     tokens against new queries and for flash attention; without it only ``kq_soft_max`` is used.
     """
 
     def __init__(self, model: Model, layers: tuple[int, ...], window: int, flash_attn: bool,
-                 decay: bool = True, mirror_keys: bool = True) -> None:
+                 decay: bool = True, mirror_keys: bool = True, stride: int = 1) -> None:
+        if stride < 1:
+            raise ValueError(f"stride must be >= 1, got {stride}")
         self.model = model
+        self.stride = stride if flash_attn else 1  # the captured softmax costs nothing to fold: every step
         self.layers = layers
         self.window = window
         self.flash_attn = flash_attn
@@ -189,6 +194,11 @@ class Importance:
                     self.keys[i, pos0 : pos0 + n] = k.reshape(n, -1)
         rows = min(n, self.window)
         qpos = np.arange(pos0 + n - rows, pos0 + n, dtype=np.int64)
+        gamma, weight = self.gamma, self.weight
+        if n == 1 and self.stride > 1:  # one query in ``stride`` stands for them all: same steady state
+            if pos0 % self.stride:
+                return
+            gamma, weight = self.gamma**self.stride, self.weight * sum(self.gamma**i for i in range(self.stride))
         if not self.flash_attn:
             probs = [p for layer in self.layers if (p := cap.probs(layer)) is not None]
             if not probs:
@@ -198,7 +208,7 @@ class Importance:
         else:
             kpos = np.sort(active)
             mass = self.mass(self.queries(), qpos, kpos)
-        fold(self.scores, np.ascontiguousarray(mass, np.float32), kpos.astype(np.int64), qpos, self.gamma, self.weight)
+        fold(self.scores, np.ascontiguousarray(mass, np.float32), kpos.astype(np.int64), qpos, gamma, weight)
 
     def queries(self) -> np.ndarray:
         """The last decode's newest queries, [L, rows, H, d]."""

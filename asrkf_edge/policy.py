@@ -32,6 +32,7 @@ class Policy:
 
     sinks, recent: first and newest tokens never evicted. window: queries observed per decode (and the
     horizon of the decayed score). layers: layers whose attention is captured (None: 8 evenly spaced).
+    observe_every: with flash attention (attention computed on the host), decode steps per observation.
     """
 
     name: ClassVar[str] = "base"
@@ -45,6 +46,7 @@ class Policy:
     recent: int = 16
     window: int = 32
     layers: tuple[int, ...] | None = None
+    observe_every: int = 4
     budget: float | None = None  # used when generate() gets none: fraction of the prompt or tokens
     min_cache: int = 512  # the policy's own budget never shrinks the cache below this many tokens
 

@@ -57,7 +57,7 @@ class Runner:
         if policy.attention is not None or policy.reversible:
             layers = policy.layers or default_layers(model.n_layer)
             self.importance = Importance(model, layers, policy.window, flash_attn, decay=policy.attention == "ema",
-                                         mirror_keys=policy.reversible)
+                                         mirror_keys=policy.reversible, stride=policy.observe_every)
         self.session = Session(
             model, cells, flash_attn=flash_attn, n_batch=n_batch, sinks=policy.sinks, recent=policy.recent,
             type_k=policy.cache_type, type_v=policy.cache_type,

@@ -135,3 +135,34 @@ def test_flash_attention_scores_rank_like_softmax_scores(real) -> None:
     assert np.corrcoef(off, on)[0, 1] > 0.99
     top_off, top_on = set(np.argsort(-off)[:40]), set(np.argsort(-on)[:40])
     assert len(top_off & top_on) >= 36
+
+
+@pytest.mark.real
+def test_flash_attention_scoring_every_fourth_step_tracks_every_step(real) -> None:
+    """Host attention costs O(active keys) a step; folding one decode step in four (with the decay of four)
+    must rank tokens like folding all of them, for a quarter of the kernel calls."""
+    toks = real.tokenize(TEXT * 12)[:400]
+    scores, calls = [], []
+    for stride in (1, 4):
+        imp = Importance(real.model, (3, 9, 15, 21, 27), window=16, flash_attn=True, stride=stride)
+        n = [0]
+        mass = imp.mass
+
+        def counted(*a, mass=mass, n=n):
+            n[0] += 1
+            return mass(*a)
+
+        imp.mass = counted
+        with Session(real.model, 512, flash_attn=True, capture=imp.spec(),
+                     on_decode=lambda s, p, k, imp=imp: imp.observe(s.cell_positions(), p, k)) as sess:
+            imp.capture = sess.capture
+            sess.eval(toks[:320])
+            for t in toks[320:]:
+                sess.eval([t])
+        scores.append(imp.scores[:400].copy())
+        calls.append(n[0])
+    steps = np.arange(320, len(toks))  # prefill chunks (folded either way), then a decode step at each of these
+    assert calls[0] - calls[1] == len(steps) - int((steps % 4 == 0).sum())  # all decode steps, or every fourth
+    every, fourth = scores
+    assert np.corrcoef(every, fourth)[0, 1] > 0.98
+    assert len(set(np.argsort(-every)[:40]) & set(np.argsort(-fourth)[:40])) >= 34
