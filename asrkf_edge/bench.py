@@ -325,7 +325,9 @@ def targets(records: Sequence[Record]) -> str:
 def report(info: dict[str, object], records: Sequence[Record], plots: Sequence[str] = ()) -> str:
     """Markdown for a whole run: machine, settings, the targets, one table per suite, the plots."""
     m, model = info["machine"], info["model"]
-    parts = [f"Model {model['name']} ({model['path']}), {m['cpu']} ({m['cores']} cores, {m['system']}), "  # type: ignore[index]
+    parts = ["# asrkf-edge benchmark results", "Every policy ran in one process on the same prompts; figures are "
+             "from one run of the command below (raw data: the --json file).",
+             f"Model {model['name']} ({model['path']}), {m['cpu']} ({m['cores']} cores, {m['system']}), "  # type: ignore[index]
              f"llama-cpp-python {m['llama_cpp_python']}, asrkf-edge {m['asrkf_edge']}, flash attention "  # type: ignore[index]
              f"{'on' if info['flash_attn'] else 'off'}, budget {info['budget']} of the prompt for the bounded policies, "
              f"peak RSS {float(info['peak_rss_mb']):.0f} MB, {float(info['wall_seconds']) / 60:.0f} minutes.",  # type: ignore[arg-type]

@@ -151,9 +151,11 @@ def _floats(text: str) -> list[float]:
 @click.option("--plots", "plots_dir", type=click.Path(path_type=Path, file_okay=False), help="Write PNG charts here.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path, dir_okay=False),
               help="Write the Markdown report here (plots linked relative to it).")
+@click.option("--include", "includes", multiple=True, type=click.Path(path_type=Path, dir_okay=False, exists=True),
+              help="Append this Markdown file to the report as it is (sections measured elsewhere, e.g. on a GPU).")
 def bench(suite: str, model: Path | None, policies: str, budget: float, lengths: str, needle_lengths: str, depths: str, keys: int,
           cwe_lengths: str, ppl_context: int, ppl_tokens: int, speed_lengths: str, speed_tokens: int, flash_attn: bool,
-          json_path: Path | None, plots_dir: Path | None, report_path: Path | None) -> None:
+          json_path: Path | None, plots_dir: Path | None, report_path: Path | None, includes: tuple[Path, ...]) -> None:
     """Measure every policy side by side on the same prompts: SUITE is passkey, needle, ppl (with KL
     divergence; kld is the same), speed or all. Markdown on stdout; --json, --plots and --report write files."""
     from .bench import SUITES, Plan, machine, peak_rss_mb, report
@@ -201,7 +203,7 @@ def bench(suite: str, model: Path | None, policies: str, budget: float, lengths:
 
         base = report_path.parent if report_path is not None else Path.cwd()
         plots = [os.path.relpath(p, base) for p in write(records, plots_dir)]
-    text = report(info, records, plots)
+    text = report(info, records, plots) + "".join("\n" + p.read_text() for p in includes)
     click.echo(text)
     if report_path is not None:
         report_path.write_text(text)
