@@ -6,8 +6,17 @@ the KV policies (:class:`AsrKf`, :class:`Full`, :class:`Streaming`, :class:`H2O`
 
 from . import llama  # noqa: F401  (first: a CUDA build of llama.cpp crashes when NumPy/Numba load before it)
 from .asrkf import AsrKf
+from .chat import Chat
 from .engine import Engine, GenerationResult
-from .errors import AsrkfError, LlamaError, ModelError, OutOfCellsError, PromptTooLongError, StoreError
+from .errors import (
+    AsrkfError,
+    LlamaError,
+    ModelError,
+    OutOfCellsError,
+    PromptTooLongError,
+    SessionFileError,
+    StoreError,
+)
 from .policy import H2O, ContextShift, Full, Policy, Q4Cache, Q8Cache, Streaming, make_policy
 from .recovery import EntropyRule
 from .schedule import Schedule
@@ -17,6 +26,7 @@ __all__ = [
     "H2O",
     "AsrKf",
     "AsrkfError",
+    "Chat",
     "ContextShift",
     "EntropyRule",
     "Full",
@@ -33,6 +43,7 @@ __all__ = [
     "OutOfCellsError",
     "PromptTooLongError",
     "Session",
+    "SessionFileError",
     "StoreError",
 ]
 __version__ = "0.1.0"
