@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from .errors import PromptTooLongError
 from .llama import Sampler
 from .policy import Policy, make_policy
-from .runner import Runner
+from .runner import Runner, budget_cells
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -40,19 +40,7 @@ def chat_cells(policy: Policy, budget: float | None, ctx: int) -> int:
     minimum. None: the policy's own budget (asrkf: 0.4 of ``ctx``, at least ``min_cache``); policies that
     never evict (``full``), or reversible ones without a budget, get the whole ``ctx``.
     """
-    if not policy.bounded:
-        return ctx
-    floor = policy.min_cells()
-    if budget is None:
-        budget, floor = policy.budget, max(floor, policy.min_cache)
-        if budget is None:
-            if not policy.reversible:
-                raise ValueError(f"the {policy.name} policy drops what it evicts and needs a budget")
-            return ctx
-    if budget <= 0:
-        raise ValueError(f"budget must be positive, got {budget}")
-    tokens = int(budget * ctx) if budget <= 1.0 else int(budget)
-    return min(ctx, max(tokens, floor))
+    return budget_cells(policy, budget, ctx, 0)
 
 
 @dataclass

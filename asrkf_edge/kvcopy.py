@@ -13,6 +13,7 @@ from functools import cache
 
 import numpy as np
 
+from . import blob as blobfmt
 from . import native
 from .blob import Layout
 
@@ -31,6 +32,20 @@ class Side:
 def blob_side(buf: np.ndarray, layout: Layout, n: int) -> Side:
     k_off, v_off = layout.offsets(n)
     return Side(buf, k_off, v_off, n, layout.v_trans)
+
+
+def empty_blob(layout: Layout, pos: np.ndarray, seq: int) -> np.ndarray:
+    """A state blob with cells at ``pos`` for sequence ``seq`` and zero K/V (all headers filled in)."""
+    n = len(pos)
+    raw = np.zeros(layout.blob_size(n), dtype=np.uint8)
+    hdr = blobfmt.header(layout, pos, seq)
+    raw[: len(hdr)] = np.frombuffer(hdr, np.uint8)
+    side = blob_side(raw, layout, n)
+    kh, vh = np.frombuffer(blobfmt.k_header(layout), np.uint8), np.frombuffer(blobfmt.v_header(layout), np.uint8)
+    for layer in range(layout.n_layer):
+        raw[side.k_off[layer] - 12 : side.k_off[layer]] = kh
+        raw[side.v_off[layer] - 12 : side.v_off[layer]] = vh
+    return raw
 
 
 def segment_side(buf: np.ndarray, layout: Layout, n: int) -> Side:

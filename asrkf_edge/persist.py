@@ -31,7 +31,7 @@ from . import __version__
 from . import blob as blobfmt
 from .cells import DUMMY_POS
 from .errors import SessionFileError
-from .kvcopy import blob_side, copy_rows
+from .kvcopy import blob_side, copy_rows, empty_blob
 from .llama import SCRATCH_SEQ
 from .policy import Policy, make_policy
 from .recovery import Recovery
@@ -73,20 +73,6 @@ def model_fingerprint(path: Path) -> str:
     return h.hexdigest()
 
 
-def _empty_blob(layout: blobfmt.Layout, pos: np.ndarray, seq: int) -> np.ndarray:
-    """A state blob with cells at ``pos`` and zero K/V (headers filled in)."""
-    n = len(pos)
-    raw = np.zeros(layout.blob_size(n), dtype=np.uint8)
-    hdr = blobfmt.header(layout, pos, seq)
-    raw[: len(hdr)] = np.frombuffer(hdr, np.uint8)
-    side = blob_side(raw, layout, n)
-    kh, vh = np.frombuffer(blobfmt.k_header(layout), np.uint8), np.frombuffer(blobfmt.v_header(layout), np.uint8)
-    for layer in range(layout.n_layer):
-        raw[side.k_off[layer] - 12 : side.k_off[layer]] = kh
-        raw[side.v_off[layer] - 12 : side.v_off[layer]] = vh
-    return raw
-
-
 def _effective_head(cells_seqs: np.ndarray, head: int) -> int:
     """llama.cpp's search start as it behaves: a head at or below the lowest free cell acts as that cell."""
     free = np.flatnonzero(cells_seqs == 0)
@@ -102,7 +88,7 @@ def _normalize_head(sess: Session, layout: blobfmt.Layout) -> None:
     low = int(free[0])
     n = 1 if cells.head > cells.used + 2 else int(np.flatnonzero(cells.free_order(cells.head) == low)[0]) + 1
     pos = DUMMY_POS + np.arange(n, dtype=np.int64)
-    sess.ctx.state_set(_empty_blob(layout, pos, SCRATCH_SEQ), SCRATCH_SEQ)
+    sess.ctx.state_set(empty_blob(layout, pos, SCRATCH_SEQ), SCRATCH_SEQ)
     cells.apply(cells.find_slot(n), pos, SCRATCH_SEQ)
     sess.ctx.seq_rm(SCRATCH_SEQ, -1, -1)
     cells.seq_rm(SCRATCH_SEQ)
@@ -321,7 +307,7 @@ def _restore(chat: Chat, manifest: dict, arrays: dict[str, np.ndarray], path: Pa
         order = sess.cells.plan_restore(cells0)  # per blob cell: index into cells0, or -1 (padding)
         n, real = len(order), order >= 0
         pos = np.where(real, saved_pos[cells0][np.maximum(order, 0)], DUMMY_POS + np.arange(n))
-        blob = _empty_blob(layout, pos, SCRATCH_SEQ)
+        blob = empty_blob(layout, pos, SCRATCH_SEQ)
         copy_rows(blob_side(raw, layout, len(cells0)), blob_side(blob, layout, n), order[real], np.flatnonzero(real), layout)
         sess.ctx.state_set(blob, SCRATCH_SEQ)
         landed = sess.cells.find_slot(n)

@@ -21,7 +21,7 @@ from . import blob as blobfmt
 from .capture import Capture, CaptureSpec
 from .cells import DUMMY_POS, LANE, CellMap
 from .errors import LlamaError, OutOfCellsError
-from .kvcopy import blob_side, copy_rows
+from .kvcopy import blob_side, copy_rows, empty_blob
 from .llama import SCRATCH_SEQ, Context, ContextConfig, Model
 from .store import FrozenStore
 
@@ -386,14 +386,8 @@ class Session:
         n = len(order)
         layout = store.layout
         pos = np.where(order >= 0, want[np.maximum(order, 0)], DUMMY_POS + np.arange(n))
-        raw = np.zeros(layout.blob_size(n), dtype=np.uint8)
-        hdr = blobfmt.header(layout, pos, SCRATCH_SEQ)
-        raw[: len(hdr)] = np.frombuffer(hdr, np.uint8)
+        raw = empty_blob(layout, pos, SCRATCH_SEQ)
         dst = blob_side(raw, layout, n)
-        kh, vh = np.frombuffer(blobfmt.k_header(layout), np.uint8), np.frombuffer(blobfmt.v_header(layout), np.uint8)
-        for layer in range(layout.n_layer):
-            raw[dst.k_off[layer] - 12 : dst.k_off[layer]] = kh
-            raw[dst.v_off[layer] - 12 : dst.v_off[layer]] = vh
         slot_of = {int(p): i for i, p in enumerate(pos.tolist()) if order[i] >= 0}
         located = store.locate(int(want.min()), int(want.max()) + 1)
         wanted = set(want.tolist())
