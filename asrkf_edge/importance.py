@@ -21,60 +21,92 @@ _JIT = {"cache": True, "nogil": True, "fastmath": False}
 # kernels -----------------------------------------------------------------------------------------
 
 
-# float32 value of every float16 bit pattern: Numba has no float16 type, so kernels decode keys by lookup
-F16_TABLE = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
-
-
-def attention_mass(q: np.ndarray, qpos: np.ndarray, keys: np.ndarray, kpos: np.ndarray, scale: float) -> np.ndarray:
+def attention_mass(q: np.ndarray, qpos: np.ndarray, keys: np.ndarray, kpos: np.ndarray, scale: float,
+                   parallel: bool = False) -> np.ndarray:
     """Causal softmax attention of queries over mirrored keys, averaged over layers and heads.
 
     q [L, R, H, d] float32; keys [L, P, Hkv, d] float16 bits (uint16), indexed by position; qpos [R], kpos [N]
     (positions of the keys attended; a key is visible to a query when kpos <= qpos). Returns mass [R, N]:
     each row sums to 1 over visible keys. Each key row is decoded once and shared by its query heads (GQA).
-    Serial on purpose: with llama.cpp's threads busy, Numba's thread pool cost more than it saved.
+    ``parallel`` spreads (layer, KV head) pairs over Numba's threads: worth it only when llama.cpp's own
+    threads are idle (layers on a GPU); on a CPU backend the two thread pools fight and serial is faster.
     """
-    return _attention_mass(q, qpos, keys, kpos, np.float32(scale), F16_TABLE)
+    args = (np.ascontiguousarray(q, np.float32), qpos, keys, kpos, np.float32(scale))
+    return _mass_parallel(*args) if parallel else _mass_serial(*args)
 
 
 @numba.njit(**_JIT)
-def _attention_mass(q: np.ndarray, qpos: np.ndarray, keys: np.ndarray, kpos: np.ndarray, scale: np.float32,
-                    table: np.ndarray) -> np.ndarray:
-    n_l, n_r, n_h, d = q.shape
-    n_kv = keys.shape[2]
-    group = n_h // n_kv
-    n = len(kpos)
-    out = np.zeros((n_r, n), np.float32)
-    logit = np.empty((group, n_r, n), np.float32)
-    row = np.empty(d, np.float32)
-    for layer in range(n_l):
-        for kh in range(n_kv):
-            for j in range(n):
-                src = keys[layer, kpos[j], kh]
-                for e in range(d):
-                    row[e] = table[src[e]]
-                for g in range(group):
-                    for r in range(n_r):
-                        qv = q[layer, r, kh * group + g]
-                        acc = np.float32(0.0)
-                        for e in range(d):
-                            acc += qv[e] * row[e]
-                        logit[g, r, j] = acc * scale
-            for g in range(group):
-                for r in range(n_r):
-                    top = np.float32(-np.inf)
-                    for j in range(n):
-                        if kpos[j] <= qpos[r] and logit[g, r, j] > top:
-                            top = logit[g, r, j]
-                    total = np.float32(0.0)
-                    for j in range(n):
-                        if kpos[j] <= qpos[r]:
-                            x = np.exp(logit[g, r, j] - top)
-                            logit[g, r, j] = x
-                            total += x
-                    for j in range(n):
-                        if kpos[j] <= qpos[r]:
-                            out[r, j] += logit[g, r, j] / total
-    return out / (n_l * n_h)
+def _mass_serial(q: np.ndarray, qpos: np.ndarray, keys: np.ndarray, kpos: np.ndarray, scale: np.float32) -> np.ndarray:
+    n_l, n_kv = q.shape[0], keys.shape[2]
+    out = np.zeros((q.shape[1], len(kpos)), np.float32)
+    for t in range(n_l * n_kv):
+        _head_mass(q, qpos, keys, kpos, scale, t // n_kv, t % n_kv, out)
+    return out / (n_l * q.shape[2])
+
+
+@numba.njit(parallel=True, **_JIT)
+def _mass_parallel(q: np.ndarray, qpos: np.ndarray, keys: np.ndarray, kpos: np.ndarray, scale: np.float32) -> np.ndarray:
+    n_l, n_kv = q.shape[0], keys.shape[2]
+    parts = np.zeros((n_l * n_kv, q.shape[1], len(kpos)), np.float32)
+    for t in numba.prange(n_l * n_kv):
+        _head_mass(q, qpos, keys, kpos, scale, t // n_kv, t % n_kv, parts[t])
+    return parts.sum(axis=0) / (n_l * q.shape[2])
+
+
+# 2**112: rescales a float16's exponent and mantissa bits, shifted into a float32, to the float16's value
+_F16_RESCALE = np.float32(2.0**112)
+
+
+@numba.njit(**_JIT)
+def f16_to_f32(src: np.ndarray, bits: np.ndarray) -> None:
+    """float16 bit patterns ``src`` into float32 bit patterns ``bits`` (Numba has no float16 type): shift
+    exponent and mantissa into place, rescale (normals and subnormals alike), fix inf/nan, set the sign."""
+    row = bits.view(np.float32)
+    for e in range(len(src)):
+        bits[e] = (np.uint32(src[e]) & np.uint32(0x7FFF)) << np.uint32(13)
+    for e in range(len(src)):
+        x = row[e] * _F16_RESCALE
+        if x >= np.float32(65536.0):
+            x = np.float32(np.inf) if src[e] & 0x3FF == 0 else np.float32(np.nan)
+        row[e] = -x if src[e] & 0x8000 else x
+
+
+# reassociation lets LLVM vectorize the dot products (the NumPy twin agrees to ~1e-9)
+@numba.njit(**{**_JIT, "fastmath": {"reassoc", "contract"}})
+def _head_mass(q: np.ndarray, qpos: np.ndarray, keys: np.ndarray, kpos: np.ndarray, scale: np.float32,
+               layer: int, kh: int, out: np.ndarray) -> None:
+    """Add one layer's KV head's softmax rows (its ``group`` query heads) into ``out`` [R, N]."""
+    n_r, n_h, d = q.shape[1], q.shape[2], q.shape[3]
+    group = n_h // keys.shape[2]
+    n, m = len(kpos), group * n_r
+    qs = np.empty((m, d), np.float32)
+    for i in range(m):
+        for e in range(d):
+            qs[i, e] = q[layer, i % n_r, kh * group + i // n_r, e] * scale
+    logit = np.empty((m, n), np.float32)
+    bits = np.empty(d, np.uint32)
+    row = bits.view(np.float32)
+    for j in range(n):
+        f16_to_f32(keys[layer, kpos[j], kh], bits)
+        for i in range(m):
+            acc = np.float32(0.0)
+            for e in range(d):
+                acc += qs[i, e] * row[e]
+            logit[i, j] = acc
+    for i in range(m):
+        r = i % n_r
+        top = np.float32(-np.inf)
+        for j in range(n):
+            if kpos[j] <= qpos[r] and logit[i, j] > top:
+                top = logit[i, j]
+        total = np.float32(0.0)
+        for j in range(n):
+            x = np.exp(logit[i, j] - top) if kpos[j] <= qpos[r] else np.float32(0.0)
+            logit[i, j] = x
+            total += x
+        inv = np.float32(1.0) / total
+        for j in range(n):
+            out[r, j] += logit[i, j] * inv
 
 
 def attention_mass_reference(q: np.ndarray, qpos: np.ndarray, keys: np.ndarray, kpos: np.ndarray, scale: float) -> np.ndarray:
@@ -158,6 +190,7 @@ class Importance:
         self.gamma, self.weight = (1.0 - 1.0 / window, 1.0 / window) if decay else (1.0, 1.0)
         self.mirror_keys = mirror_keys or flash_attn
         self.scale = 1.0 / float(np.sqrt(model.head_dim))
+        self.parallel = model.n_gpu_layers != 0  # the CPU cores idle while the GPU decodes: score on all of them
         self.scores = np.zeros(1024, np.float32)
         self._kv = model.n_head_kv * model.head_dim
         self.keys = np.zeros((len(layers), 1024 if self.mirror_keys else 0, self._kv), np.float16)
@@ -222,4 +255,4 @@ class Importance:
 
     def mass(self, q: np.ndarray, qpos: np.ndarray, kpos: np.ndarray) -> np.ndarray:
         """Attention mass [rows, len(kpos)] that queries ``q`` give the mirrored keys at ``kpos``."""
-        return attention_mass(np.ascontiguousarray(q, np.float32), qpos, self.mirror(), kpos.astype(np.int64), self.scale)
+        return attention_mass(q, qpos, self.mirror(), kpos.astype(np.int64), self.scale, self.parallel)

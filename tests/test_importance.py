@@ -13,6 +13,7 @@ from asrkf_edge.importance import (
     attention_mass_reference,
     entropy,
     entropy_reference,
+    f16_to_f32,
     fold,
     fold_reference,
 )
@@ -27,10 +28,17 @@ def test_kernels_match_numpy_references() -> None:
     keys = rng.standard_normal((3, 150, 2, 16)).astype(np.float16).view(np.uint16)  # a mirror: f16 bits by position
     kpos = rng.permutation(np.arange(100, 140)).astype(np.int64)
     qpos = np.arange(130, 135, dtype=np.int64)  # some keys lie in each query's future
-    got, want = attention_mass(q, qpos, keys, kpos, 0.25), attention_mass_reference(q, qpos, keys, kpos, 0.25)
+    want = attention_mass_reference(q, qpos, keys, kpos, 0.25)
+    got = attention_mass(q, qpos, keys, kpos, 0.25)
     assert np.abs(got - want).max() < 1e-5
+    assert np.abs(attention_mass(q, qpos, keys, kpos, 0.25, parallel=True) - want).max() < 1e-5
     assert np.allclose(got.sum(axis=1), 1.0, atol=1e-5)
     assert got[0, kpos > 130].max() == 0.0  # causal
+
+    every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)  # each float16: normal, subnormal, zero, inf, nan
+    bits = np.empty(len(every), np.uint32)
+    f16_to_f32(every, bits)
+    assert np.array_equal(bits.view(np.float32), every.view(np.float16).astype(np.float32), equal_nan=True)
 
     mass = rng.random((5, 40)).astype(np.float32)
     cells = np.where(rng.random(40) < 0.2, -1, kpos)
