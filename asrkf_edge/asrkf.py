@@ -1,8 +1,9 @@
 """ASR-KF-EGR: adaptive soft rolling KV freeze with entropy-guided recovery (arXiv 2512.11221).
 
 Every ``reeval_every`` decode steps (and after every prefill chunk) the policy
-1. brings back frozen tokens whose freeze ran out (rolling, into free cells) and frozen tokens that
-   the newest queries would attend to strongly (scored against their keys),
+1. brings back frozen tokens that the newest queries would attend to strongly (scored against their
+   mirrored keys) and, into free cells, those whose freeze ran out and that these queries attend to at
+   least at the freeze bar; an expired token below it is frozen again, for longer (rolling),
 2. freezes active tokens whose decayed attention is below ``threshold`` / logical tokens, each for
    ``schedule.duration(count)`` steps (sublinear in how often it was found unimportant).
 When the next-token entropy spikes it thaws by a ladder: (1) the frozen ranges most relevant to the
@@ -96,11 +97,15 @@ class AsrKf(Policy):
             back = self._around(frozen[hot][np.argsort(-rel[hot], kind="stable")], frozen, self._thaw_cap(session))
             if len(back) and self._thaw(runner, back, self.pin):
                 runner.stale_logits = True
-            due = self._ledger.expired(step)
-            due = due[session.store.is_frozen(due)]
+            # expired tokens are judged where they lie, from their mirrored keys: those the newest queries
+            # attend to at least at the freeze bar come back into free cells, the rest stay frozen for longer
+            # (count + 1) rather than make a round trip through the cache only to be frozen again
+            due = np.isin(frozen, self._ledger.expired(step)) & ~np.isin(frozen, back)
+            up = due & (rel >= self.threshold)
+            self._ledger.frozen(frozen[due & ~up], step)
             room = session.free_cells() - session.budget // 16
-            if room > 0 and len(due):
-                self._thaw(runner, due[:room], 0)
+            if room > 0 and up.any():
+                self._thaw(runner, frozen[up][np.argsort(-rel[up], kind="stable")][:room], 0)
         act = session.active_positions()
         cand = act[~session.protected(act)]
         cand = cand[~self._ledger.is_pinned(cand, step)]

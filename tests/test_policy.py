@@ -75,6 +75,31 @@ def test_streaming_drops_and_asrkf_keeps_everything(tiny) -> None:
     assert dropped["active_tokens"] + dropped["dropped_tokens"] == dropped["logical_tokens"]
 
 
+def test_expired_tokens_are_judged_where_they_lie(tiny, monkeypatch) -> None:
+    """Rolling re-evaluation: an expired frozen token the newest queries attend to (at the freeze bar)
+    comes back; one they ignore stays in the store, frozen again for longer, and no data moves for it."""
+    text = "the sky is blue and the grass is green " * 40
+    with tiny.runner(AsrKf(min_cache=64), 160) as run:
+        run.prefill(tiny.tokenize(text)[:400])
+        pol, sess = run.policy, run.session
+        sess.freeze_positions(sess.active_positions()[40:80])  # free cells for what may come back
+        frozen = sess.store.positions()
+        wanted, ignored = frozen[:6], frozen[6:12]
+        ledger = pol._ledger
+        ledger.until[frozen] = run.step + 1000
+        ledger.until[np.concatenate([wanted, ignored])] = run.step  # their freeze runs out now
+        counts = ledger.count[ignored].copy()
+        rel = lambda runner, f: np.where(np.isin(f, wanted), 2 * pol.threshold, 0.0)  # noqa: E731
+        monkeypatch.setattr(pol, "_relevance", rel)
+        thaws = sess.thaw_events
+        pol.after_decode(run, sess.n_logical - 2, 2)
+        assert not sess.store.is_frozen(wanted).any()
+        assert sess.store.is_frozen(ignored).all()
+        assert (ledger.count[ignored] == counts + 1).all() and (ledger.until[ignored] > run.step).all()
+        assert sess.thaw_events == thaws + 1
+        assert sess.kv_stats()["active_tokens"] + sess.kv_stats()["frozen_tokens"] == 400  # nothing lost
+
+
 @pytest.mark.real
 def test_passkey_2k_at_budget_04_asrkf_answers_where_full_does(real) -> None:
     """Acceptance: asrkf within 40% of the prompt answers wherever the full cache does; streaming, with
