@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import llama_cpp
 import numpy as np
 
-from . import __version__
+from . import __version__, kvcopy
 from .engine import Engine
 from .policy import make_policy
 from .runner import Runner, budget_cells
@@ -28,8 +28,8 @@ POLICY_ORDER = ("full", "asrkf", "streaming", "h2o", "q8_0", "q4_0", "shift")
 Record = dict[str, object]
 
 
-def machine() -> dict[str, object]:
-    """What the figures were measured on."""
+def machine(gpu: bool = False) -> dict[str, object]:
+    """What the figures were measured on (``gpu``: the model's layers are offloaded; name the GPUs)."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -38,7 +38,8 @@ def machine() -> dict[str, object]:
         pass
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {"cpu": cpu, "cores": cores, "system": f"{platform.system()} {platform.release()}",
-            "python": platform.python_version(), "llama_cpp_python": llama_cpp.__version__, "asrkf_edge": __version__}
+            "python": platform.python_version(), "llama_cpp_python": llama_cpp.__version__, "asrkf_edge": __version__,
+            "gpu": ", ".join(kvcopy.gpu_names()) if gpu else None}
 
 
 def peak_rss_mb() -> float:
@@ -228,6 +229,7 @@ def speed_suite(engine: Engine, plan: Plan) -> Iterator[Record]:
                    "observe_ms_per_token": per_token("observe_seconds"), "freeze_ms_per_token": per_token("freeze_seconds"),
                    "thaw_ms_per_token": per_token("thaw_seconds"), "policy_ms_per_token": per_token("policy_seconds"),
                    "decode_recoveries": int(st["recoveries"]) - int(before["recoveries"]),  # type: ignore[call-overload]
+                   "gpu_used_mb": kvcopy.gpu_memory_used() / 1e6 if engine.model.n_gpu_layers else None,
                    **st, **kv_figures(st, engine.info.kv_bytes_per_token)}
 
 
@@ -282,16 +284,19 @@ def ppl_table(records: Sequence[Record]) -> str:
 
 def speed_table(records: Sequence[Record]) -> str:
     full = {r["length"]: float(r["decode_tokens_per_s"]) for r in records if r["policy"] == "full"}  # type: ignore[arg-type]
+    gpu = any(r.get("gpu_used_mb") is not None for r in records)  # layers offloaded: the GPU's memory in use too
     rows = []
     for (length, policy), rs in _groups(records, "length", "policy"):
         r = rs[0]
         ratio = f"{float(r['decode_tokens_per_s']) / full[length]:.2f}x" if length in full else "-"  # type: ignore[arg-type]
         rows.append([length, policy, f"{float(r['prefill_tokens_per_s']):.0f}", f"{float(r['decode_tokens_per_s']):.1f}", ratio,  # type: ignore[arg-type]
-                     f"{float(r['kv_peak_pct']):.0f}", f"{float(r['rss_mb']):.0f}", f"{float(r['observe_ms_per_token']):.2f}",  # type: ignore[arg-type]
+                     f"{float(r['kv_peak_pct']):.0f}", f"{float(r['rss_mb']):.0f}",  # type: ignore[arg-type]
+                     *([f"{float(r['gpu_used_mb']):.0f}"] if gpu else []), f"{float(r['observe_ms_per_token']):.2f}",  # type: ignore[arg-type]
                      f"{float(r['freeze_ms_per_token']):.2f}", f"{float(r['thaw_ms_per_token']):.2f}",  # type: ignore[arg-type]
                      f"{float(r['policy_ms_per_token']):.2f}", r["decode_recoveries"]])  # type: ignore[arg-type]
     return _table(["context", "policy", "prefill tok/s", "decode tok/s", "vs full", "peak KV % of full", "RSS MB",
-                   "scoring ms/tok", "freeze ms/tok", "thaw ms/tok", "policy ms/tok (all)", "recoveries"], rows)
+                   *(["GPU MB in use"] if gpu else []), "scoring ms/tok", "freeze ms/tok", "thaw ms/tok",
+                   "policy ms/tok (all)", "recoveries"], rows)
 
 
 def targets(records: Sequence[Record]) -> str:
@@ -328,6 +333,7 @@ def report(info: dict[str, object], records: Sequence[Record], plots: Sequence[s
     parts = ["# asrkf-edge benchmark results", "Every policy ran in one process on the same prompts; figures are "
              "from one run of the command below (raw data: the --json file).",
              f"Model {model['name']} ({model['path']}), {m['cpu']} ({m['cores']} cores, {m['system']}), "  # type: ignore[index]
+             f"{'all layers on ' + str(m['gpu']) + ', ' if m.get('gpu') else ''}"  # type: ignore[attr-defined]
              f"llama-cpp-python {m['llama_cpp_python']}, asrkf-edge {m['asrkf_edge']}, flash attention "  # type: ignore[index]
              f"{'on' if info['flash_attn'] else 'off'}, budget {info['budget']} of the prompt for the bounded policies, "
              f"peak RSS {float(info['peak_rss_mb']):.0f} MB, {float(info['wall_seconds']) / 60:.0f} minutes.",  # type: ignore[arg-type]

@@ -147,6 +147,7 @@ def _floats(text: str) -> list[float]:
 @click.option("--speed-lengths", default="512,1000,2000,4000,8000", show_default=True, help="speed: context lengths.")
 @click.option("--speed-tokens", type=click.IntRange(min=2), default=64, show_default=True, help="speed: tokens decoded.")
 @click.option("--flash-attn/--no-flash-attn", default=False, show_default=True)
+@click.option("--gpu-layers", type=int, default=0, show_default=True, help="Layers to offload (-1: all).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write every raw figure to this file.")
 @click.option("--plots", "plots_dir", type=click.Path(path_type=Path, file_okay=False), help="Write PNG charts here.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path, dir_okay=False),
@@ -155,7 +156,7 @@ def _floats(text: str) -> list[float]:
               help="Append this Markdown file to the report as it is (sections measured elsewhere, e.g. on a GPU).")
 def bench(suite: str, model: Path | None, policies: str, budget: float, lengths: str, needle_lengths: str, depths: str, keys: int,
           cwe_lengths: str, ppl_context: int, ppl_tokens: int, speed_lengths: str, speed_tokens: int, flash_attn: bool,
-          json_path: Path | None, plots_dir: Path | None, report_path: Path | None, includes: tuple[Path, ...]) -> None:
+          gpu_layers: int, json_path: Path | None, plots_dir: Path | None, report_path: Path | None, includes: tuple[Path, ...]) -> None:
     """Measure every policy side by side on the same prompts: SUITE is passkey, needle, ppl (with KL
     divergence; kld is the same), speed or all. Markdown on stdout; --json, --plots and --report write files."""
     from .bench import SUITES, Plan, machine, peak_rss_mb, report
@@ -184,7 +185,7 @@ def bench(suite: str, model: Path | None, policies: str, budget: float, lengths:
     try:
         from .engine import Engine
 
-        with Engine.load(model, flash_attn=flash_attn) as eng:
+        with Engine.load(model, n_gpu_layers=gpu_layers, flash_attn=flash_attn) as eng:
             total = sum(plan.size(s) for s in suites)
             with click.progressbar(length=total, label=f"bench {suite}", file=sys.stderr, show_pos=True,
                                    item_show_func=lambda r: f"{r['suite']} {r['policy']} {r['length']}" if r else None) as bar:
@@ -192,7 +193,7 @@ def bench(suite: str, model: Path | None, policies: str, budget: float, lengths:
                     for rec in SUITES[name](eng, plan):
                         records.append(rec)
                         bar.update(1, rec)
-            info = {"machine": machine(), "model": eng.info.as_dict(), "flash_attn": flash_attn, "budget": budget,
+            info = {"machine": machine(gpu=gpu_layers != 0), "model": eng.info.as_dict(), "flash_attn": flash_attn, "budget": budget,
                     "plan": dataclasses.asdict(plan), "peak_rss_mb": peak_rss_mb(), "wall_seconds": time.perf_counter() - t0,
                     "command": " ".join(["asrkf-edge", *sys.argv[1:]])}
     except AsrkfError as e:

@@ -145,7 +145,8 @@ def _ggml() -> ctypes.CDLL:
     vp, sz = ctypes.c_void_p, ctypes.c_size_t
     for name, args, res in [
         ("ggml_backend_dev_count", [], sz), ("ggml_backend_dev_get", [sz], vp), ("ggml_backend_dev_type", [vp], ctypes.c_int),
-        ("ggml_backend_dev_name", [vp], ctypes.c_char_p), ("ggml_backend_dev_host_buffer_type", [vp], vp),
+        ("ggml_backend_dev_name", [vp], ctypes.c_char_p), ("ggml_backend_dev_description", [vp], ctypes.c_char_p),
+        ("ggml_backend_dev_host_buffer_type", [vp], vp),
         ("ggml_backend_dev_memory", [vp, ctypes.POINTER(sz), ctypes.POINTER(sz)], None),
         ("ggml_backend_buft_alloc_buffer", [vp, sz], vp), ("ggml_backend_buffer_get_base", [vp], vp),
         ("ggml_backend_buffer_free", [vp], None),
@@ -170,6 +171,16 @@ def device_memory(dev: int) -> tuple[int, int]:
     free, total = ctypes.c_size_t(), ctypes.c_size_t()
     _ggml().ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
     return free.value, total.value
+
+
+def gpu_names() -> list[str]:
+    """Each GPU device as its backend describes it (e.g. "NVIDIA H200"); none on a CPU build."""
+    return [_ggml().ggml_backend_dev_description(d).decode() for d in gpu_devices()]
+
+
+def gpu_memory_used() -> int:
+    """Bytes in use on all GPU devices (total minus free, the driver's context included); 0 without one."""
+    return sum(total - free for free, total in map(device_memory, gpu_devices()))
 
 
 def host_array(nbytes: int, pinned: bool) -> np.ndarray:

@@ -40,14 +40,6 @@ from asrkf_edge.runner import budget_cells
 TEXT = Path(__file__).resolve().parent.parent / "tests" / "data" / "gpl-3.0.txt"
 
 
-def gpu_used() -> int:
-    devs = kvcopy.gpu_devices()
-    if not devs:  # --allow-cpu smoke runs
-        return 0
-    free, total = kvcopy.device_memory(devs[0])
-    return total - free
-
-
 def prompt(engine: Engine, n: int, seed: int = 0) -> list[int]:
     """Real text for a model with a real vocabulary, else random ids (the 8B-shaped random model)."""
     if engine.model.n_vocab > 100_000 and engine.info.name.startswith("random"):
@@ -68,14 +60,15 @@ def speed(engine: Engine, policy: str, n: int, n_decode: int, budget: float, bas
         t0 = time.perf_counter()
         run.prefill(toks)
         t1 = time.perf_counter()
-        used_prefill = gpu_used()
+        used_prefill = kvcopy.gpu_memory_used()
         tok = int(np.argmax(run.logits()))
+        before = run.stats()
         t2 = time.perf_counter()
         for _ in range(n_decode):
             run.decode(tok)
             tok = int(np.argmax(run.logits()))
         t3 = time.perf_counter()
-        used = gpu_used()
+        used = kvcopy.gpu_memory_used()
         st = run.stats()
         ctx_cells = run.session.ctx.n_ctx
         bpt = run.session.bytes_per_token
@@ -88,6 +81,9 @@ def speed(engine: Engine, policy: str, n: int, n_decode: int, budget: float, bas
         "active_peak": st["active_tokens_peak"], "frozen_tokens": st["frozen_tokens"],
         "host_store_gib": st["frozen_kv_bytes"] / 2**30, "freeze_events": st["freeze_events"],
         "thaw_events": st["thaw_events"], "recoveries": st["recoveries"], "policy_seconds": st["policy_seconds"],
+        "observe_seconds": st["observe_seconds"], "freeze_seconds": st["freeze_seconds"], "thaw_seconds": st["thaw_seconds"],
+        **{f"decode_{k}_ms_per_token": 1e3 * (float(st[f"{k}_seconds"]) - float(before[f"{k}_seconds"])) / n_decode
+           for k in ("policy", "observe", "freeze", "thaw")},
     }
 
 
@@ -168,11 +164,10 @@ def main() -> None:
     t = time.perf_counter()
     with Engine.load(a.model, n_gpu_layers=-1, flash_attn=True) as eng:
         load_s = time.perf_counter() - t
-        base = gpu_used()
-        lib = kvcopy._ggml()
+        base = kvcopy.gpu_memory_used()
         res: dict[str, object] = {
             "model": a.label or eng.info.name, "path": a.model,
-            "device": ", ".join(lib.ggml_backend_dev_name(d).decode() for d in kvcopy.gpu_devices()) or "cpu",
+            "device": ", ".join(kvcopy.gpu_names()) or "cpu",
             "host": platform.node(), "n_layer": eng.model.n_layer, "n_head": eng.model.n_head, "n_head_kv": eng.model.n_head_kv,
             "head_dim": eng.model.head_dim, "load_seconds": load_s, "flash_attn": True, "budget": a.budget, "decode_tokens": a.decode,
             "speed": [], "copy": None,
@@ -190,6 +185,8 @@ def main() -> None:
                 print(f"copy {name:6s}: " + "  ".join(f"{k} {r[f'{k}_us_per_token']:.2f} us/tok {r[f'{k}_gb_per_s']:.2f} GB/s"
                                                     for k in ("d2h", "freeze", "h2d", "thaw")), flush=True)
         if not a.skip_speed:
+            for pol in a.policies:  # not recorded: Numba compiles its kernels on a machine's first run
+                speed(eng, pol, 2048, 4, a.budget, base)
             for n in a.lengths:
                 for pol in a.policies:
                     r = speed(eng, pol, n, a.decode, a.budget, base)
@@ -197,7 +194,9 @@ def main() -> None:
                     dump()
                     print(f"{n:6d} {pol:6s} decode {r['decode_tokens_per_s']:7.1f} tok/s  prefill {r['prefill_tokens_per_s']:8.0f} tok/s  "
                           f"GPU {r['gpu_used_gib']:.2f} GiB (+{r['gpu_above_model_gib']:.2f})  KV {r['kv_cache_gib']:.2f} GiB  "
-                          f"frozen {r['frozen_tokens']}  policy {r['policy_seconds']:.2f} s", flush=True)
+                          f"frozen {r['frozen_tokens']}  policy {r['policy_seconds']:.2f} s (scoring {r['observe_seconds']:.2f}, "
+                          f"freeze {r['freeze_seconds']:.2f}, thaw {r['thaw_seconds']:.2f}; decode policy "
+                          f"{r['decode_policy_ms_per_token']:.2f} ms/tok)", flush=True)
     dump()
 
 

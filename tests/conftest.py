@@ -1,7 +1,12 @@
-"""Shared fixtures: a tiny random LLaMA (seconds) and the real default model (pulled once)."""
+"""Shared fixtures: a tiny random LLaMA (seconds) and the real default model (pulled once).
+
+ASRKF_EDGE_TEST_GPU_LAYERS=-1 runs the suite with every layer (and the KV cache) on the GPU, where
+llama.cpp was built with one; CI leaves it unset (CPU).
+"""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -14,6 +19,8 @@ from tiny_gguf import write_tiny_llama  # noqa: E402
 from asrkf_edge import Engine  # noqa: E402
 from asrkf_edge.models import default_model_path  # noqa: E402
 
+GPU_LAYERS = int(os.environ.get("ASRKF_EDGE_TEST_GPU_LAYERS", "0"))
+
 
 @pytest.fixture(scope="session")
 def tiny_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -22,7 +29,7 @@ def tiny_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny(tiny_path: Path):
-    with Engine.load(tiny_path) as eng:
+    with Engine.load(tiny_path, n_gpu_layers=GPU_LAYERS) as eng:
         yield eng
 
 
@@ -33,5 +40,5 @@ def real_path() -> Path:
 
 @pytest.fixture(scope="session")
 def real(real_path: Path):
-    with Engine.load(real_path) as eng:
+    with Engine.load(real_path, n_gpu_layers=GPU_LAYERS) as eng:
         yield eng
