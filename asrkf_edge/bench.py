@@ -218,6 +218,7 @@ def speed_suite(engine: Engine, plan: Plan) -> Iterator[Record]:
                 decode = _decode_greedy(run, plan.speed_tokens)
                 st = run.stats()
                 rss = rss_mb()
+                gpu = kvcopy.gpu_memory_used() / 1e6 if engine.model.n_gpu_layers else None  # this run's context held
             st.pop("recovery_log")
             n = plan.speed_tokens
 
@@ -229,7 +230,7 @@ def speed_suite(engine: Engine, plan: Plan) -> Iterator[Record]:
                    "observe_ms_per_token": per_token("observe_seconds"), "freeze_ms_per_token": per_token("freeze_seconds"),
                    "thaw_ms_per_token": per_token("thaw_seconds"), "policy_ms_per_token": per_token("policy_seconds"),
                    "decode_recoveries": int(st["recoveries"]) - int(before["recoveries"]),  # type: ignore[call-overload]
-                   "gpu_used_mb": kvcopy.gpu_memory_used() / 1e6 if engine.model.n_gpu_layers else None,
+                   "gpu_used_mb": gpu,
                    **st, **kv_figures(st, engine.info.kv_bytes_per_token)}
 
 
