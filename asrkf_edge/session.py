@@ -28,12 +28,6 @@ from .store import FrozenStore
 log = logging.getLogger(__name__)
 
 _TYPE_BYTES = {0: (4, 1), 1: (2, 1), 30: (2, 1), 8: (34, 32), 2: (18, 32)}  # ggml type: (bytes, per elems)
-# With the cache on a GPU, llama.cpp's state copy makes one synchronous device copy per cell run, layer and
-# K/V (per V row when V is transposed): about this long each, whatever its size ...
-_GPU_COPY_SECONDS = 10e-6
-# ... while one long run moves at about this rate (pinned staging, measured 20-41 GB/s on an H200)
-_GPU_BYTES_PER_SECOND = 20e9
-_ALL_POSITIONS = (0, 2**31 - 1)
 
 Evictor = Callable[["Session", int, int, np.ndarray], np.ndarray]
 """Chooses which active positions leave: (session, at least, preferably, candidates) -> positions.
@@ -320,8 +314,7 @@ class Session:
             return
         t0 = time.perf_counter()
         spans = runs(positions)
-        whole = self._copy_whole(positions)
-        for a, b in [_ALL_POSITIONS] if whole else spans:
+        for a, b in spans:
             self.ctx.seq_cp(0, SCRATCH_SEQ, a, b)
             self.cells.seq_cp(0, SCRATCH_SEQ, a, b)
         try:
@@ -332,11 +325,10 @@ class Session:
                 raise LlamaError("internal error: KV cell map out of sync with llama.cpp")
             if self.store is None:
                 self.store = FrozenStore(parsed.layout, self._store_dir, self._keep)
-            rows = np.flatnonzero(np.isin(parsed.pos, positions)) if whole else np.arange(len(parsed.pos))
-            order = rows[np.argsort(parsed.pos[rows], kind="stable")]
+            order = np.argsort(parsed.pos, kind="stable")
             pos = parsed.pos[order].astype(np.int64)
             toks = np.asarray(self.tokens, np.int32)[pos]
-            self.store.put(pos, toks, blob_side(raw, parsed.layout, len(parsed.pos)), order)
+            self.store.put(pos, toks, blob_side(raw, parsed.layout, len(pos)), order)
         finally:
             self.ctx.seq_rm(SCRATCH_SEQ, -1, -1)
             self.cells.seq_rm(SCRATCH_SEQ)
@@ -347,20 +339,6 @@ class Session:
             self.cells.seq_rm(0, a, b)
         self.freeze_events += 1
         self.freeze_seconds += time.perf_counter() - t0
-
-    def _copy_whole(self, positions: np.ndarray) -> bool:
-        """Copy every active cell and keep the chosen rows on the host, rather than one copy per run of
-        chosen cells? Only on a GPU, and only when the chosen cells are scattered enough that the per-copy
-        cost of their runs exceeds reading the whole active cache once (a freeze of scattered low scorers
-        was hundreds of runs: 25-45 ms per decoded token at 16-32k, against 1-3 ms on the CPU)."""
-        if self.model.n_gpu_layers == 0:
-            return False
-        held = (self.cells.seqs & 1) != 0
-        cells = np.flatnonzero(held & np.isin(self.cells.pos, positions))
-        n_runs = 1 + int(np.count_nonzero(np.diff(cells) != 1))
-        n_kv = self.model.n_head_kv * self.model.head_dim
-        copies = n_runs * self.model.n_layer * (1 + (1 if self.ctx.cfg.flash_attn else n_kv))
-        return copies * _GPU_COPY_SECONDS > int(held.sum()) * self.bytes_per_token / _GPU_BYTES_PER_SECOND
 
     def _targets(self, want: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Cells for thawed positions: home (position mod cells) or the cell left, same SIMD lane, any.
