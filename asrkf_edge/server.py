@@ -19,7 +19,8 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -490,4 +491,29 @@ def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8080, config: Ser
     try:
         uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
     finally:
+        server.close()
+
+
+@contextmanager
+def serve_in_thread(engine: Engine, host: str = "127.0.0.1", port: int = 0, config: ServerConfig | None = None,
+                    start_timeout: float = 20.0, **kwargs: Any) -> Iterator[tuple[str, ChatServer]]:
+    """Run the server on a background thread of this process (an app embedding it, tests, benchmarks):
+    yields its base URL and :class:`ChatServer`, then stops it. ``port`` 0 takes a free one."""
+    import uvicorn
+
+    app, server = create_app(engine, config, **kwargs)
+    uv = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=uv.run, name="asrkf-edge-http", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + start_timeout
+    try:
+        while not uv.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise AsrkfError(f"the server did not start on {host}:{port}")
+            time.sleep(0.02)
+        bound = uv.servers[0].sockets[0].getsockname()[1]
+        yield f"http://{host}:{bound}", server
+    finally:
+        uv.should_exit = True
+        thread.join(10)
         server.close()

@@ -15,17 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import statistics
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-import uvicorn
 
 from asrkf_edge import Engine
-from asrkf_edge.server import create_app
+from asrkf_edge.server import serve_in_thread
 
 PROMPT = "Write a long story about a dragon who learns to bake bread. Describe every step."
 
@@ -81,25 +79,13 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
     with Engine.load() as eng:
-        app, server = create_app(eng, model_id="bench")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
-        thread = threading.Thread(target=uv.run, daemon=True)
-        thread.start()
-        while not uv.started:
-            time.sleep(0.05)
-        url = f"http://127.0.0.1:{port}"
         rows: dict[str, list[dict[str, float]]] = {"in_process": [], "server": [], "in_process_after": []}
-        with ThreadPoolExecutor(1) as app_thread:  # an app's own generation thread
-            app_thread.submit(in_process, eng, 8).result()  # warm-up (JIT, page cache)
-            rows["in_process"] = [app_thread.submit(in_process, eng, args.tokens).result() for _ in range(args.repeat)]
-        over_http(url, 8)
-        rows["server"] = [over_http(url, args.tokens) for _ in range(args.repeat)]
-        uv.should_exit = True
-        thread.join(10)
-        server.close()  # ends the server's generation thread
+        with serve_in_thread(eng, model_id="bench") as (url, _):  # on exit: uvicorn and the generation thread stop
+            with ThreadPoolExecutor(1) as app_thread:  # an app's own generation thread
+                app_thread.submit(in_process, eng, 8).result()  # warm-up (JIT, page cache)
+                rows["in_process"] = [app_thread.submit(in_process, eng, args.tokens).result() for _ in range(args.repeat)]
+            over_http(url, 8)
+            rows["server"] = [over_http(url, args.tokens) for _ in range(args.repeat)]
         with ThreadPoolExecutor(1) as app_thread:
             rows["in_process_after"] = [app_thread.submit(in_process, eng, args.tokens).result() for _ in range(args.repeat)]
         med = {k: {m: statistics.median(r[m] for r in v) for m in v[0]} for k, v in rows.items()}

@@ -5,41 +5,21 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
-import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
 import pytest
-import uvicorn
 
-from asrkf_edge.server import ChatServer, create_app
+from asrkf_edge.server import serve_in_thread
 
 MODEL = "tiny"
 
 
-@contextlib.contextmanager
-def running(engine, **kwargs: object) -> Iterator[tuple[str, ChatServer]]:
+def running(engine, **kwargs: object):
     """A real uvicorn server on a free loopback port, in a thread."""
-    app, server = create_app(engine, model_id=MODEL, **kwargs)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not uv.started:
-        assert time.monotonic() < deadline, "server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}", server
-    finally:
-        uv.should_exit = True
-        thread.join(10)
-        server.close()
+    return serve_in_thread(engine, model_id=MODEL, **kwargs)
 
 
 @pytest.fixture(scope="module")
