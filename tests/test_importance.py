@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scoring import observed_scores, rank_overlap
 
 from asrkf_edge import capture as capture_mod
 from asrkf_edge.capture import CaptureSpec
@@ -132,17 +133,10 @@ def test_flash_attention_scores_rank_like_softmax_scores(real) -> None:
     scores = []
     for fa in (False, True):
         imp = Importance(real.model, (3, 9, 15, 21, 27), window=16, flash_attn=fa)
-        with Session(real.model, 512, flash_attn=fa, capture=imp.spec(),
-                     on_decode=lambda s, p, n, imp=imp: imp.observe(s.cell_positions(), p, n)) as sess:
-            imp.capture = sess.capture
-            sess.eval(toks[:360])
-            for t in toks[360:]:
-                sess.eval([t])
-        scores.append(imp.scores[:400].copy())
+        scores.append(observed_scores(real.model, imp, toks, 360))
     off, on = scores
     assert np.corrcoef(off, on)[0, 1] > 0.99
-    top_off, top_on = set(np.argsort(-off)[:40]), set(np.argsort(-on)[:40])
-    assert len(top_off & top_on) >= 36
+    assert rank_overlap(off, on) >= 36
 
 
 @pytest.mark.real
@@ -161,16 +155,10 @@ def test_flash_attention_scoring_every_fourth_step_tracks_every_step(real) -> No
             return mass(*a)
 
         imp.mass = counted
-        with Session(real.model, 512, flash_attn=True, capture=imp.spec(),
-                     on_decode=lambda s, p, k, imp=imp: imp.observe(s.cell_positions(), p, k)) as sess:
-            imp.capture = sess.capture
-            sess.eval(toks[:320])
-            for t in toks[320:]:
-                sess.eval([t])
-        scores.append(imp.scores[:400].copy())
+        scores.append(observed_scores(real.model, imp, toks, 320))
         calls.append(n[0])
     steps = np.arange(320, len(toks))  # prefill chunks (folded either way), then a decode step at each of these
     assert calls[0] - calls[1] == len(steps) - int((steps % 4 == 0).sum())  # all decode steps, or every fourth
     every, fourth = scores
     assert np.corrcoef(every, fourth)[0, 1] > 0.98
-    assert len(set(np.argsort(-every)[:40]) & set(np.argsort(-fourth)[:40])) >= 34
+    assert rank_overlap(every, fourth) >= 34
