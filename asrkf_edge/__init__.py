@@ -1,11 +1,10 @@
 """asrkf-edge: run GGUF LLaMA-family models through llama.cpp with a small active KV cache.
 
-Public API: :class:`Engine` (one model), :class:`Session` (one logical context with freeze/thaw), and
-the KV policies (:class:`AsrKf`, :class:`Full`, :class:`Streaming`, :class:`H2O`).
+Public API: :class:`Engine` (one model), :class:`Chat` (a conversation with its own KV), :class:`Session` (one
+logical context with freeze/thaw), and the KV policies (:func:`policy_names` lists them; :class:`AsrKf` is ours).
 """
 
 from . import llama  # noqa: F401  (first: a CUDA build of llama.cpp crashes when NumPy/Numba load before it)
-from .asrkf import AsrKf
 from .chat import Chat
 from .engine import Engine, GenerationResult
 from .errors import (
@@ -17,12 +16,25 @@ from .errors import (
     SessionFileError,
     StoreError,
 )
-from .policy import H2O, ContextShift, Full, Policy, Q4Cache, Q8Cache, Streaming, make_policy
-from .recovery import EntropyRule
-from .schedule import Schedule
-from .session import Session
+from .generate import GenerationStats, Sampling
+from .policies import (
+    H2O,
+    AsrKf,
+    ContextShift,
+    EntropyRule,
+    Full,
+    Policy,
+    Q4Cache,
+    Q8Cache,
+    Schedule,
+    Streaming,
+    make_policy,
+    policy_names,
+)
+from .session import KvStats, Session
 
 __all__ = [
+    "__version__",
     "H2O",
     "AsrKf",
     "AsrkfError",
@@ -36,6 +48,10 @@ __all__ = [
     "Schedule",
     "Streaming",
     "make_policy",
+    "policy_names",
+    "GenerationStats",
+    "KvStats",
+    "Sampling",
     "Engine",
     "GenerationResult",
     "LlamaError",
@@ -46,4 +62,4 @@ __all__ = [
     "SessionFileError",
     "StoreError",
 ]
-__version__ = "0.1.0"
+from .version import __version__

@@ -9,19 +9,20 @@ llama.cpp call of every chat of an engine runs under ``engine.lock`` (one at a t
 
 from __future__ import annotations
 
-import codecs
+import base64
 import dataclasses
 import logging
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from .errors import PromptTooLongError
-from .llama import Sampler
-from .policy import Policy, make_policy
+from . import persist
+from .errors import AsrkfError, PromptTooLongError, SessionFileError
+from .generate import Generation, GenerationStats, Sampling
+from .models import fingerprint
+from .policies import Policy, make_policy, policy_class
 from .runner import Runner, budget_cells
 
 if TYPE_CHECKING:
@@ -48,52 +49,23 @@ class Reply:
     """One answer: its text and the turn's figures (tokens, speed, stop reason, KV)."""
 
     text: str
-    stats: dict[str, object] = field(default_factory=dict)
+    stats: GenerationStats
 
     @property
     def stop_reason(self) -> str:
-        return str(self.stats.get("stop_reason", ""))
+        return self.stats.stop_reason
 
 
-@dataclass
-class Sampling:
-    """Sampler settings; temperature 0 is greedy."""
+class Turn:
+    """One chat answer as text pieces (iterate once); ``stats`` (:class:`GenerationStats`) and ``text`` after."""
 
-    temperature: float = 0.0
-    top_k: int = 40
-    top_p: float = 0.95
-    seed: int | None = None
+    def __init__(self, run: Callable[[Turn], Iterator[str]]) -> None:
+        self._run = run
+        self.stats: GenerationStats | None = None
+        self.text = ""
 
-
-class _StopMatcher:
-    """Holds back text that may be the start of a stop string; reports where the first stop begins."""
-
-    def __init__(self, stops: Sequence[str]) -> None:
-        self.stops = [s for s in stops if s]
-        self.buf = ""
-
-    def feed(self, piece: str) -> tuple[str, bool]:
-        """Text safe to emit now, and whether a stop string was hit (the text before it is returned)."""
-        if not self.stops:
-            return piece, False
-        self.buf += piece
-        hits = [i for s in self.stops if (i := self.buf.find(s)) >= 0]
-        if hits:
-            out, self.buf = self.buf[: min(hits)], ""
-            return out, True
-        keep = 0
-        for s in self.stops:
-            for k in range(min(len(s) - 1, len(self.buf)), keep, -1):
-                if self.buf.endswith(s[:k]):
-                    keep = k
-                    break
-        out = self.buf[: len(self.buf) - keep]
-        self.buf = self.buf[len(out) :]
-        return out, False
-
-    def flush(self) -> str:
-        out, self.buf = self.buf, ""
-        return out
+    def __iter__(self) -> Iterator[str]:
+        return self._run(self)
 
 
 class Chat:
@@ -118,7 +90,7 @@ class Chat:
         self._cached: bytes | None = b""  # UTF-8 text whose tokens the cache holds; None: state unknown, rebuild
         self.turns = 0
         self.resets = 0
-        self.last_stats: dict[str, object] = {}
+        self.last_stats: GenerationStats | None = None
         self.runner = self._new_runner()
 
     def _new_runner(self) -> Runner:
@@ -155,37 +127,35 @@ class Chat:
         return self.runner.session.n_logical
 
     def kv_stats(self) -> dict[str, object]:
-        """Logical/active/frozen tokens and bytes, events, policy, recoveries, turns (cheap: no recovery log)."""
-        run = self.runner
-        return {**run.session.kv_stats(), "policy": run.policy.name, "budget_tokens": run.session.budget,
-                "recoveries": len(run.recoveries), "policy_seconds": run.policy_seconds, "turns": self.turns,
-                "context_limit": self.ctx}
+        """The KV status as JSON values: logical/active/frozen tokens and bytes, events, policy, recoveries,
+        turns (no recovery log)."""
+        return {**self.runner.stats().as_dict(log=False), "turns": self.turns, "context_limit": self.ctx}
 
     def cancel(self) -> None:
         """Stop the running (or the next) generation after its current token; safe from any thread."""
         self._cancel.set()
 
     # turns
-    def send(self, message: str, max_tokens: int = 256, **kwargs: object) -> Reply:
+    def send(self, message: str, max_tokens: int = 256, **kwargs: Any) -> Reply:
         """Add a user message and generate the whole answer."""
-        stats: dict[str, object] = {}
-        text = "".join(self.stream(message, max_tokens, stats=stats, **kwargs))  # type: ignore[arg-type]
-        return Reply(text, stats)
+        turn = self.stream(message, max_tokens, **kwargs)
+        text = "".join(turn)
+        assert turn.stats is not None
+        return Reply(text, turn.stats)
 
-    def stream(self, message: str, max_tokens: int = 256, **kwargs: object) -> Iterator[str]:
+    def stream(self, message: str, max_tokens: int = 256, **kwargs: Any) -> Turn:
         """Add a user message and yield the answer as text pieces (see :meth:`respond` for options)."""
-        return self.respond([*self.messages, {"role": "user", "content": message}], max_tokens, **kwargs)  # type: ignore[arg-type]
+        return self.respond([*self.messages, {"role": "user", "content": message}], max_tokens, **kwargs)
 
     def respond(self, messages: Sequence[Message], max_tokens: int = 256, *, temperature: float | None = None,
                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                stop: Sequence[str] = (), stats: dict[str, object] | None = None, on_kv: KvCallback | None = None,
-                cancel: threading.Event | None = None) -> Iterator[str]:
+                stop: Sequence[str] = (), on_kv: KvCallback | None = None, cancel: threading.Event | None = None) -> Turn:
         """Answer the conversation ``messages`` (the whole history, as an OpenAI request carries it).
 
         When the chat's history renders as a prefix of ``messages``, only the new part is prefilled;
         otherwise the KV is rebuilt from scratch. ``stop``: strings that end the answer (not included).
         ``on_kv`` gets :meth:`kv_stats` after every token; ``cancel`` (or :meth:`cancel`) stops early
-        (stop_reason ``cancelled``). ``stats`` is filled when the answer is done.
+        (stop_reason ``cancelled``). The returned :class:`Turn` has ``stats`` when the answer is done.
         """
         if max_tokens <= 0:
             raise ValueError(f"max_tokens must be positive, got {max_tokens}")
@@ -194,10 +164,11 @@ class Chat:
         sampling = Sampling(s.temperature if temperature is None else temperature, s.top_k if top_k is None else top_k,
                             s.top_p if top_p is None else top_p, s.seed if seed is None else seed)
         self._cancel.clear()
-        return self._turn(self.model.apply_chat_template(msgs), msgs, max_tokens, sampling, list(stop), stats, on_kv, cancel)
+        text = self.model.apply_chat_template(msgs)
+        return Turn(lambda t: self._turn(t, text, msgs, max_tokens, sampling, list(stop), on_kv, cancel))
 
-    def complete(self, prompt: str, max_tokens: int = 256, *, stop: Sequence[str] = (), stats: dict[str, object] | None = None,
-                 on_kv: KvCallback | None = None, cancel: threading.Event | None = None, **sampling: float | int | None) -> Iterator[str]:
+    def complete(self, prompt: str, max_tokens: int = 256, *, stop: Sequence[str] = (), on_kv: KvCallback | None = None,
+                 cancel: threading.Event | None = None, **sampling: float | int | None) -> Turn:
         """Continue raw text (no chat template); a prompt that extends the previous one reuses its KV.
 
         Options as in :meth:`respond`; ``messages`` are left as they are.
@@ -206,7 +177,7 @@ class Chat:
             raise ValueError(f"max_tokens must be positive, got {max_tokens}")
         s = dataclasses.replace(self.sampling, **{k: v for k, v in sampling.items() if v is not None})
         self._cancel.clear()
-        return self._turn(prompt, None, max_tokens, s, list(stop), stats, on_kv, cancel)
+        return Turn(lambda t: self._turn(t, prompt, None, max_tokens, s, list(stop), on_kv, cancel))
 
     def _plan(self, text: str) -> tuple[list[int], bool]:
         """Tokens to prefill for the rendered conversation ``text``, and whether the KV must be rebuilt."""
@@ -223,8 +194,8 @@ class Chat:
     def _cancelled(self, cancel: threading.Event | None) -> bool:
         return self._cancel.is_set() or (cancel is not None and cancel.is_set())
 
-    def _turn(self, text: str, msgs: list[Message] | None, max_tokens: int, sampling: Sampling, stop: list[str],
-              stats: dict[str, object] | None, on_kv: KvCallback | None, cancel: threading.Event | None) -> Iterator[str]:
+    def _turn(self, turn: Turn, text: str, msgs: list[Message] | None, max_tokens: int, sampling: Sampling,
+              stop: list[str], on_kv: KvCallback | None, cancel: threading.Event | None) -> Iterator[str]:
         with self.engine.lock:
             tokens, rebuild = self._plan(text)
             reused = 0 if rebuild else self.n_tokens
@@ -232,80 +203,82 @@ class Chat:
                 raise PromptTooLongError(
                     f"the conversation has {reused + len(tokens)} tokens; this chat holds at most {self.ctx}")
             max_tokens = min(max_tokens, self.ctx - reused - len(tokens))
-            t0 = time.perf_counter()
-            n_gen, stop_reason, reply = 0, "cancelled", ""
-            t1 = t0
-            if not self._cancelled(cancel):
+            on_token = (lambda _run: on_kv(self.kv_stats())) if on_kv is not None else None
+            gen = Generation(self.runner, self.model, tokens, max_tokens, sampling, stop=stop,
+                             cancelled=lambda: self._cancelled(cancel), on_token=on_token)
+            if self._cancelled(cancel):
+                stats = GenerationStats(len(tokens), 0, "cancelled", 0.0, 0.0, self.runner.stats())
+            else:
                 if rebuild:
                     log.info("chat history changed: rebuilding the KV cache (%d tokens)", len(tokens))
                     self._rebuild()
+                    gen.runner = self.runner
                 self._cached = None  # until the prefill is complete
-                self.runner.prefill(tokens)
-                base, gen, dirty = text.encode("utf-8"), bytearray(), False
-                self._cached = base
-                t1 = time.perf_counter()
-                sampler = Sampler(sampling.temperature, sampling.top_k, sampling.top_p, sampling.seed)
-                dec = codecs.getincrementaldecoder("utf-8")("replace")
-                matcher = _StopMatcher(stop)
-                pieces: list[str] = []
-                stop_reason = "length"
+                base = text.encode("utf-8")
                 try:
-                    while n_gen < max_tokens:
-                        if self._cancelled(cancel):
-                            stop_reason = "cancelled"
-                            break
-                        tok = sampler.sample(self.runner.session.ctx)
-                        if self.model.is_eog(tok):
-                            stop_reason = "eog"
-                            break
-                        n_gen += 1
-                        raw = self.model.piece(tok)
-                        out, hit = matcher.feed(dec.decode(raw))
-                        if out:
-                            pieces.append(out)
-                            yield out
-                        if hit:
-                            stop_reason = "stop"
-                            break
-                        if n_gen < max_tokens:
-                            dirty = True
-                            self.runner.decode(tok)
-                            gen += raw
-                            dirty = False
-                            if on_kv is not None:
-                                on_kv(self.kv_stats())
-                    if stop_reason != "stop":
-                        tail = matcher.feed(dec.decode(b"", final=True))[0] + matcher.flush()
-                        if tail:
-                            pieces.append(tail)
-                            yield tail
+                    yield from gen
                 finally:
-                    sampler.close()
-                    # the text the cache stands for, as the next turn's rendering will carry it
-                    self._cached = None if dirty else base + bytes(gen).decode("utf-8", "replace").encode("utf-8")
-                    reply = "".join(pieces)
-                    if msgs is not None:
-                        self.messages = [*msgs, {"role": "assistant", "content": reply}]
-                    self.turns += 1
-            t2 = time.perf_counter()
-            self.last_stats = {
-                "prompt_tokens": len(tokens),
-                "reused_tokens": reused,
-                "context_tokens": self.n_tokens,
-                "generated_tokens": n_gen,
-                "stop_reason": stop_reason,
-                "prefill_seconds": t1 - t0,
-                "decode_seconds": t2 - t1,
-                "prefill_tokens_per_s": len(tokens) / (t1 - t0) if t1 > t0 else 0.0,
-                "decode_tokens_per_s": max(n_gen - 1, 0) / (t2 - t1) if t2 > t1 and n_gen > 1 else 0.0,
-                **self.kv_stats(),
-            }
-            if stats is not None:
-                stats.update(self.last_stats)
+                    if gen.prefilled:
+                        # the text the cache stands for, as the next turn's rendering will carry it
+                        done = b"".join(self.model.piece(t) for t in gen.decoded)
+                        self._cached = None if gen.failed else base + done.decode("utf-8", "replace").encode("utf-8")
+                        if msgs is not None:
+                            self.messages = [*msgs, {"role": "assistant", "content": gen.text}]
+                        self.turns += 1
+                assert gen.stats is not None
+                stats = gen.stats
+            turn.text = gen.text
+            turn.stats = self.last_stats = dataclasses.replace(
+                stats, reused_tokens=reused, context_tokens=self.n_tokens, turns=self.turns, context_limit=self.ctx,
+                kv=self.runner.stats())
 
     # persistence
+    def state(self) -> dict[str, Any]:
+        """Everything :meth:`load` needs: settings, messages, the text the cache stands for, and the runner."""
+        if self._cached is None:
+            raise SessionFileError("the chat's last turn failed midway; send a message or reset before saving")
+        return {"model": {"name": self.engine.info.name, "size": self.model.path.stat().st_size,
+                          "fingerprint": fingerprint(self.model.path)},
+                "flash_attn": self.engine.flash_attn, "ctx": self.ctx, "cells": self.cells, "name": self.name,
+                "turns": self.turns, "resets": self.resets, "sampling": dataclasses.asdict(self.sampling),
+                "messages": self.messages, "cached": base64.b64encode(self._cached).decode("ascii"),
+                "policy": {"name": self.policy.name, "config": self.policy.config()},
+                "runner": self.runner.state(), "kv": self.kv_stats()}
+
     def save(self, path: str | Path) -> Path:
         """Write the conversation, its active KV, frozen store and policy state to directory ``path``."""
-        from .persist import save_chat
+        with self.engine.lock:
+            return persist.write(Path(path), self.state())
 
-        return save_chat(self, Path(path))
+    @classmethod
+    def load(cls, engine: Engine, path: Path) -> Chat:
+        """Resume a chat saved by :meth:`save` on ``engine`` (same model, same flash-attention setting)."""
+        state = persist.read(path)
+        model = state["model"]
+        if model["fingerprint"] != fingerprint(engine.model.path):
+            raise SessionFileError(f"{path} was saved with model {model['name']} ({model['size']} bytes); "
+                                   f"this engine runs {engine.info.name} ({engine.model.path.stat().st_size} bytes)")
+        if bool(state["flash_attn"]) != engine.flash_attn:
+            raise SessionFileError(f"{path} was saved with flash attention {'on' if state['flash_attn'] else 'off'}; "
+                                   "load the engine with the same setting")
+        pol = state["policy"]
+        try:
+            policy = policy_class(pol["name"]).from_config(pol["config"])
+        except ValueError as e:
+            raise SessionFileError(f"saved chat uses policy {pol['name']!r}, which this version does not have") from e
+        chat = cls(engine, policy=policy, ctx=int(state["ctx"]), cells=int(state["cells"]),
+                   sampling=Sampling(**state["sampling"]), name=state.get("name"))
+        try:
+            with engine.lock:
+                chat.runner.load_state(state["runner"])
+        except (AsrkfError, ValueError, KeyError) as e:
+            chat.close()
+            raise SessionFileError(f"{path}: cannot restore the saved KV ({e})") from e
+        except BaseException:
+            chat.close()
+            raise
+        chat.messages = list(state["messages"])
+        chat._cached = base64.b64decode(state["cached"])
+        chat.turns, chat.resets = int(state["turns"]), int(state["resets"])
+        log.info("resumed chat (%d tokens) from %s", chat.n_tokens, path)
+        return chat

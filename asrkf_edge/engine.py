@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import codecs
 import dataclasses
 import threading
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .errors import PromptTooLongError
-from .llama import Model, Sampler
+from .generate import Generation, GenerationStats, Sampling
+from .llama import Model
 from .models import default_model_path, inspect
-from .policy import Policy, make_policy
+from .policies import Policy, make_policy
 from .runner import Runner, budget_cells
 from .session import Session
 
@@ -27,7 +26,7 @@ class GenerationResult:
     """Generated text and the figures a user wants next to it (tokens, speed, KV)."""
 
     text: str
-    stats: dict[str, object] = field(default_factory=dict)
+    stats: GenerationStats
 
 
 class Engine:
@@ -77,29 +76,29 @@ class Engine:
             return self.tokenize(text, add_bos=self.model.add_bos)
         return self.tokenize(prompt, add_bos=self.model.add_bos)
 
-    def session(self, n_ctx: int | None = None, **kwargs: object) -> Session:
+    def session(self, n_ctx: int | None = None, **kwargs: Any) -> Session:
         """A new session with ``n_ctx`` KV cells (default: the model's context length)."""
-        return Session(self.model, n_ctx or self.n_ctx_train, flash_attn=self.flash_attn, **kwargs)  # type: ignore[arg-type]
+        return Session(self.model, n_ctx or self.n_ctx_train, flash_attn=self.flash_attn, **kwargs)
 
-    def runner(self, policy: str | Policy, cells: int, **kwargs: object) -> Runner:
+    def runner(self, policy: str | Policy, cells: int, **kwargs: Any) -> Runner:
         """A :class:`Runner` with ``cells`` KV cells driven by ``policy`` (a name or a configured policy)."""
         pol = make_policy(policy) if isinstance(policy, str) else dataclasses.replace(policy)  # fresh state
-        return Runner(self.model, pol, cells, flash_attn=self.flash_attn, **kwargs)  # type: ignore[arg-type]
+        return Runner(self.model, pol, cells, flash_attn=self.flash_attn, **kwargs)
 
-    def chat(self, system: str | None = None, **kwargs: object) -> Chat:
+    def chat(self, system: str | None = None, **kwargs: Any) -> Chat:
         """A :class:`~asrkf_edge.chat.Chat` that keeps its KV across turns (options: see ``Chat``)."""
         from .chat import Chat
 
-        return Chat(self, system=system, **kwargs)  # type: ignore[arg-type]
+        return Chat(self, system=system, **kwargs)
 
     def resume(self, path: str | Path) -> Chat:
         """A chat saved with :meth:`Chat.save`, with its KV and frozen store, ready for the next message.
 
         Raises :class:`~asrkf_edge.errors.SessionFileError` when the file is from another model or format version.
         """
-        from .persist import load_chat
+        from .chat import Chat
 
-        return load_chat(self, Path(path))
+        return Chat.load(self, Path(path))
 
     def stream(
         self,
@@ -114,16 +113,16 @@ class Engine:
         seed: int | None = None,
         chat: bool = True,
         ctx: int | None = None,
-        stats: dict[str, object] | None = None,
         on_token: Callable[[Runner], None] | None = None,
-    ) -> Iterator[str]:
-        """Yield the answer as text pieces; fills ``stats`` (if given) when done.
+    ) -> Generation:
+        """Yield the answer as text pieces; the returned :class:`~asrkf_edge.generate.Generation` has ``stats``
+        (:class:`~asrkf_edge.generate.GenerationStats`) once iterated to the end.
 
-        ``policy`` manages the KV cache (``asrkf``, ``full``, ``streaming``, ``h2o``); ``budget`` caps the
-        cache at a fraction of the prompt (<= 1.0) or a number of tokens (> 1); None: the policy's own
-        (asrkf: 0.4 of the prompt, at least 512 tokens). ``ctx`` bounds the
-        logical context (default: the model's training context). ``on_token`` sees the runner after
-        every token (live KV status).
+        ``policy`` manages the KV cache (a name from :func:`~asrkf_edge.policies.policy_names` or a configured
+        policy); ``budget`` caps the cache at a fraction of the prompt (<= 1.0) or a number of tokens (> 1);
+        None: the policy's own (asrkf: 0.4 of the prompt, at least 512 tokens). ``ctx`` bounds the logical
+        context (default: the model's training context). ``on_token`` sees the runner after every token
+        (live KV status).
         """
         if max_tokens <= 0:
             raise ValueError(f"max_tokens must be positive, got {max_tokens}")
@@ -134,47 +133,24 @@ class Engine:
         max_tokens = min(max_tokens, limit - len(tokens))
         pol = make_policy(policy) if isinstance(policy, str) else policy
         cells = budget_cells(pol, budget, len(tokens), max_tokens)
-        with self.lock, self.runner(pol, cells) as run:
-            sampler = Sampler(temperature, top_k, top_p, seed)
-            try:
-                t0 = time.perf_counter()
-                run.prefill(tokens)
-                t1 = time.perf_counter()
-                dec = codecs.getincrementaldecoder("utf-8")("replace")
-                n_gen, stop = 0, "length"
-                while n_gen < max_tokens:
-                    tok = sampler.sample(run.session.ctx)
-                    if self.model.is_eog(tok):
-                        stop = "eog"
-                        break
-                    n_gen += 1
-                    piece = dec.decode(self.model.piece(tok))
-                    if piece:
-                        yield piece
-                    if n_gen < max_tokens:
-                        run.decode(tok)
-                        if on_token is not None:
-                            on_token(run)
-                tail = dec.decode(b"", final=True)
-                if tail:
-                    yield tail
-                t2 = time.perf_counter()
-            finally:
-                sampler.close()
-            if stats is not None:
-                stats.update(
-                    prompt_tokens=len(tokens),
-                    generated_tokens=n_gen,
-                    stop_reason=stop,
-                    prefill_seconds=t1 - t0,
-                    decode_seconds=t2 - t1,
-                    prefill_tokens_per_s=len(tokens) / (t1 - t0) if t1 > t0 else 0.0,
-                    decode_tokens_per_s=max(n_gen - 1, 0) / (t2 - t1) if t2 > t1 and n_gen > 1 else 0.0,
-                    **run.stats(),
-                )
+        return _Locked(self, pol, cells, tokens, max_tokens, Sampling(temperature, top_k, top_p, seed), on_token)
 
-    def generate(self, prompt: str, max_tokens: int = 256, **kwargs: object) -> GenerationResult:
+    def generate(self, prompt: str, max_tokens: int = 256, **kwargs: Any) -> GenerationResult:
         """The whole answer at once, with its stats (tokens, tokens/s, KV)."""
-        stats: dict[str, object] = {}
-        text = "".join(self.stream(prompt, max_tokens, stats=stats, **kwargs))  # type: ignore[arg-type]
-        return GenerationResult(text, stats)
+        gen = self.stream(prompt, max_tokens, **kwargs)
+        text = "".join(gen)
+        assert gen.stats is not None
+        return GenerationResult(text, gen.stats)
+
+
+class _Locked(Generation):
+    """A :class:`Generation` on a runner of its own, made and run under the engine's lock, closed after."""
+
+    def __init__(self, engine: Engine, policy: Policy, cells: int, tokens: list[int], max_tokens: int,
+                 sampling: Sampling, on_token: Callable[[Runner], None] | None) -> None:
+        super().__init__(None, engine.model, tokens, max_tokens, sampling, on_token=on_token)
+        self.engine, self.policy, self.cells = engine, policy, cells
+
+    def __iter__(self) -> Iterator[str]:
+        with self.engine.lock, self.engine.runner(self.policy, self.cells) as run:
+            yield from self.run(run)

@@ -243,6 +243,24 @@ class Importance:
             mass = self.mass(self.queries(), qpos, kpos)
         fold(self.scores, np.ascontiguousarray(mass, np.float32), kpos.astype(np.int64), qpos, gamma, weight)
 
+    def of(self, positions: np.ndarray) -> np.ndarray:
+        """Scores of ``positions`` (float64)."""
+        return self.scores[positions].astype(np.float64)
+
+    def state(self, n: int) -> dict[str, np.ndarray]:
+        """Scores and mirrored keys of the first ``n`` positions."""
+        out = {"scores": self.scores[:n].copy()}
+        if self.mirror_keys:
+            out["keys"] = self.keys[:, :n].copy()
+        return out
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        n = len(state["scores"])
+        self._grow(n)
+        self.scores[:n] = state["scores"]
+        if self.mirror_keys and "keys" in state:
+            self.keys[:, :n] = state["keys"]
+
     def queries(self) -> np.ndarray:
         """The last decode's newest queries, [L, rows, H, d]."""
         cap = self.capture

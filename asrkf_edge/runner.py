@@ -1,23 +1,25 @@
 """Runner: one generation's KV management. Sizes the session to the budget and wires a policy into it.
 
 It folds captured attention into importance after every decode, asks the policy what to evict when
-the cache is full, calls the policy's hooks, and re-decodes the newest token when a thaw changed the
-context its logits were computed from.
+the cache is full, calls the policy's hooks (it is their :class:`~asrkf_edge.policies.PolicyContext`),
+and re-decodes the newest token when a thaw changed the context its logits were computed from.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from .importance import Importance
 from .llama import Model
-from .policy import GGML_F16, Policy, default_layers
-from .recovery import Recovery
-from .session import Session
+from .policies import Policy, ScoringPolicy, default_layers
+from .policies.base import GGML_F16
+from .session import KvStats, Session
 
 
 def budget_cells(policy: Policy, budget: float | None, prompt_tokens: int, max_new: int) -> int:
@@ -47,25 +49,25 @@ class Runner:
                  store_dir: str | Path | None = None) -> None:
         self.policy = policy
         self.step = 0
-        self.recoveries: list[Recovery] = []
         self.stale_logits = False  # a thaw after the last decode: its logits miss the thawed tokens
         self.policy_seconds = 0.0  # in the policy's hooks and evictions, freezes and thaws included
         self.observe_seconds = 0.0  # folding captured attention into importance
-        self.importance: Importance | None = None
+        self._importance: Importance | None = None
         quantized = policy.cache_type != GGML_F16
         flash_attn = flash_attn or quantized  # llama.cpp refuses a quantized V cache without flash attention
         if policy.attention is not None or policy.reversible:
             layers = policy.layers or default_layers(model.n_layer)
-            self.importance = Importance(model, layers, policy.window, flash_attn, decay=policy.attention == "ema",
-                                         mirror_keys=policy.reversible, stride=policy.observe_every)
+            self._importance = Importance(model, layers, policy.window, flash_attn, decay=policy.attention == "ema",
+                                          mirror_keys=policy.reversible, stride=policy.observe_every)
         self.session = Session(
             model, cells, flash_attn=flash_attn, n_batch=n_batch, sinks=policy.sinks, recent=policy.recent,
             type_k=policy.cache_type, type_v=policy.cache_type,
-            store_dir=store_dir, evict=self._evict, drop=not policy.reversible, shift=policy.shift,
-            capture=self.importance.spec() if self.importance else None, on_decode=self._on_decode,
+            store_dir=store_dir, evict=self._evict if isinstance(policy, ScoringPolicy) else None,
+            drop=not policy.reversible, shift=policy.shift,
+            capture=self._importance.spec() if self._importance else None, on_decode=self._on_decode,
         )
-        if self.importance is not None:
-            self.importance.capture = self.session.capture
+        if self._importance is not None:
+            self._importance.capture = self.session.capture
 
     def close(self) -> None:
         self.session.close()
@@ -90,24 +92,64 @@ class Runner:
     def logits(self) -> np.ndarray:
         return self.session.ctx.logits()
 
-    def redecode_last(self) -> None:
+    def redecode(self) -> None:
         """Decode the newest token again so its logits see the cache as it is now."""
         self.stale_logits = False
         self.session.eval(self.session.rewind(1))
 
     def _settle(self) -> None:
         if self.stale_logits:
-            self.redecode_last()
+            self.redecode()
         t0 = time.perf_counter()
         self.policy.after_logits(self)
         self.policy_seconds += time.perf_counter() - t0
+
+    # the policy's view (PolicyContext)
+    @property
+    def n_logical(self) -> int:
+        return self.session.n_logical
+
+    @property
+    def n_frozen(self) -> int:
+        return self.session.n_frozen
+
+    @property
+    def budget(self) -> int:
+        return self.session.budget
+
+    @property
+    def importance(self) -> Importance:
+        if self._importance is None:
+            raise AttributeError(f"the {self.policy.name} policy observes no attention")
+        return self._importance
+
+    def free_cells(self) -> int:
+        return self.session.free_cells()
+
+    def active(self) -> np.ndarray:
+        return self.session.active_positions()
+
+    def frozen(self) -> np.ndarray:
+        return self.session.frozen_positions()
+
+    def protected(self, positions: np.ndarray) -> np.ndarray:
+        return self.session.protected(positions)
+
+    def freeze(self, positions: np.ndarray) -> int:
+        return self.session.freeze_positions(positions)
+
+    def thaw(self, positions: np.ndarray, redecode: bool = True) -> int:
+        n = self.session.thaw_positions(positions)
+        if n and redecode:
+            self.stale_logits = True
+        return n
 
     # hooks the session calls
     def _on_decode(self, session: Session, pos0: int, n: int) -> None:
         t0 = time.perf_counter()
         self.step += 1
-        if self.importance is not None:
-            self.importance.observe(session.cell_positions(), pos0, n)
+        if self._importance is not None:
+            self._importance.observe(session.cell_positions(), pos0, n)
         t1 = time.perf_counter()
         self.observe_seconds += t1 - t0
         self.policy.after_decode(self, pos0, n)
@@ -115,6 +157,7 @@ class Runner:
 
     def _evict(self, session: Session, need: int, batch: int, candidates: np.ndarray) -> np.ndarray:
         """The lowest-scoring candidates; beyond ``need``, none the policy scores as infinite (pinned)."""
+        assert isinstance(self.policy, ScoringPolicy)
         scores = self.policy.score(self, candidates)
         order = np.argsort(scores, kind="stable")
         extra = order[need:batch]
@@ -122,19 +165,33 @@ class Runner:
         self.policy.on_evict(self, chosen)
         return chosen
 
-    def importance_of(self, positions: np.ndarray) -> np.ndarray:
-        assert self.importance is not None
-        return self.importance.scores[positions].astype(np.float64)
+    def stats(self) -> KvStats:
+        """The session's :class:`KvStats` with the policy, budget, recoveries and time spent deciding."""
+        log = self.policy.recovery_log()
+        return dataclasses.replace(
+            self.session.kv_stats(),
+            policy=self.policy.name,
+            budget_tokens=self.session.budget if self.policy.bounded else None,
+            recoveries=len(log),
+            recovery_log=tuple(log),
+            policy_seconds=self.policy_seconds,
+            observe_seconds=self.observe_seconds,
+            key_mirror_bytes=self._importance.mirror_bytes if self._importance else 0,
+        )
 
-    def stats(self) -> dict[str, object]:
-        """The session's ``kv_stats()`` plus the policy, budget, recoveries and time spent deciding."""
-        return {
-            **self.session.kv_stats(),
-            "policy": self.policy.name,
-            "budget_tokens": self.session.budget if self.policy.bounded else None,
-            "recoveries": len(self.recoveries),
-            "recovery_log": [r.as_dict() for r in self.recoveries],
-            "policy_seconds": self.policy_seconds,
-            "observe_seconds": self.observe_seconds,
-            "key_mirror_bytes": self.importance.mirror_bytes if self.importance else 0,
-        }
+    # saving and resuming
+    def state(self) -> dict[str, Any]:
+        """Counters, the session (KV included), importance and the policy's runtime state."""
+        return {"step": self.step, "stale_logits": self.stale_logits, "policy_seconds": self.policy_seconds,
+                "observe_seconds": self.observe_seconds, "session": self.session.state(),
+                "importance": self._importance.state(self.session.n_logical) if self._importance else None,
+                "policy": self.policy.state()}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Take back :meth:`state` into a fresh runner made with the same model, policy and cells."""
+        self.session.load_state(state["session"])
+        if self._importance is not None and state["importance"] is not None:
+            self._importance.load_state(state["importance"])
+        self.policy.load_state(state["policy"])
+        self.step, self.stale_logits = int(state["step"]), bool(state["stale_logits"])
+        self.policy_seconds, self.observe_seconds = float(state["policy_seconds"]), float(state["observe_seconds"])

@@ -83,7 +83,7 @@ class _Job:
     sampling: dict[str, Any]
     stop: list[str]
     cancel: threading.Event = field(default_factory=threading.Event)
-    stats: dict[str, object] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
 
 
 class ChatServer:
@@ -217,13 +217,13 @@ class ChatServer:
                     chat, one_off = self._chat_for(job.session)
                     try:
                         if job.kind == "chat":
-                            it = chat.respond(job.messages, job.max_tokens, stop=job.stop, stats=job.stats,
-                                              cancel=job.cancel, **job.sampling)
+                            it = chat.respond(job.messages, job.max_tokens, stop=job.stop, cancel=job.cancel, **job.sampling)
                         else:
-                            it = chat.complete(job.prompt, job.max_tokens, stop=job.stop, stats=job.stats,
-                                               cancel=job.cancel, **job.sampling)
+                            it = chat.complete(job.prompt, job.max_tokens, stop=job.stop, cancel=job.cancel, **job.sampling)
                         for piece in it:
                             emit("piece", piece)
+                        if it.stats is not None:
+                            job.stats = it.stats.as_dict(log=False)
                     finally:
                         if one_off:
                             chat.close()
@@ -237,11 +237,11 @@ class ChatServer:
             self._count("failed")
             emit("error", e)
 
-    def _start(self, job: _Job) -> asyncio.Queue[tuple[str, object]]:
+    def _start(self, job: _Job) -> asyncio.Queue[tuple[str, Any]]:
         if self.counters["waiting"] >= self.config.max_queue:
             raise ApiError(503, "too many queued requests; try again later", "server_busy", kind="server_error")
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue[tuple[str, object]] = asyncio.Queue()
+        events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
 
         def emit(kind: str, value: object) -> None:
             try:
@@ -260,36 +260,36 @@ class ChatServer:
 
     # responses
     @staticmethod
-    def _finish(stats: dict[str, object]) -> str:
+    def _finish(stats: dict[str, Any]) -> str:
         return "length" if stats.get("stop_reason") == "length" else "stop"
 
     @staticmethod
-    def _usage(stats: dict[str, object]) -> dict[str, object]:
-        prompt = int(stats.get("prompt_tokens", 0)) + int(stats.get("reused_tokens", 0))  # type: ignore[call-overload]
-        gen = int(stats.get("generated_tokens", 0))  # type: ignore[call-overload]
+    def _usage(stats: dict[str, Any]) -> dict[str, object]:
+        prompt = int(stats.get("prompt_tokens", 0)) + int(stats.get("reused_tokens", 0))
+        gen = int(stats.get("generated_tokens", 0))
         return {"prompt_tokens": prompt, "completion_tokens": gen, "total_tokens": prompt + gen,
-                "prompt_tokens_details": {"cached_tokens": int(stats.get("reused_tokens", 0))}}  # type: ignore[call-overload]
+                "prompt_tokens_details": {"cached_tokens": int(stats.get("reused_tokens", 0))}}
 
     @staticmethod
-    def _extras(stats: dict[str, object]) -> dict[str, object]:
+    def _extras(stats: dict[str, Any]) -> dict[str, object]:
         kv = {k: stats[k] for k in ("logical_tokens", "active_tokens", "frozen_tokens", "active_kv_bytes", "frozen_kv_bytes",
                                     "active_tokens_peak", "cells", "recoveries", "policy") if k in stats}
         timings = {k: stats[k] for k in ("prefill_seconds", "decode_seconds", "prefill_tokens_per_s", "decode_tokens_per_s")
                    if k in stats}
         return {"kv": kv, "timings": timings}
 
-    async def _collect(self, job: _Job) -> tuple[str, dict[str, object]]:
+    async def _collect(self, job: _Job) -> tuple[str, dict[str, Any]]:
         events = self._start(job)
         pieces: list[str] = []
         try:
             while True:
                 kind, value = await events.get()
                 if kind == "piece":
-                    pieces.append(value)  # type: ignore[arg-type]
+                    pieces.append(value)
                 elif kind == "error":
-                    raise self._api_error(value)  # type: ignore[arg-type]
+                    raise self._api_error(value)
                 else:
-                    return "".join(pieces), value  # type: ignore[return-value]
+                    return "".join(pieces), value
         finally:
             job.cancel.set()  # no-op when done; stops the generation if this request was abandoned
 
@@ -301,7 +301,7 @@ class ChatServer:
             return ApiError(400, str(e), "invalid_request")
         return ApiError(500, f"internal error: {type(e).__name__}: {e}", "internal_error", kind="server_error")
 
-    async def _sse(self, job: _Job, events: asyncio.Queue[tuple[str, object]], chunk: Callable[..., dict[str, object]],
+    async def _sse(self, job: _Job, events: asyncio.Queue[tuple[str, Any]], chunk: Callable[..., dict[str, object]],
                    include_usage: bool) -> AsyncIterator[bytes]:
         def event(obj: object) -> bytes:
             return f"data: {json.dumps(obj)}\n\n".encode()
@@ -315,14 +315,13 @@ class ChatServer:
                 if kind == "piece":
                     yield event(chunk(value, None))
                 elif kind == "error":
-                    err = self._api_error(value)  # type: ignore[arg-type]
+                    err = self._api_error(value)
                     yield event({"error": {"message": err.message, "type": err.kind, "param": err.param, "code": err.code}})
                     break
                 else:
-                    stats: dict[str, object] = value  # type: ignore[assignment]
-                    yield event({**chunk(None, self._finish(stats)), **self._extras(stats)})
+                    yield event({**chunk(None, self._finish(value)), **self._extras(value)})
                     if include_usage:
-                        yield event({**chunk(None, None, empty=True), "usage": self._usage(stats)})
+                        yield event({**chunk(None, None, empty=True), "usage": self._usage(value)})
                     break
             yield b"data: [DONE]\n\n"
         finally:

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -21,7 +23,7 @@ from . import blob as blobfmt
 from .capture import Capture, CaptureSpec
 from .cells import DUMMY_POS, LANE, CellMap
 from .errors import LlamaError, OutOfCellsError
-from .kvcopy import blob_side, copy_rows, empty_blob
+from .kvcopy import Side, blob_side, copy_rows, empty_blob
 from .llama import SCRATCH_SEQ, Context, ContextConfig, Model
 from .store import FrozenStore
 
@@ -37,6 +39,43 @@ needs; an evictor may return fewer than "preferably" (not fewer than "at least")
 
 OnDecode = Callable[["Session", int, int], None]
 """Called after every decode with (session, first position, token count); the capture holds its tensors."""
+
+
+@dataclass(frozen=True)
+class KvStats:
+    """KV figures of a session (tokens, bytes, copy events and their time) and, filled in by a
+    :class:`~asrkf_edge.runner.Runner`, of the policy driving it. :meth:`as_dict` keeps the JSON keys."""
+
+    logical_tokens: int
+    active_tokens: int
+    frozen_tokens: int
+    active_kv_bytes: int
+    frozen_kv_bytes: int
+    store_bytes: int
+    freeze_events: int
+    thaw_events: int
+    freeze_seconds: float
+    thaw_seconds: float
+    kv_bytes_per_token: int
+    cells: int
+    active_tokens_peak: int
+    active_tokens_mean: float
+    dropped_tokens: int
+    policy: str = ""
+    budget_tokens: int | None = None  # None: the cache holds the whole context (unbounded policies)
+    recoveries: int = 0
+    policy_seconds: float = 0.0  # in the policy's hooks and evictions, freezes and thaws included
+    observe_seconds: float = 0.0  # folding captured attention into importance
+    key_mirror_bytes: int = 0
+    recovery_log: tuple[dict[str, object], ...] = ()
+
+    def as_dict(self, log: bool = True) -> dict[str, object]:
+        """Every figure under its JSON key (``log=False``: without the recovery log)."""
+        d = asdict(self)
+        d["recovery_log"] = list(self.recovery_log)
+        if not log:
+            del d["recovery_log"]
+        return d
 
 
 def runs(positions: np.ndarray) -> list[tuple[int, int]]:
@@ -56,6 +95,9 @@ class Session:
     llama.cpp continues a sequence from its highest cached position). ``evict`` picks what leaves when
     cells run out; with ``drop`` it is discarded (the irreversible baselines) instead of frozen.
     ``capture`` copies attention tensors out of every decode for ``on_decode``.
+
+    Every llama.cpp memory call goes through one method here that also updates the :class:`CellMap`
+    mirror (``_decode``, ``_rm``, ``_cp``, ``_add``, ``_land``), so the two cannot drift apart.
     """
 
     def __init__(
@@ -120,34 +162,87 @@ class Session:
     def n_logical(self) -> int:
         return len(self.tokens)
 
+    @property
+    def n_frozen(self) -> int:
+        return self.store.frozen_tokens if self.store is not None else 0
+
     def active_positions(self) -> np.ndarray:
         cells = self.cells.cells_of(0)
         return np.sort(self.cells.pos[cells])
+
+    def frozen_positions(self) -> np.ndarray:
+        return self.store.positions() if self.store is not None else np.zeros(0, np.int64)
 
     def protected(self, positions: np.ndarray) -> np.ndarray:
         """Mask of positions that must stay active (sinks and the recent window)."""
         return (positions < self.sinks) | (positions >= self.n_logical - self.recent)
 
-    def kv_stats(self) -> dict[str, int]:
+    def kv_stats(self) -> KvStats:
         active = len(self.cells.cells_of(0))
-        frozen = self.store.frozen_tokens if self.store else 0
-        return {
-            "logical_tokens": self.n_logical,
-            "active_tokens": active,
-            "frozen_tokens": frozen,
-            "active_kv_bytes": active * self.bytes_per_token,
-            "frozen_kv_bytes": frozen * self.bytes_per_token,
-            "store_bytes": self.store.frozen_bytes if self.store else 0,
-            "freeze_events": self.freeze_events,
-            "thaw_events": self.thaw_events,
-            "freeze_seconds": self.freeze_seconds,
-            "thaw_seconds": self.thaw_seconds,
-            "kv_bytes_per_token": self.bytes_per_token,
-            "cells": self.ctx.n_ctx,
-            "active_tokens_peak": self.active_peak,
-            "active_tokens_mean": self._active_sum / self._decodes if self._decodes else 0.0,
-            "dropped_tokens": self.dropped,
-        }
+        frozen = self.n_frozen
+        return KvStats(
+            logical_tokens=self.n_logical,
+            active_tokens=active,
+            frozen_tokens=frozen,
+            active_kv_bytes=active * self.bytes_per_token,
+            frozen_kv_bytes=frozen * self.bytes_per_token,
+            store_bytes=self.store.frozen_bytes if self.store else 0,
+            freeze_events=self.freeze_events,
+            thaw_events=self.thaw_events,
+            freeze_seconds=self.freeze_seconds,
+            thaw_seconds=self.thaw_seconds,
+            kv_bytes_per_token=self.bytes_per_token,
+            cells=self.ctx.n_ctx,
+            active_tokens_peak=self.active_peak,
+            active_tokens_mean=self._active_sum / self._decodes if self._decodes else 0.0,
+            dropped_tokens=self.dropped,
+        )
+
+    # llama.cpp memory calls, each with its cell-map update
+    def _decode(self, chunk: list[int], pos0: int, all_logits: bool) -> None:
+        self.ctx.decode(chunk, pos0, all_logits=all_logits)
+        self.cells.decode(np.arange(pos0, pos0 + len(chunk)))
+
+    def _rm(self, seq: int, p0: int = -1, p1: int = -1) -> None:
+        self.ctx.seq_rm(seq, p0, p1)
+        self.cells.seq_rm(seq, p0, p1)
+
+    def _cp(self, src: int, dst: int, p0: int, p1: int) -> None:
+        self.ctx.seq_cp(src, dst, p0, p1)
+        self.cells.seq_cp(src, dst, p0, p1)
+
+    def _add(self, seq: int, p0: int, delta: int) -> None:
+        self.ctx.seq_add(seq, p0, -1, delta)
+        self.cells.seq_add(seq, p0, delta)
+
+    def _land(self, layout: blobfmt.Layout, positions: np.ndarray, targets: np.ndarray,
+              sources: Iterable[tuple[Side, np.ndarray, np.ndarray]] = (), pad: int = 0) -> None:
+        """Load KV rows into chosen free cells of sequence 0 (thaw, resume) or only move llama.cpp's cell
+        search start (``pad`` dummy cells, no positions: head normalisation).
+
+        ``positions[i]`` lands in cell ``targets[i]``; each source ``(side, rows, idx)`` supplies rows ``rows``
+        of ``side`` for ``positions[idx]``. The blob is padded with dummy cells in the order llama.cpp's slot
+        search visits free cells (:meth:`CellMap.plan_restore`), loaded into the scratch sequence and
+        copied to sequence 0.
+        """
+        order = self.cells.plan_restore(targets) if len(targets) else np.full(pad, -1, np.int64)
+        n, real = len(order), order >= 0
+        pos = np.where(real, positions[np.maximum(order, 0)] if len(positions) else 0, DUMMY_POS + np.arange(n))
+        raw = empty_blob(layout, pos, SCRATCH_SEQ)
+        if real.any():
+            dst = blob_side(raw, layout, n)
+            slot = np.empty(len(positions), np.int64)
+            slot[order[real]] = np.flatnonzero(real)
+            for side, rows, idx in sources:
+                copy_rows(side, dst, rows, slot[idx], layout)
+        self.ctx.state_set(raw, SCRATCH_SEQ)
+        landed = self.cells.find_slot(n)
+        if not np.array_equal(landed[real], targets[order[real]]):
+            raise LlamaError("internal error: placement plan and cell map disagree")
+        self.cells.apply(landed, pos, SCRATCH_SEQ)
+        if real.any():
+            self._cp(SCRATCH_SEQ, 0, 0, DUMMY_POS)
+        self._rm(SCRATCH_SEQ)
 
     # evaluation
     def eval(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
@@ -163,15 +258,14 @@ class Session:
             chunk = list(tokens[i : i + step])
             self.make_room(len(chunk))
             pos0 = self.n_logical - self.shifted
-            if self.stale_from is None and self.store is not None and self.store.frozen_tokens:
+            if self.stale_from is None and self.n_frozen:
                 self.stale_from = pos0
             if self.capture is not None:
                 self.capture.reset()
-            self.ctx.decode(chunk, pos0, all_logits=all_logits)
+            self._decode(chunk, pos0, all_logits)
             if self.capture is not None:
                 self.capture.check()
             self._chunks.append(pos0)
-            self.cells.decode(np.arange(pos0, pos0 + len(chunk)))
             self.tokens.extend(chunk)
             active = len(self.cells.cells_of(0))
             self.active_peak = max(self.active_peak, active)
@@ -192,7 +286,7 @@ class Session:
         if self.stale_from is None or self.stale_from >= self.n_logical:
             self.stale_from = None
             return 0
-        if self.store is not None and self.store.frozen_tokens:
+        if self.n_frozen:
             raise OutOfCellsError("refresh needs every token active; thaw first")
         start = self.stale_from
         bounds = [p for p in self._chunks if p >= start] + [self.n_logical]
@@ -214,8 +308,7 @@ class Session:
         start = self.n_logical - n
         if self.store is not None and self.store.locate(start, self.n_logical):
             raise ValueError("cannot rewind over frozen tokens; thaw them first")
-        self.ctx.seq_rm(0, start - self.shifted, -1)
-        self.cells.seq_rm(0, start - self.shifted)
+        self._rm(0, start - self.shifted, -1)
         gone = self.tokens[start:]
         del self.tokens[start:]
         self._chunks = [p for p in self._chunks if p < start]
@@ -259,8 +352,7 @@ class Session:
     def discard(self, positions: np.ndarray) -> None:
         """Remove active tokens for good (what the irreversible baselines do instead of freezing)."""
         for a, b in runs(positions):
-            self.ctx.seq_rm(0, a, b)
-            self.cells.seq_rm(0, a, b)
+            self._rm(0, a, b)
         self.dropped += len(positions)
 
     def _shift(self, n: int) -> None:
@@ -268,10 +360,8 @@ class Session:
         keep = self.sinks
         if n > self.n_logical - self.shifted - keep - 1:
             raise OutOfCellsError(f"the KV cache has {self.budget} cells; context shift cannot free {n}")
-        self.ctx.seq_rm(0, keep, keep + n)
-        self.cells.seq_rm(0, keep, keep + n)
-        self.ctx.seq_add(0, keep + n, -1, -n)
-        self.cells.seq_add(0, keep + n, -n)
+        self._rm(0, keep, keep + n)
+        self._add(0, keep + n, -n)
         self.shifted += n
         self.dropped += n
 
@@ -315,8 +405,7 @@ class Session:
         t0 = time.perf_counter()
         spans = runs(positions)
         for a, b in spans:
-            self.ctx.seq_cp(0, SCRATCH_SEQ, a, b)
-            self.cells.seq_cp(0, SCRATCH_SEQ, a, b)
+            self._cp(0, SCRATCH_SEQ, a, b)
         try:
             raw = self.ctx.state_get(SCRATCH_SEQ)
             parsed = blobfmt.parse(raw)
@@ -330,13 +419,11 @@ class Session:
             toks = np.asarray(self.tokens, np.int32)[pos]
             self.store.put(pos, toks, blob_side(raw, parsed.layout, len(pos)), order)
         finally:
-            self.ctx.seq_rm(SCRATCH_SEQ, -1, -1)
-            self.cells.seq_rm(SCRATCH_SEQ)
+            self._rm(SCRATCH_SEQ)
         for p, c in zip(pos.tolist(), cells[order].tolist(), strict=True):
             self._left[p] = c
         for a, b in spans:
-            self.ctx.seq_rm(0, a, b)
-            self.cells.seq_rm(0, a, b)
+            self._rm(0, a, b)
         self.freeze_events += 1
         self.freeze_seconds += time.perf_counter() - t0
 
@@ -382,35 +469,101 @@ class Session:
             targets = np.concatenate([targets, evicted % self.cells.size])
         store = self.store
         assert store is not None
-        order = self.cells.plan_restore(targets)
-        n = len(order)
-        layout = store.layout
-        pos = np.where(order >= 0, want[np.maximum(order, 0)], DUMMY_POS + np.arange(n))
-        raw = empty_blob(layout, pos, SCRATCH_SEQ)
-        dst = blob_side(raw, layout, n)
-        slot_of = {int(p): i for i, p in enumerate(pos.tolist()) if order[i] >= 0}
-        located = store.locate(int(want.min()), int(want.max()) + 1)
-        wanted = set(want.tolist())
-        releases = []
-        for seg_id, rows in located.items():
+        index = {int(p): i for i, p in enumerate(want.tolist())}
+        sources, releases = [], []
+        for seg_id, rows in store.locate(int(want.min()), int(want.max()) + 1).items():
             seg = store.segment(seg_id)
-            rows = rows[np.isin(seg.pos[rows], list(wanted))]
-            src = store.read(seg)
-            copy_rows(src, dst, rows, np.array([slot_of[int(p)] for p in seg.pos[rows]], np.int64), layout)
+            rows = rows[np.isin(seg.pos[rows], want)]
+            sources.append((store.read(seg), rows, np.array([index[int(p)] for p in seg.pos[rows]], np.int64)))
             releases.append((seg_id, rows))
-        self.ctx.state_set(raw, SCRATCH_SEQ)
-        self.cells.seq_rm(SCRATCH_SEQ)
-        landed = self.cells.find_slot(n)
-        if not np.array_equal(landed[order >= 0], targets[order[order >= 0]]):
-            raise LlamaError("internal error: thaw placement plan and cell map disagree")
-        self.cells.apply(landed, pos, SCRATCH_SEQ)
-        self.ctx.seq_cp(SCRATCH_SEQ, 0, 0, DUMMY_POS)
-        self.cells.seq_cp(SCRATCH_SEQ, 0, 0, DUMMY_POS)
-        self.ctx.seq_rm(SCRATCH_SEQ, -1, -1)
-        self.cells.seq_rm(SCRATCH_SEQ)
+        self._land(store.layout, want, targets, sources)
         for seg_id, rows in releases:
             store.release(seg_id, rows)
         for p in want.tolist():
             self._left.pop(p, None)
         self.thaw_events += 1
         self.thaw_seconds += time.perf_counter() - t0 - (self.freeze_seconds - frozen0)
+
+    # saving and resuming
+    def state(self) -> dict[str, Any]:
+        """Everything needed to rebuild this session in a fresh context of the same size: tokens, the cell
+        map, counters, the active KV (llama.cpp's blob of sequence 0) and the frozen store.
+
+        First moves llama.cpp's cell search start down to the lowest free cell (what a restore reaches), so
+        this session and one rebuilt from the state continue identically."""
+        if len(self.cells.cells_of(SCRATCH_SEQ)):
+            raise LlamaError("internal error: scratch sequence not empty")
+        active = None
+        if len(self.cells.cells_of(0)):
+            active = self.ctx.state_get(0).copy()
+            parsed = blobfmt.parse(active)
+            if not np.array_equal(parsed.pos, self.cells.pos[self.cells.cells_of(0)]):
+                raise LlamaError("internal error: KV cell map out of sync with llama.cpp")
+            self._normalize_head(parsed.layout)
+        left = sorted(self._left.items())
+        return {
+            "tokens": np.asarray(self.tokens, np.int32),
+            "cell_pos": self.cells.pos.copy(),
+            "cell_seqs": self.cells.seqs.copy(),
+            "head": self.cells.head,
+            "chunks": np.asarray(self._chunks, np.int64),
+            "left": np.asarray(left, np.int64).reshape(len(left), 2),
+            "counters": {"shifted": self.shifted, "dropped": self.dropped, "freeze_events": self.freeze_events,
+                         "thaw_events": self.thaw_events, "freeze_seconds": self.freeze_seconds,
+                         "thaw_seconds": self.thaw_seconds, "active_peak": self.active_peak,
+                         "active_sum": self._active_sum, "decodes": self._decodes, "stale_from": self.stale_from},
+            "active": active,
+            "store": self.store.state() if self.store is not None else None,
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Rebuild a fresh session (same cell count) from :meth:`state`: every active token lands in the
+        cell it held, so logits continue bit for bit."""
+        if self.n_logical or len(self.cells.cells_of(0)):
+            raise LlamaError("load_state needs a fresh session")
+        saved_pos, saved_seqs = state["cell_pos"], state["cell_seqs"]
+        if len(saved_pos) != self.cells.size:
+            raise LlamaError(f"saved with {len(saved_pos)} KV cells, this context has {self.cells.size}")
+        cells0 = np.flatnonzero(saved_seqs & 1)
+        if len(cells0):
+            raw = state["active"]
+            parsed = blobfmt.parse(raw)
+            if not np.array_equal(parsed.pos, saved_pos[cells0]):
+                raise LlamaError("the saved active KV does not match the saved cell map")
+            n0 = len(cells0)
+            idx = np.arange(n0, dtype=np.int64)
+            self._land(parsed.layout, saved_pos[cells0].astype(np.int64), cells0, [(blob_side(raw, parsed.layout, n0), idx, idx)])
+        if not (np.array_equal(self.cells.seqs, saved_seqs) and np.array_equal(self.cells.pos, saved_pos)):
+            raise LlamaError("internal error: restored cell map differs from the saved one")
+        if _effective_head(saved_seqs, int(state["head"])) != _effective_head(self.cells.seqs, self.cells.head):
+            log.warning("resumed cell search start %d differs from the saved %d: later cells may differ",
+                        self.cells.head, state["head"])
+        self.tokens = state["tokens"].astype(np.int64).tolist()
+        self._chunks = state["chunks"].astype(np.int64).tolist()
+        self._left = {int(p): int(c) for p, c in state["left"].tolist()}
+        c = state["counters"]
+        self.shifted, self.dropped = int(c["shifted"]), int(c["dropped"])
+        self.freeze_events, self.thaw_events = int(c["freeze_events"]), int(c["thaw_events"])
+        self.freeze_seconds, self.thaw_seconds = float(c["freeze_seconds"]), float(c["thaw_seconds"])
+        self.active_peak, self._active_sum, self._decodes = int(c["active_peak"]), int(c["active_sum"]), int(c["decodes"])
+        self.stale_from = None if c["stale_from"] is None else int(c["stale_from"])
+        if state["store"] is not None:
+            self.store = FrozenStore.from_state(state["store"], self._store_dir, self._keep)
+
+    def _normalize_head(self, layout: blobfmt.Layout) -> None:
+        """Move llama.cpp's search start down to the lowest free cell (what a restore leaves), via dummy cells."""
+        cells = self.cells
+        free = np.flatnonzero(cells.seqs == 0)
+        if not len(free) or cells.head <= free[0]:
+            return
+        low = int(free[0])
+        n = 1 if cells.head > cells.used + 2 else int(np.flatnonzero(cells.free_order(cells.head) == low)[0]) + 1
+        self._land(layout, np.zeros(0, np.int64), np.zeros(0, np.int64), pad=n)
+        if cells.head != low:
+            raise LlamaError(f"internal error: cell search start is {cells.head}, expected {low}")
+
+
+def _effective_head(cells_seqs: np.ndarray, head: int) -> int:
+    """llama.cpp's search start as it behaves: a head at or below the lowest free cell acts as that cell."""
+    free = np.flatnonzero(cells_seqs == 0)
+    return int(free[0]) if len(free) and head <= free[0] else head

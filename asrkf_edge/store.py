@@ -13,8 +13,9 @@ import shutil
 import tempfile
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -171,6 +172,28 @@ class FrozenStore:
         """Bytes on disk of segments that still hold frozen rows."""
         return sum(s.nbytes for s in self._segments.values())
 
+    # saving and resuming
+    def state(self) -> dict[str, Any]:
+        """The layout and, per segment, its file (a :class:`~pathlib.Path` to carry along), checksum and index."""
+        return {"layout": asdict(self.layout), "segments": {
+            str(seg.seg_id): {"file": seg.path, "crc": seg.crc, "nbytes": seg.nbytes, "pos": seg.pos,
+                              "tokens": seg.tokens, "live": seg.live} for seg in self._segments.values()}}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], directory: str | Path | None = None, keep: bool = False) -> FrozenStore:
+        """A store holding the segments of :meth:`state`, their files linked (or copied) into its directory."""
+        store = cls(Layout(**state["layout"]), directory, keep)
+        for sid, s in state["segments"].items():
+            src = Path(s["file"])
+            if not src.exists() or src.stat().st_size != int(s["nbytes"]):
+                raise StoreError(f"frozen segment {src.name} is missing or truncated")
+            dst = store.dir / src.name
+            link_or_copy(src, dst)
+            seg = Segment(int(sid), dst, s["pos"].astype(np.int64), s["tokens"].astype(np.int32), int(s["crc"]), int(s["nbytes"]))
+            seg.live = s["live"].astype(bool).copy()
+            store.adopt(seg)
+        return store
+
     def close(self) -> None:
         if self.keep:
             return
@@ -181,3 +204,11 @@ class FrozenStore:
                 seg.path.unlink(missing_ok=True)
         self._segments.clear()
         self._where.clear()
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link ``src`` to ``dst`` (no bytes copied), or copy it where links are not possible."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)

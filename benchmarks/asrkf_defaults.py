@@ -12,7 +12,7 @@ from pathlib import Path
 
 from asrkf_edge import AsrKf, Engine, EntropyRule
 from asrkf_edge.bench import machine
-from asrkf_edge.tasks import passkey
+from asrkf_edge.bench.tasks import passkey
 
 GPL = (Path(__file__).parent.parent / "tests" / "data" / "gpl-3.0.txt").read_text()
 
@@ -26,10 +26,10 @@ def row(engine: Engine, policy: AsrKf) -> str:
             case = passkey(tok, 2000, depth, key)
             r = engine.generate(case.prompt, 8, policy=policy, budget=budget, chat=False)
             right += case.correct(r.text)
-            mean_active += float(r.stats["active_tokens_mean"]) / int(r.stats["prompt_tokens"]) / 3  # type: ignore[arg-type]
+            mean_active += r.stats.kv.active_tokens_mean / r.stats.prompt_tokens / 3
         out += [f"{right}/3", f"{100 * mean_active:.0f}%"]
     gen = engine.generate(GPL[:7000], 300, policy=policy, budget=0.35, chat=False).stats
-    out += [str(gen["recoveries"]), f"{float(gen['decode_tokens_per_s']):.1f}"]  # type: ignore[arg-type]
+    out += [str(gen.kv.recoveries), f"{gen.decode_tokens_per_s:.1f}"]
     return " | ".join(out)
 
 

@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 from asrkf_edge import Engine
-from asrkf_edge.policy import make_policy
+from asrkf_edge.policies import make_policy
 from asrkf_edge.runner import budget_cells
 
 
@@ -35,7 +35,7 @@ def main() -> None:
                 t = time.perf_counter()
                 run.prefill(toks)
                 prefill = time.perf_counter() - t
-                st0, tok = run.stats(), int(np.argmax(run.logits()))
+                st0, tok = run.stats().as_dict(), int(np.argmax(run.logits()))
                 prof = cProfile.Profile()
                 prof.enable()
                 t = time.perf_counter()
@@ -44,7 +44,7 @@ def main() -> None:
                     tok = int(np.argmax(run.logits()))
                 decode = time.perf_counter() - t
                 prof.disable()
-                st = run.stats()
+                st = run.stats().as_dict()
             if report:
                 keys = ("freeze_seconds", "thaw_seconds", "freeze_events", "thaw_events", "recoveries")
                 d = {k: float(st[k]) - float(st0[k]) for k in keys}

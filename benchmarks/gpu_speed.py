@@ -34,7 +34,7 @@ import numpy as np
 
 from asrkf_edge import Engine, kvcopy
 from asrkf_edge.llama import SCRATCH_SEQ
-from asrkf_edge.policy import make_policy
+from asrkf_edge.policies import make_policy
 from asrkf_edge.runner import budget_cells
 
 TEXT = Path(__file__).resolve().parent.parent / "tests" / "data" / "gpl-3.0.txt"
@@ -62,14 +62,14 @@ def speed(engine: Engine, policy: str, n: int, n_decode: int, budget: float, bas
         t1 = time.perf_counter()
         used_prefill = kvcopy.gpu_memory_used()
         tok = int(np.argmax(run.logits()))
-        before = run.stats()
+        before = run.stats().as_dict()
         t2 = time.perf_counter()
         for _ in range(n_decode):
             run.decode(tok)
             tok = int(np.argmax(run.logits()))
         t3 = time.perf_counter()
         used = kvcopy.gpu_memory_used()
-        st = run.stats()
+        st = run.stats().as_dict()
         ctx_cells = run.session.ctx.n_ctx
         bpt = run.session.bytes_per_token
     return {

@@ -48,7 +48,7 @@ def main() -> None:
             part = " ".join(words[at : at + 400])
             at += 400
             r = chat.send(f"Here is part {turns + 1} of a document:\n{part}\nSummarise it in a few words.", args.answer)
-            build += float(r.stats["prefill_seconds"]) + float(r.stats["decode_seconds"])
+            build += r.stats.prefill_seconds + r.stats.decode_seconds
             turns += 1
         history = list(chat.messages)
         t0 = time.perf_counter()
@@ -68,6 +68,7 @@ def main() -> None:
         fresh = eng.chat(policy=args.policy, ctx=args.ctx)
         first_fresh, ans_fresh = first_token_seconds(fresh.respond([*history, {"role": "user", "content": QUESTION}], args.answer))
         prefill = fresh.last_stats
+        assert prefill is not None
         fresh.close()
         out.update({
             "policy": args.policy, "turns": turns, "conversation_tokens": kv["logical_tokens"],
@@ -75,7 +76,7 @@ def main() -> None:
             "build_seconds": build, "save_seconds": save_s, "save_bytes": size,
             "continued_to_first_token_seconds": first_cont, "resume_seconds": resume_s,
             "resume_to_first_token_seconds": resume_s + first_resumed,
-            "reprefill_tokens": prefill["prompt_tokens"], "reprefill_seconds": prefill["prefill_seconds"],
+            "reprefill_tokens": prefill.prompt_tokens, "reprefill_seconds": prefill.prefill_seconds,
             "reprefill_to_first_token_seconds": first_fresh,
             "resumed_answer_equals_continued": ans_resumed == cont, "reprefilled_answer_equals_continued": ans_fresh == cont,
         })

@@ -30,10 +30,8 @@ PROMPT = "Write a long story about a dragon who learns to bake bread. Describe e
 
 def in_process(eng: Engine, tokens: int) -> dict[str, float]:
     with eng.chat(ctx=2048) as chat:
-        stats: dict[str, object] = {}
-        for _ in chat.stream(PROMPT, tokens, stats=stats):
-            pass
-    return {"tokens": float(stats["generated_tokens"]), "decode_tokens_per_s": float(stats["decode_tokens_per_s"])}  # type: ignore[arg-type]
+        reply = chat.send(PROMPT, tokens)
+    return {"tokens": float(reply.stats.generated_tokens), "decode_tokens_per_s": reply.stats.decode_tokens_per_s}
 
 
 def over_http(url: str, tokens: int) -> dict[str, float]:
@@ -61,7 +59,7 @@ def sessions(eng: Engine, second: Engine | None, tokens: int) -> float:
 
     def one(e: Engine) -> None:
         with e.chat(ctx=2048) as chat:
-            counts.append(int(chat.send(PROMPT, tokens).stats["generated_tokens"]))  # type: ignore[call-overload]
+            counts.append(chat.send(PROMPT, tokens).stats.generated_tokens)
 
     jobs = [lambda: (one(eng), one(eng))] if second is None else [lambda: one(eng), lambda: one(second)]
     threads = [threading.Thread(target=j) for j in jobs]

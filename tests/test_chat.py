@@ -11,8 +11,9 @@ import pytest
 from tiny_gguf import write_tiny_llama
 
 from asrkf_edge import AsrKf, Engine, Full, Streaming
-from asrkf_edge.chat import _StopMatcher, chat_cells
+from asrkf_edge.chat import chat_cells
 from asrkf_edge.errors import PromptTooLongError, SessionFileError
+from asrkf_edge.generate import _StopMatcher
 from asrkf_edge.runner import Runner
 
 FILLER = "the grass is green and the sky is blue " * 4
@@ -43,9 +44,9 @@ def test_second_turn_prefills_only_the_new_part_and_matches_one_shot(tiny):
     with tiny.chat("the sky", policy="full", ctx=600) as chat:
         r1 = chat.send(FILLER, max_tokens=8)
         r2 = chat.send("pass key", max_tokens=8)
-        assert r1.stats["reused_tokens"] == 0
-        assert r2.stats["reused_tokens"] == r1.stats["context_tokens"] > 0
-        assert r2.stats["prompt_tokens"] < r1.stats["prompt_tokens"]
+        assert r1.stats.reused_tokens == 0
+        assert r2.stats.reused_tokens == r1.stats.context_tokens > 0
+        assert r2.stats.prompt_tokens < r1.stats.prompt_tokens
         assert chat.messages[-1] == {"role": "assistant", "content": r2.text}
         assert [m["role"] for m in chat.messages] == ["system", "user", "assistant", "user", "assistant"]
         # the cache reached turn by turn holds what a fresh context fed the same batches computes
@@ -62,7 +63,7 @@ def test_stream_equals_send_and_reports_kv_per_token(tiny):
     with tiny.chat(policy="full", ctx=400) as a, tiny.chat(policy="full", ctx=400) as b:
         text = "".join(a.stream("the sky is", max_tokens=10, on_kv=seen.append))
         assert text == b.send("the sky is", max_tokens=10).text
-        assert a.last_stats["generated_tokens"] == 10
+        assert a.last_stats.generated_tokens == 10
     assert len(seen) == 9  # one per decoded token (the last sampled one is not decoded)
     logical = [int(s["logical_tokens"]) for s in seen]
     assert logical == sorted(logical) and logical[-1] - logical[0] == 8
@@ -83,10 +84,10 @@ def test_cancel_from_another_thread_stops_and_chat_goes_on(tiny):
         reply = chat.send("the", max_tokens=500, on_kv=on_kv)
         stopper.join()
         assert reply.stop_reason == "cancelled"
-        assert 0 < reply.stats["generated_tokens"] < 500
+        assert 0 < reply.stats.generated_tokens < 500
         again = chat.send("sky", max_tokens=4)
         assert again.stop_reason in ("length", "eog")
-        assert again.stats["reused_tokens"] > 0
+        assert again.stats.reused_tokens > 0
 
 
 def test_too_long_message_is_refused_and_leaves_the_chat_alone(tiny):
@@ -96,7 +97,7 @@ def test_too_long_message_is_refused_and_leaves_the_chat_alone(tiny):
         with pytest.raises(PromptTooLongError):
             chat.send(FILLER * 4, max_tokens=4)
         assert chat.messages == before and chat.n_tokens == n
-        assert chat.send("blue", max_tokens=2).stats["reused_tokens"] == n
+        assert chat.send("blue", max_tokens=2).stats.reused_tokens == n
 
 
 def _continue_equals_resume(engine: Engine, chat, tmp_path: Path, message: str, max_tokens: int) -> None:
@@ -109,7 +110,7 @@ def _continue_equals_resume(engine: Engine, chat, tmp_path: Path, message: str, 
         assert a.text == b.text
         assert np.array_equal(chat.runner.logits(), resumed.runner.logits())
         keys = ("context_tokens", "active_tokens", "frozen_tokens", "freeze_events", "thaw_events", "recoveries")
-        assert {k: a.stats[k] for k in keys} == {k: b.stats[k] for k in keys}
+        assert {k: a.stats.as_dict()[k] for k in keys} == {k: b.stats.as_dict()[k] for k in keys}
     with engine.resume(saved) as again:  # the save stays intact after a resume
         assert again.send(message, max_tokens=max_tokens).text == a.text
 

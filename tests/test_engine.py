@@ -14,10 +14,10 @@ def test_stream_equals_generate(tiny):
     res = tiny.generate("the sky", max_tokens=12, chat=False)
     pieces = list(tiny.stream("the sky", max_tokens=12, chat=False))
     assert "".join(pieces) == res.text
-    assert res.stats["prompt_tokens"] == len(tiny.tokenize("the sky"))
-    assert 0 < res.stats["generated_tokens"] <= 12
-    assert res.stats["logical_tokens"] == res.stats["prompt_tokens"] + res.stats["generated_tokens"] - (
-        1 if res.stats["stop_reason"] == "length" else 0)
+    assert res.stats.prompt_tokens == len(tiny.tokenize("the sky"))
+    assert 0 < res.stats.generated_tokens <= 12
+    assert res.stats.kv.logical_tokens == res.stats.prompt_tokens + res.stats.generated_tokens - (
+        1 if res.stats.stop_reason == "length" else 0)
 
 
 def test_seeded_sampling_repeats_and_seed_matters(tiny):
@@ -50,4 +50,4 @@ def test_run_json_from_file_and_stdin(tiny_path: Path, tmp_path: Path):
 def test_real_model_answers(real):
     res = real.generate("What is the capital of France? Answer in one sentence.", max_tokens=30)
     assert "Paris" in res.text
-    assert res.stats["stop_reason"] == "eog"
+    assert res.stats.stop_reason == "eog"

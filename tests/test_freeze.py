@@ -55,13 +55,13 @@ def test_thaw_into_same_cells_is_exact(real, doc):
         s.eval(base)
         assert s.freeze(200, 600) == 400
         st_ = s.kv_stats()
-        assert st_["frozen_tokens"] == 400 and st_["active_tokens"] == 700
+        assert st_.frozen_tokens == 400 and st_.active_tokens == 700
         frozen = s.eval(tail[:1])
         assert np.abs(frozen - want[0]).max() > 0.1  # the range really left attention
         s.rewind(1)  # drop the probe token again
         assert s.thaw(200, 600) == 400
         got = probe(s, tail)
-        assert s.kv_stats()["thaw_events"] == 1
+        assert s.kv_stats().thaw_events == 1
     assert np.abs(got - want).max() <= 1e-6
 
 
@@ -73,7 +73,7 @@ def test_thaw_in_other_order_and_partial(real, doc):
         s.freeze(100, 300)
         s.freeze(500, 700)
         assert s.thaw(250, 650) == 200  # only partly frozen: thaws what is frozen inside
-        assert s.kv_stats()["frozen_tokens"] == 200
+        assert s.kv_stats().frozen_tokens == 200
         s.thaw(0, 10**9)
         got = probe(s, tail)
     assert np.abs(got - want).max() <= 1e-6
@@ -107,7 +107,7 @@ def test_any_freeze_thaw_sequence_then_thaw_all(real, doc, ops):
         frozen_logits = s.eval([probe_tok])
         s.rewind(1)
         s.thaw(0, 10**9)
-        assert s.kv_stats()["frozen_tokens"] == 0
+        assert s.kv_stats().frozen_tokens == 0
         thawed = s.eval([probe_tok])
         s.rewind(1)
         s.refresh()
@@ -129,15 +129,15 @@ def test_long_context_on_small_cache(real, doc):
     peak = 0
     with real.session(512) as s:
         s.eval(tokens[:1700])
-        peak = s.kv_stats()["active_tokens_peak"]
+        peak = s.kv_stats().active_tokens_peak
         for t in tokens[1700:]:
             s.eval([t])
-            peak = max(peak, s.kv_stats()["active_tokens"])
+            peak = max(peak, s.kv_stats().active_tokens)
         st_ = s.kv_stats()
-        assert st_["logical_tokens"] == 2000
-        assert st_["active_tokens_peak"] <= 512 and peak <= 512
-        assert st_["active_tokens"] + st_["frozen_tokens"] == 2000
-        assert st_["frozen_kv_bytes"] == st_["frozen_tokens"] * 23040
+        assert st_.logical_tokens == 2000
+        assert st_.active_tokens_peak <= 512 and peak <= 512
+        assert st_.active_tokens + st_.frozen_tokens == 2000
+        assert st_.frozen_kv_bytes == st_.frozen_tokens * 23040
         logits = s.eval([tokens[0]])
     assert np.isfinite(logits).all()
 
@@ -179,7 +179,7 @@ def test_store_faults_name_the_range(real, doc, fault):
         before = s.kv_stats()
         with pytest.raises(StoreError, match=r"\[100, 300\)"):
             s.thaw(100, 300)
-        assert s.kv_stats()["active_tokens"] == before["active_tokens"]  # no wrong KV went in
+        assert s.kv_stats().active_tokens == before.active_tokens  # no wrong KV went in
     finally:
         s.close()
 
@@ -197,7 +197,7 @@ def test_disk_full_keeps_range_in_cache(real, doc, monkeypatch):
         with pytest.raises(StoreError, match="disk full"):
             s.freeze(100, 200)
         st_ = s.kv_stats()
-        assert st_["active_tokens"] == 401 and st_["frozen_tokens"] == 0
+        assert st_.active_tokens == 401 and st_.frozen_tokens == 0
         assert list(s.store.dir.iterdir()) == []
         s.rewind(1)
         assert np.abs(s.eval(doc[400:401]) - want).max() <= 1e-6

@@ -68,7 +68,7 @@ def test_thaw_on_gpu_is_exact(gpu):
     with gpu.session(2048) as s:
         s.eval(base)
         assert s.freeze(200, 600) == 400
-        assert s.kv_stats()["frozen_tokens"] == 400
+        assert s.kv_stats().frozen_tokens == 400
         frozen = s.eval(tail[:1])
         assert np.abs(frozen - want[0]).max() > 0.01  # the range really left attention (0.08 on random weights)
         s.rewind(1)
@@ -83,9 +83,9 @@ def test_bounded_cache_on_gpu_reads_past_its_size(gpu):
     with gpu.session(512) as s:
         s.eval(doc)
         st = s.kv_stats()
-        assert st["active_tokens"] <= 512 and st["frozen_tokens"] == 1500 - st["active_tokens"]
+        assert st.active_tokens <= 512 and st.frozen_tokens == 1500 - st.active_tokens
         back = s.thaw(100, 300)
-        assert back > 0 and s.kv_stats()["active_tokens"] <= 512
+        assert back > 0 and s.kv_stats().active_tokens <= 512
         assert np.isfinite(s.eval(doc[:1])).all()
 
 
@@ -110,7 +110,7 @@ def test_asrkf_runs_with_flash_attention_on_gpu(real_path):
 
     with Engine.load(real_path, n_gpu_layers=-1, flash_attn=True) as eng:
         toks = eng.tokenize(TEXT * 40)[:2000]
-        from asrkf_edge.policy import make_policy
+        from asrkf_edge.policies import make_policy
 
         cells = budget_cells(make_policy("asrkf"), 0.35, len(toks), 32)
         with eng.runner("asrkf", cells) as run:
@@ -118,6 +118,6 @@ def test_asrkf_runs_with_flash_attention_on_gpu(real_path):
             for _ in range(32):
                 run.decode(int(np.argmax(run.logits())))
             st = run.stats()
-    assert st["active_tokens_peak"] <= cells
-    assert st["frozen_tokens"] > 0 and st["freeze_events"] > 0
-    assert st["logical_tokens"] == 2032
+    assert st.active_tokens_peak <= cells
+    assert st.frozen_tokens > 0 and st.freeze_events > 0
+    assert st.logical_tokens == 2032

@@ -7,12 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from asrkf_edge.asrkf import AsrKf
-from asrkf_edge.policy import Full, Streaming, make_policy
-from asrkf_edge.recovery import EntropyMonitor, EntropyRule
+from asrkf_edge.bench.tasks import passkey
+from asrkf_edge.policies import AsrKf, Full, Streaming, make_policy
+from asrkf_edge.policies.recovery import EntropyMonitor, EntropyRule
+from asrkf_edge.policies.schedule import Ledger, Schedule
 from asrkf_edge.runner import budget_cells
-from asrkf_edge.schedule import Ledger, Schedule
-from asrkf_edge.tasks import passkey
 
 GPL = (Path(__file__).parent / "data" / "gpl-3.0.txt").read_text()
 
@@ -65,14 +64,14 @@ def test_budget_is_a_fraction_of_the_prompt_or_a_token_count() -> None:
 
 def test_streaming_drops_and_asrkf_keeps_everything(tiny) -> None:
     prompt = "the sky is blue and the grass is green " * 15
-    kept = tiny.generate(prompt, 20, policy="asrkf", budget=100, chat=False).stats
-    dropped = tiny.generate(prompt, 20, policy="streaming", budget=100, chat=False).stats
+    kept = tiny.generate(prompt, 20, policy="asrkf", budget=100, chat=False).stats.kv
+    dropped = tiny.generate(prompt, 20, policy="streaming", budget=100, chat=False).stats.kv
     for st in (kept, dropped):
-        assert st["active_tokens_peak"] <= 100
-    assert kept["dropped_tokens"] == 0
-    assert kept["active_tokens"] + kept["frozen_tokens"] == kept["logical_tokens"]  # nothing lost
-    assert dropped["frozen_tokens"] == 0
-    assert dropped["active_tokens"] + dropped["dropped_tokens"] == dropped["logical_tokens"]
+        assert st.active_tokens_peak <= 100
+    assert kept.dropped_tokens == 0
+    assert kept.active_tokens + kept.frozen_tokens == kept.logical_tokens  # nothing lost
+    assert dropped.frozen_tokens == 0
+    assert dropped.active_tokens + dropped.dropped_tokens == dropped.logical_tokens
 
 
 def test_expired_tokens_are_judged_where_they_lie(tiny, monkeypatch) -> None:
@@ -97,7 +96,7 @@ def test_expired_tokens_are_judged_where_they_lie(tiny, monkeypatch) -> None:
         assert sess.store.is_frozen(ignored).all()
         assert (ledger.count[ignored] == counts + 1).all() and (ledger.until[ignored] > run.step).all()
         assert sess.thaw_events == thaws + 1
-        assert sess.kv_stats()["active_tokens"] + sess.kv_stats()["frozen_tokens"] == 400  # nothing lost
+        assert sess.kv_stats().active_tokens + sess.kv_stats().frozen_tokens == 400  # nothing lost
 
 
 @pytest.mark.real
@@ -113,7 +112,7 @@ def test_passkey_2k_at_budget_04_asrkf_answers_where_full_does(real) -> None:
             r = real.generate(case.prompt, 8, policy=policy, budget=0.4, chat=False)
             right[policy, depth] = case.correct(r.text)
             if policy != "full":
-                assert r.stats["active_tokens_peak"] <= 0.4 * r.stats["prompt_tokens"]
+                assert r.stats.kv.active_tokens_peak <= 0.4 * r.stats.prompt_tokens
     depths = (0.25, 0.5, 0.75)
     assert any(right["full", d] for d in depths), right
     assert all(right["asrkf", d] for d in depths if right["full", d]), right
@@ -131,26 +130,26 @@ def test_recoveries_bring_thawed_ranges_back_over_500_tokens(real) -> None:
 
     def check(run) -> None:
         stats = run.session.kv_stats()
-        for rec in run.recoveries[len(seen):]:
+        for rec in run.policy.recoveries[len(seen):]:
             want = np.concatenate([np.arange(a, b) for a, b in rec.ranges])
             assert len(want) == rec.thawed > 0
             assert not run.session.store.is_frozen(want).any()
             assert np.isin(want, run.session.active_positions()).all()
-            assert stats["thaw_events"] > last["thaw_events"]
+            assert stats.thaw_events > last["thaw_events"]
             seen.append(rec.as_dict())
-        if run.recoveries and run.recoveries[-1].position == run.session.n_logical:  # recovered on this token
+        if run.policy.recoveries and run.policy.recoveries[-1].position == run.session.n_logical:  # recovered on this token
             from asrkf_edge.importance import entropy
 
-            assert abs(float(entropy(run.logits())) - run.recoveries[-1].entropy_after) < 1e-9
-            assert run.recoveries[-1].entropy_after != run.recoveries[-1].entropy
+            assert abs(float(entropy(run.logits())) - run.policy.recoveries[-1].entropy_after) < 1e-9
+            assert run.policy.recoveries[-1].entropy_after != run.policy.recoveries[-1].entropy
             checked.append(run.step)
-        last.update(stats)
+        last.update(stats.as_dict())
 
     r = real.generate(prompt, 500, policy="asrkf", budget=0.4, chat=False, on_token=check)
-    assert r.stats["generated_tokens"] == 500, r.stats["stop_reason"]
-    assert r.stats["recoveries"] == len(seen) == len(checked) >= 1
-    assert r.stats["active_tokens_peak"] <= 0.4 * r.stats["prompt_tokens"]
-    assert r.stats["active_tokens"] + r.stats["frozen_tokens"] == r.stats["logical_tokens"]
+    assert r.stats.generated_tokens == 500, r.stats.stop_reason
+    assert r.stats.kv.recoveries == len(seen) == len(checked) >= 1
+    assert r.stats.kv.active_tokens_peak <= 0.4 * r.stats.prompt_tokens
+    assert r.stats.kv.active_tokens + r.stats.kv.frozen_tokens == r.stats.kv.logical_tokens
 
 
 def test_context_shift_drops_half_and_renumbers_like_llama_cpp(tiny) -> None:
@@ -163,18 +162,18 @@ def test_context_shift_drops_half_and_renumbers_like_llama_cpp(tiny) -> None:
         for _ in range(40):
             run.decode(int(np.argmax(run.logits())))
         st = run.stats()
-        assert st["dropped_tokens"] == s.shifted > 0
-        assert st["active_tokens"] + st["dropped_tokens"] == st["logical_tokens"]
-        assert s.ctx.seq_pos_max(0) == st["active_tokens"] - 1 < 100  # positions contiguous from 0
-        assert np.array_equal(s.active_positions(), np.arange(st["active_tokens"]))
+        assert st.dropped_tokens == s.shifted > 0
+        assert st.active_tokens + st.dropped_tokens == st.logical_tokens
+        assert s.ctx.seq_pos_max(0) == st.active_tokens - 1 < 100  # positions contiguous from 0
+        assert np.array_equal(s.active_positions(), np.arange(st.active_tokens))
 
 
 @pytest.mark.real
 def test_quantized_caches_hold_everything_in_fewer_bytes(real) -> None:
     """llama.cpp's q8_0/q4_0 caches (blocks of 32 values: the tiny model's head dim 16 cannot use them)."""
     prompt = "the sky is blue and the grass is green " * 15
-    full = real.generate(prompt, 8, policy="full", chat=False).stats
+    full = real.generate(prompt, 8, policy="full", chat=False).stats.kv
     for name, ratio in (("q8_0", 34 / 64), ("q4_0", 18 / 64)):  # bytes per 32 values vs f16's 64
-        st = real.generate(prompt, 8, policy=name, budget=0.1, chat=False).stats  # the budget does not apply
-        assert st["active_tokens_peak"] == full["active_tokens_peak"] and st["dropped_tokens"] == 0
-        assert st["active_kv_bytes"] == pytest.approx(ratio * full["active_kv_bytes"])
+        st = real.generate(prompt, 8, policy=name, budget=0.1, chat=False).stats.kv  # the budget does not apply
+        assert st.active_tokens_peak == full.active_tokens_peak and st.dropped_tokens == 0
+        assert st.active_kv_bytes == pytest.approx(ratio * full.active_kv_bytes)

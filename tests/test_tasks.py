@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from asrkf_edge.tasks import NEEDLES, SMALL_TALK, Case, cwe, haystack_text, needle, needle_multiturn, passkey
+from asrkf_edge.bench.tasks import NEEDLES, SMALL_TALK, Case, cwe, haystack_text, needle, needle_multiturn, passkey
 
 tok = str.split  # one token per whitespace-separated word: fast, and enough to check lengths
 

@@ -6,11 +6,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from .bench import POLICY_ORDER, Record
-from .errors import AsrkfError
+from ..errors import AsrkfError
+from .report import order
+from .suites import Record
 
 
-def _pyplot():  # -> matplotlib.pyplot, imported lazily (an optional extra)
+def pyplot():  # -> matplotlib.pyplot, imported lazily (an optional extra)
     try:
         import matplotlib
     except ImportError as e:
@@ -22,21 +23,21 @@ def _pyplot():  # -> matplotlib.pyplot, imported lazily (an optional extra)
 
 
 def _policies(records: Sequence[Record]) -> list[str]:
-    return sorted({str(r["policy"]) for r in records}, key=lambda p: POLICY_ORDER.index(p) if p in POLICY_ORDER else 99)
+    return sorted({str(r["policy"]) for r in records}, key=order)
 
 
 def write(records: Sequence[Record], out: Path) -> list[Path]:
     """Write every chart the records allow into ``out``; returns the files written."""
-    plt = _pyplot()
+    plt = pyplot()
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
 
     traced = [r for r in records if r["suite"] == "ppl"]
     if traced:
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for r in sorted(traced, key=lambda r: POLICY_ORDER.index(str(r["policy"])) if r["policy"] in POLICY_ORDER else 99):
-            xs, ys = zip(*r["trace"], strict=True)  # type: ignore[call-overload]
-            bpt = int(r["kv_bytes_per_token"]) / 1e6  # type: ignore[call-overload]
+        for r in sorted(traced, key=lambda r: order(r["policy"])):
+            xs, ys = zip(*r["trace"], strict=True)
+            bpt = int(r["kv_bytes_per_token"]) / 1e6
             ax.plot(xs, [y * bpt for y in ys], label=str(r["policy"]))
         ax.set(xlabel="tokens read", ylabel="active KV (MB)", title="Active KV cache while reading prose")
         ax.legend()
@@ -46,16 +47,16 @@ def write(records: Sequence[Record], out: Path) -> list[Path]:
     keyed = [r for r in records if r["suite"] == "passkey"]
     if keyed:
         pols = _policies(keyed)
-        lengths = sorted({int(r["target_length"]) for r in keyed})  # type: ignore[call-overload]
-        depths = sorted({float(r["depth"]) for r in keyed})  # type: ignore[arg-type]
+        lengths = sorted({int(r["target_length"]) for r in keyed})
+        depths = sorted({float(r["depth"]) for r in keyed})
         fig, axes = plt.subplots(1, len(pols), figsize=(2.6 * len(pols), 3.2), squeeze=False)
         for ax, pol in zip(axes[0], pols, strict=True):
             grid = [[0.0] * len(depths) for _ in lengths]
             count = [[0] * len(depths) for _ in lengths]
             for r in keyed:
                 if r["policy"] == pol:
-                    i, j = lengths.index(int(r["target_length"])), depths.index(float(r["depth"]))  # type: ignore[call-overload,arg-type]
-                    grid[i][j] += float(r["score"])  # type: ignore[arg-type]
+                    i, j = lengths.index(int(r["target_length"])), depths.index(float(r["depth"]))
+                    grid[i][j] += float(r["score"])
                     count[i][j] += 1
             acc = [[g / c if c else float("nan") for g, c in zip(gr, cr, strict=True)] for gr, cr in zip(grid, count, strict=True)]
             ax.imshow(acc, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="lower")
@@ -71,8 +72,8 @@ def write(records: Sequence[Record], out: Path) -> list[Path]:
     if timed:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for pol in _policies(timed):
-            rs = sorted((r for r in timed if r["policy"] == pol), key=lambda r: int(r["length"]))  # type: ignore[call-overload]
-            ax.plot([int(r["length"]) for r in rs], [float(r["decode_tokens_per_s"]) for r in rs], marker="o", label=pol)  # type: ignore[call-overload,arg-type]
+            rs = sorted((r for r in timed if r["policy"] == pol), key=lambda r: int(r["length"]))
+            ax.plot([int(r["length"]) for r in rs], [float(r["decode_tokens_per_s"]) for r in rs], marker="o", label=pol)
         ax.set(xlabel="context (tokens)", ylabel="decode tokens/s", title="Decode speed against context length", xscale="log")
         ax.legend()
         ax.grid(alpha=0.3)

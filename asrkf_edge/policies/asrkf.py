@@ -14,25 +14,21 @@ step of the ladder is taken when the spike persists, and the token is re-decoded
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
-from .importance import entropy
-from .policy import Attention, Policy
+from ..importance import entropy
+from ..session import runs
+from .base import Attention, PolicyContext, ScoringPolicy
 from .recovery import EntropyMonitor, EntropyRule, Recovery
 from .schedule import Ledger, Schedule
-from .session import runs
-
-if TYPE_CHECKING:
-    from .runner import Runner
-    from .session import Session
 
 _RELEVANCE_ROWS = 8  # newest queries used to score frozen keys (a prefill chunk has up to `window`)
 
 
 @dataclass
-class AsrKf(Policy):
+class AsrKf(ScoringPolicy):
     """ASR-KF-EGR. Defaults measured on SmolLM2-135M (see README, "Choosing the defaults").
 
     budget: the cache is 40% of the prompt unless generate() says otherwise (never below min_cache, 512):
@@ -67,6 +63,7 @@ class AsrKf(Policy):
     pin: int = 32
     _ledger: Ledger = field(init=False, repr=False)
     _monitor: EntropyMonitor = field(init=False, repr=False)
+    recoveries: list[Recovery] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.threshold > 0:
@@ -75,89 +72,97 @@ class AsrKf(Policy):
             raise ValueError("reeval_every and window must be >= 1, pin >= 0")
         self._ledger = Ledger(self.schedule)
         self._monitor = EntropyMonitor(self.entropy)
+        self.recoveries = []
+
+    def recovery_log(self) -> list[dict[str, object]]:
+        return [r.as_dict() for r in self.recoveries]
+
+    def state(self) -> dict[str, Any]:
+        return {"ledger": self._ledger.state(), "monitor": self._monitor.state(),
+                "recoveries": [r.as_dict() for r in self.recoveries]}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self._ledger.load_state(state["ledger"])
+        self._monitor.load_state(state["monitor"])
+        self.recoveries = [Recovery.from_dict(d) for d in state["recoveries"]]
 
     # eviction under a hard budget
-    def score(self, runner: Runner, positions: np.ndarray) -> np.ndarray:
-        s = runner.importance_of(positions)
-        return np.where(self._ledger.is_pinned(positions, runner.step), np.inf, s)
+    def score(self, ctx: PolicyContext, positions: np.ndarray) -> np.ndarray:
+        s = ctx.importance.of(positions)
+        return np.where(self._ledger.is_pinned(positions, ctx.step), np.inf, s)
 
-    def on_evict(self, runner: Runner, positions: np.ndarray) -> None:
-        self._ledger.frozen(positions, runner.step)
+    def on_evict(self, ctx: PolicyContext, positions: np.ndarray) -> None:
+        self._ledger.frozen(positions, ctx.step)
 
     # rolling re-evaluation
-    def after_decode(self, runner: Runner, pos0: int, n: int) -> None:
-        session, step = runner.session, runner.step
-        if (n == 1 and step % self.reeval_every) or session.n_logical < self.min_cache:
+    def after_decode(self, ctx: PolicyContext, pos0: int, n: int) -> None:
+        step = ctx.step
+        if (n == 1 and step % self.reeval_every) or ctx.n_logical < self.min_cache:
             return
-        self._ledger.grow(session.n_logical)
-        frozen = session.store.positions() if session.store is not None else np.zeros(0, np.int64)
+        self._ledger.grow(ctx.n_logical)
+        frozen = ctx.frozen()
         if len(frozen):
-            rel = self._relevance(runner, frozen)
+            rel = self._relevance(ctx, frozen)
             hot = rel >= self.thaw_relevance
-            back = self._around(frozen[hot][np.argsort(-rel[hot], kind="stable")], frozen, self._thaw_cap(session))
-            if len(back) and self._thaw(runner, back, self.pin):
-                runner.stale_logits = True
+            back = self._around(frozen[hot][np.argsort(-rel[hot], kind="stable")], frozen, self._thaw_cap(ctx))
+            self._thaw(ctx, back, self.pin)
             # expired tokens are judged where they lie, from their mirrored keys: those the newest queries
             # attend to at least at the freeze bar come back into free cells, the rest stay frozen for longer
             # (count + 1) rather than make a round trip through the cache only to be frozen again
             due = np.isin(frozen, self._ledger.expired(step)) & ~np.isin(frozen, back)
             up = due & (rel >= self.threshold)
             self._ledger.frozen(frozen[due & ~up], step)
-            room = session.free_cells() - session.budget // 16
+            room = ctx.free_cells() - ctx.budget // 16
             if room > 0 and up.any():
-                self._thaw(runner, frozen[up][np.argsort(-rel[up], kind="stable")][:room], 0)
-        act = session.active_positions()
-        cand = act[~session.protected(act)]
+                self._thaw(ctx, frozen[up][np.argsort(-rel[up], kind="stable")][:room], 0, redecode=False)
+        act = ctx.active()
+        cand = act[~ctx.protected(act)]
         cand = cand[~self._ledger.is_pinned(cand, step)]
-        low = cand[runner.importance_of(cand) < self.threshold / session.n_logical]
+        low = cand[ctx.importance.of(cand) < self.threshold / ctx.n_logical]
         if len(low):
-            session.freeze_positions(low)
+            ctx.freeze(low)
             self._ledger.frozen(low, step)
 
     # entropy-guided recovery
-    def after_logits(self, runner: Runner) -> None:
-        session = runner.session
-        if session.store is None or not session.store.frozen_tokens:
+    def after_logits(self, ctx: PolicyContext) -> None:
+        if not ctx.n_frozen:
             return  # nothing to recover: the entropy is watched while something is frozen
-        h = float(entropy(runner.logits()))
+        h = float(entropy(ctx.logits()))
         threshold = self._monitor.threshold()
         if not self._monitor.observe(h):
             return
-        last = runner.recoveries[-1] if runner.recoveries else None
-        level = min(last.level + 1, 3) if last and runner.step - last.step <= self.escalate_within else 1
-        rec = Recovery(runner.step, session.n_logical, h, threshold, level)
-        want = self._ladder(runner, level)
-        rec.thawed = self._thaw(runner, want, self.pin)
+        last = self.recoveries[-1] if self.recoveries else None
+        level = min(last.level + 1, 3) if last and ctx.step - last.step <= self.escalate_within else 1
+        rec = Recovery(ctx.step, ctx.n_logical, h, threshold, level)
+        want = self._ladder(ctx, level)
+        rec.thawed = self._thaw(ctx, want, self.pin)
         rec.ranges = runs(np.sort(want)) if rec.thawed else []
         if rec.thawed:
-            runner.redecode_last()
-            rec.entropy_after = float(entropy(runner.logits()))
-        runner.recoveries.append(rec)
+            ctx.redecode()
+            rec.entropy_after = float(entropy(ctx.logits()))
+        self.recoveries.append(rec)
 
-    def _ladder(self, runner: Runner, level: int) -> np.ndarray:
-        session = runner.session
-        assert session.store is not None
-        frozen = session.store.positions()
-        rel = self._relevance(runner, frozen)
+    def _ladder(self, ctx: PolicyContext, level: int) -> np.ndarray:
+        frozen = ctx.frozen()
+        rel = self._relevance(ctx, frozen)
         ranked = frozen[np.argsort(-rel, kind="stable")]
-        cap = self._thaw_cap(session)
+        cap = self._thaw_cap(ctx)
         if level == 1:
             return self._around(ranked, frozen, min(cap, self.recover_tokens))
         if level == 2:
-            recent = ranked[ranked >= session.n_logical - self.recover_recent]
+            recent = ranked[ranked >= ctx.n_logical - self.recover_recent]
             return recent[:cap] if len(recent) else ranked[: min(cap, self.recover_tokens)]
         self._ledger.reset_counts()
         return ranked[:cap]
 
     # helpers
-    def _relevance(self, runner: Runner, frozen: np.ndarray) -> np.ndarray:
+    def _relevance(self, ctx: PolicyContext, frozen: np.ndarray) -> np.ndarray:
         """Most attention any of the newest queries would give each frozen token, in uniform shares,
         normalised jointly with the active tokens (keys from the mirror: the rows the store holds)."""
-        imp = runner.importance
-        assert imp is not None
-        act = runner.session.active_positions()
+        imp = ctx.importance
+        act = ctx.active()
         q = imp.queries()[:, -_RELEVANCE_ROWS:]
-        n = runner.session.n_logical
+        n = ctx.n_logical
         qpos = np.arange(n - q.shape[1], n, dtype=np.int64)
         kpos = np.concatenate([act, frozen])
         mass = imp.mass(q, qpos, kpos).max(axis=0)
@@ -176,17 +181,14 @@ class AsrKf(Policy):
             taken = np.concatenate([taken, near])
         return np.sort(taken)
 
-    def _thaw_cap(self, session: Session) -> int:
+    def _thaw_cap(self, ctx: PolicyContext) -> int:
         """Most tokens one thaw may bring back: room is made by freezing others, never protected ones."""
-        return max(0, (session.budget - session.sinks - session.recent) // 2)
+        return max(0, (ctx.budget - self.sinks - self.recent) // 2)
 
-    def _thaw(self, runner: Runner, positions: np.ndarray, pin: int) -> int:
+    def _thaw(self, ctx: PolicyContext, positions: np.ndarray, pin: int, redecode: bool = True) -> int:
         if len(positions) == 0:
             return 0
-        session = runner.session
-        n = session.thaw_positions(positions)
-        self._ledger.thawed(positions, runner.step, pin)
-        imp = runner.importance
-        assert imp is not None
-        imp.scores[positions] = 1.0 / session.n_logical
+        n = ctx.thaw(positions, redecode=redecode)
+        self._ledger.thawed(positions, ctx.step, pin)
+        ctx.importance.scores[positions] = 1.0 / ctx.n_logical
         return n

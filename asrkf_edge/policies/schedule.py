@@ -77,3 +77,11 @@ class Ledger:
 
     def reset_counts(self) -> None:
         self.count[:] = 0
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {"count": self.count.copy(), "until": self.until.copy(), "pinned": self.pinned.copy()}
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        self.count = state["count"].astype(np.int32)
+        self.until = state["until"].astype(np.int64)
+        self.pinned = state["pinned"].astype(np.int64)

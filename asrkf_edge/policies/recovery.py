@@ -2,13 +2,14 @@
 
 :class:`EntropyMonitor` keeps a running mean and variance of the entropy of generated steps and calls a
 step a spike when it is above ``mean + k * std`` (after a warm-up) or above an absolute level. What to
-thaw on a spike is the policy's ladder (:class:`asrkf_edge.asrkf.AsrKf`); each one is a :class:`Recovery`.
+thaw on a spike is the policy's ladder (:class:`~asrkf_edge.policies.asrkf.AsrKf`); each one is a :class:`Recovery`.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,12 @@ class EntropyMonitor:
             self.var = (1 - a) * (self.var + a * d * d)
         return spike
 
+    def state(self) -> dict[str, float]:
+        return {"n": self.n, "mean": self.mean, "var": self.var}
+
+    def load_state(self, state: dict[str, float]) -> None:
+        self.n, self.mean, self.var = int(state["n"]), float(state["mean"]), float(state["var"])
+
 
 @dataclass
 class Recovery:
@@ -69,3 +76,7 @@ class Recovery:
         d = asdict(self)
         d["ranges"] = [list(r) for r in self.ranges]
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Recovery:
+        return cls(**{**d, "ranges": [(int(a), int(b)) for a, b in d["ranges"]]})

@@ -1,0 +1,242 @@
+"""Benchmark suites: every policy on the same prompts in one process, side by side, with the machine named.
+
+A suite yields one record (a flat dict of raw figures) per run; :func:`~asrkf_edge.bench.report.report` turns
+records into Markdown tables. ``asrkf-edge bench SUITE`` drives it with a progress bar, ``--json FILE`` and ``--plots DIR``.
+Questions always come after their document, so no policy sees them while deciding what to freeze or drop.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import llama_cpp
+import numpy as np
+
+from .. import kvcopy
+from ..engine import Engine
+from ..generate import Sampling, generate_step
+from ..llama import Sampler
+from ..policies import make_policy, policy_names
+from ..runner import Runner, budget_cells
+from ..session import KvStats
+from ..version import __version__
+from .tasks import Case, cwe, haystack_text, needle, needle_multiturn, passkey
+
+KEYS = (68231, 40917, 75302, 19486, 53720, 86154, 27309, 61847)
+Record = dict[str, Any]
+
+
+def machine(gpu: bool = False) -> dict[str, Any]:
+    """What the figures were measured on (``gpu``: the model's layers are offloaded; name the GPUs)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu": cpu, "cores": cores, "system": f"{platform.system()} {platform.release()}",
+            "python": platform.python_version(), "llama_cpp_python": llama_cpp.__version__, "asrkf_edge": __version__,
+            "gpu": ", ".join(kvcopy.gpu_names()) if gpu else None}
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (MB)."""
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / (1024 * 1024) if platform.system() == "Darwin" else r / 1024
+
+
+def rss_mb() -> float:
+    """Resident memory of this process now (MB); the peak where /proc is missing (macOS)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+    except OSError:
+        return peak_rss_mb()
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a bench run covers. Defaults follow issue 5; a 2-core laptop needs hours for all of them."""
+
+    policies: Sequence[str] = field(default_factory=policy_names)
+    budget: float = 0.35
+    lengths: Sequence[int] = (1000, 2000, 4000, 8000)  # passkey prompts, tokens
+    depths: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    keys: int = 1  # passkey keys (needle facts) per length x depth; every cell gets a different one
+    needle_lengths: Sequence[int] = (1000, 2000, 4000, 8000)
+    cwe_lengths: Sequence[int] = (500, 1000)
+    ppl_context: int = 4000  # tokens read before scoring
+    ppl_tokens: int = 256  # tokens scored (teacher-forced, one decode each)
+    speed_lengths: Sequence[int] = (512, 1000, 2000, 4000, 8000)
+    speed_tokens: int = 64
+
+    def size(self, suite: str) -> int:
+        """Runs a suite makes (for the progress bar)."""
+        cells = len(self.depths) * self.keys
+        n = {"passkey": len(self.lengths) * cells, "needle": 2 * len(self.needle_lengths) * cells + len(self.cwe_lengths) * self.keys,
+             "ppl": 1,
+             "speed": len(self.speed_lengths)}[suite]
+        return n * len(self.policies)
+
+
+# one generation ----------------------------------------------------------------------------------
+
+
+def kv_figures(stats: KvStats, full_bytes_per_token: int) -> Record:
+    """Active KV in tokens, bytes and % of what the full f16 cache holds at the end of the run."""
+    bpt, peak, mean = stats.kv_bytes_per_token, stats.active_tokens_peak, stats.active_tokens_mean
+    whole = stats.logical_tokens * full_bytes_per_token
+    return {"kv_peak_bytes": peak * bpt, "kv_mean_bytes": mean * bpt,
+            "kv_peak_pct": 100 * peak * bpt / whole if whole else 0.0, "kv_mean_pct": 100 * mean * bpt / whole if whole else 0.0}
+
+
+def _answer(engine: Engine, suite: str, task: str, case: Case, policy: str, plan: Plan, max_tokens: int,
+            **fields: object) -> Record:
+    t0 = time.perf_counter()
+    r = engine.generate(case.prompt, max_tokens, policy=policy, budget=plan.budget, chat=False)
+    return {"suite": suite, "task": task, "policy": policy, "length": case.n_tokens, "depth": case.depth,
+            "score": case.score(r.text), "correct": case.correct(r.text), "answer": r.text, "expected": case.answer,
+            "wall_seconds": time.perf_counter() - t0, **fields, **r.stats.as_dict(log=False),
+            **kv_figures(r.stats.kv, engine.info.kv_bytes_per_token)}
+
+
+def _tokenizer(engine: Engine) -> Callable[[str], list[int]]:
+    return lambda text: engine.tokenize(text, add_bos=engine.model.add_bos)
+
+
+# suites ------------------------------------------------------------------------------------------
+
+
+def passkey_suite(engine: Engine, plan: Plan) -> Iterator[Record]:
+    """Passkey retrieval: each length x depth x key, every policy on the identical prompt."""
+    tok = _tokenizer(engine)
+    for li, length in enumerate(plan.lengths):
+        for di, depth in enumerate(plan.depths):
+            for k in range(plan.keys):
+                key = KEYS[(li * len(plan.depths) * plan.keys + di * plan.keys + k) % len(KEYS)]
+                case = passkey(tok, length, depth, key)
+                for policy in plan.policies:
+                    yield _answer(engine, "passkey", "passkey", case, policy, plan, 8, target_length=length, key=key)
+
+
+def needle_suite(engine: Engine, plan: Plan) -> Iterator[Record]:
+    """A fact in natural prose asked in chat form, right after the document and two unrelated turns later;
+    then common-word extraction (aggregation, where keeping a top-k of tokens is known to fail)."""
+    for li, length in enumerate(plan.needle_lengths):
+        for di, depth in enumerate(plan.depths):
+            for k in range(plan.keys):
+                index = li * len(plan.depths) * plan.keys + di * plan.keys + k
+                for task, build in (("needle", needle), ("multiturn", needle_multiturn)):
+                    case = build(engine, length, depth, index)
+                    for policy in plan.policies:
+                        yield _answer(engine, "needle", task, case, policy, plan, 24, target_length=length, index=index)
+    for length in plan.cwe_lengths:
+        for k in range(plan.keys):
+            case = cwe(engine, length, k)
+            for policy in plan.policies:
+                yield _answer(engine, "needle", "cwe", case, policy, plan, 32, target_length=length, index=k)
+
+
+def _text_tokens(engine: Engine, n: int) -> list[int]:
+    """``n`` tokens of the shipped prose (repeated when longer than it)."""
+    base = engine.tokenize(haystack_text(), add_bos=False)
+    bos = [engine.model.bos] if engine.model.add_bos else []
+    return (bos + base * (1 + n // len(base)))[:n]
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64)
+    x -= x.max()
+    return x - np.log(np.exp(x).sum())
+
+
+def ppl_suite(engine: Engine, plan: Plan) -> Iterator[Record]:
+    """Perplexity and KL divergence from ``full`` (llama.cpp's --kl-divergence convention, KL(full || policy))
+    over ``ppl_tokens`` of prose read one token at a time after ``ppl_context`` tokens, at equal budget.
+    Also traces active KV against tokens read (the growth picture)."""
+    tokens = _text_tokens(engine, plan.ppl_context + plan.ppl_tokens)
+    ctx, tail = tokens[: plan.ppl_context], tokens[plan.ppl_context :]
+    ref: list[np.ndarray] = []
+    order = ["full"] + [p for p in plan.policies if p != "full"]  # full first: the reference
+    for policy in order:
+        pol = make_policy(policy)
+        t0 = time.perf_counter()
+        with engine.runner(pol, budget_cells(pol, plan.budget, len(ctx), len(tail))) as run:
+            trace: list[tuple[int, int]] = []
+            for i in range(0, len(ctx), 256):
+                run.prefill(ctx[i : i + 256])
+                trace.append((run.session.n_logical, run.session.kv_stats().active_tokens))
+            nll, kld, top = [], [], []
+            for j, tok in enumerate(tail):
+                lp = _log_softmax(run.logits())
+                nll.append(-lp[tok])
+                if policy == "full":
+                    ref.append(lp)
+                else:
+                    p = np.exp(ref[j])
+                    kld.append(float((p * (ref[j] - lp)).sum()))
+                    top.append(int(np.argmax(lp) == np.argmax(ref[j])))
+                run.decode(tok)
+                if j % 16 == 15:
+                    trace.append((run.session.n_logical, run.session.kv_stats().active_tokens))
+            st = run.stats()
+        if policy not in plan.policies:
+            continue
+        yield {"suite": "ppl", "policy": policy, "length": len(ctx), "scored_tokens": len(tail),
+               "ppl": float(np.exp(np.mean(nll))), "kld_mean": float(np.mean(kld)) if kld else 0.0,
+               "kld_max": float(np.max(kld)) if kld else 0.0, "same_top": float(np.mean(top)) if top else 1.0,
+               "wall_seconds": time.perf_counter() - t0, "trace": trace,
+               **st.as_dict(log=False), **kv_figures(st, engine.info.kv_bytes_per_token)}
+
+
+def _decode_greedy(run: Runner, n: int) -> float:
+    """Seconds to decode ``n`` greedy tokens (end of generation ignored: this measures speed)."""
+    sampler = Sampler(Sampling().temperature)
+    t0 = time.perf_counter()
+    try:
+        for _ in generate_step(run, sampler, n + 1):
+            pass
+    finally:
+        sampler.close()
+    return time.perf_counter() - t0
+
+
+def speed_suite(engine: Engine, plan: Plan) -> Iterator[Record]:
+    """Prefill and decode tokens/s, resident memory and the per-token cost of scoring, freezing and thawing."""
+    for length in plan.speed_lengths:
+        tokens = _text_tokens(engine, length)
+        for policy in plan.policies:
+            pol = make_policy(policy)
+            rss0 = rss_mb()
+            with engine.runner(pol, budget_cells(pol, plan.budget, length, plan.speed_tokens)) as run:
+                t0 = time.perf_counter()
+                run.prefill(tokens)
+                prefill = time.perf_counter() - t0
+                before = run.stats()
+                decode = _decode_greedy(run, plan.speed_tokens)
+                st = run.stats()
+                rss = rss_mb()
+                gpu = kvcopy.gpu_memory_used() / 1e6 if engine.model.n_gpu_layers else None  # this run's context held
+            n = plan.speed_tokens
+
+            def per_token(key: str, st: KvStats = st, before: KvStats = before, n: int = n) -> float:
+                return 1000 * (getattr(st, key) - getattr(before, key)) / n
+
+            yield {"suite": "speed", "policy": policy, "length": length, "prefill_tokens_per_s": length / prefill,
+                   "decode_tokens_per_s": n / decode, "rss_mb": rss, "rss_delta_mb": rss - rss0,
+                   "observe_ms_per_token": per_token("observe_seconds"), "freeze_ms_per_token": per_token("freeze_seconds"),
+                   "thaw_ms_per_token": per_token("thaw_seconds"), "policy_ms_per_token": per_token("policy_seconds"),
+                   "decode_recoveries": st.recoveries - before.recoveries,
+                   "gpu_used_mb": gpu,
+                   **st.as_dict(log=False), **kv_figures(st, engine.info.kv_bytes_per_token)}
+
+
+SUITES: dict[str, Callable[[Engine, Plan], Iterator[Record]]] = {
+    "passkey": passkey_suite, "needle": needle_suite, "ppl": ppl_suite, "speed": speed_suite}
