@@ -1,12 +1,17 @@
-"""The only module that touches llama.cpp pointers: model, context, batch, sampler, memory and state.
+"""llama.cpp and ggml pointers: model, context, batch, sampler, memory and state, and ggml's backend devices
+(GPU names and memory, page-locked host buffers).
 
 Everything here is a thin, typed shell over ``llama_cpp.llama_cpp`` (llama-cpp-python's ctypes
 bindings). llama.cpp failures become :class:`~asrkf_edge.errors.LlamaError` with llama.cpp's own
 last log lines attached, so callers never see a NULL pointer or a bare return code.
+
+Two other modules hold pointers, each for one job: :mod:`asrkf_edge.capture` (the ``cb_eval`` callback
+reads ggml tensors inside the graph) and :mod:`asrkf_edge.kvcopy` (native row copies between buffers).
 """
 
 from __future__ import annotations
 
+import atexit
 import collections
 import ctypes
 import logging
@@ -15,6 +20,7 @@ import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import llama_cpp.llama_cpp as L  # noqa: N812  (import before numpy: see NOTES, CUDA segfault)
@@ -243,8 +249,6 @@ class Context:
     def staging(self, nbytes: int) -> np.ndarray:
         """Host memory of ``nbytes`` for a state copy: page-locked when layers are on a GPU, and reused
         (no fresh pages to fault in) unless a view returned earlier is still alive somewhere."""
-        from .kvcopy import host_array
-
         if not self._reuse:
             return host_array(nbytes, self._pinned)
         if self._stage is None or self._stage.nbytes < nbytes or sys.getrefcount(self._stage) > self._stage_refs:
@@ -300,3 +304,100 @@ class Sampler:
         if self.ptr:
             L.llama_sampler_free(self.ptr)
             self.ptr = None
+
+
+# Host staging memory for llama.cpp's state copies. A device-to-host copy into ordinary (pageable) memory
+# goes through the driver's bounce buffer and first-touch page faults; one into page-locked memory is a
+# single DMA. ggml's host buffer type of a GPU device (cudaMallocHost on CUDA) gives such memory.
+
+_exiting = False
+
+
+@atexit.register
+def _mark_exit() -> None:  # the CUDA runtime may be going away: leak pinned buffers instead of freeing
+    global _exiting
+    _exiting = True
+
+
+@cache
+def _ggml() -> ctypes.CDLL:
+    from llama_cpp import _ggml as ggml_bindings
+
+    lib = ggml_bindings.libggml
+    vp, sz = ctypes.c_void_p, ctypes.c_size_t
+    for name, args, res in [
+        ("ggml_backend_dev_count", [], sz), ("ggml_backend_dev_get", [sz], vp), ("ggml_backend_dev_type", [vp], ctypes.c_int),
+        ("ggml_backend_dev_name", [vp], ctypes.c_char_p), ("ggml_backend_dev_description", [vp], ctypes.c_char_p),
+        ("ggml_backend_dev_host_buffer_type", [vp], vp),
+        ("ggml_backend_dev_memory", [vp, ctypes.POINTER(sz), ctypes.POINTER(sz)], None),
+        ("ggml_backend_buft_alloc_buffer", [vp, sz], vp), ("ggml_backend_buffer_get_base", [vp], vp),
+        ("ggml_backend_buffer_free", [vp], None),
+    ]:
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, res
+    return lib
+
+
+_GPU_TYPES = (1, 2)  # GGML_BACKEND_DEVICE_TYPE_GPU, _IGPU
+
+
+def gpu_devices() -> list[int]:
+    """Raw ``ggml_backend_dev_t`` handles of the GPU devices llama.cpp was built with (none on a CPU build)."""
+    lib = _ggml()
+    devs = [lib.ggml_backend_dev_get(i) for i in range(lib.ggml_backend_dev_count())]
+    return [d for d in devs if lib.ggml_backend_dev_type(d) in _GPU_TYPES]
+
+
+def device_memory(dev: int) -> tuple[int, int]:
+    """(free, total) bytes of a device's memory, as its backend reports them."""
+    free, total = ctypes.c_size_t(), ctypes.c_size_t()
+    _ggml().ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+    return free.value, total.value
+
+
+def gpu_names() -> list[str]:
+    """Each GPU device as its backend describes it (e.g. "NVIDIA H200"); none on a CPU build."""
+    return [_ggml().ggml_backend_dev_description(d).decode() for d in gpu_devices()]
+
+
+def gpu_memory_used() -> int:
+    """Bytes in use on all GPU devices (total minus free, the driver's context included); 0 without one."""
+    return sum(total - free for free, total in map(device_memory, gpu_devices()))
+
+
+def host_array(nbytes: int, pinned: bool) -> np.ndarray:
+    """A uint8 array of ``nbytes``: page-locked through the first GPU's host buffer type when ``pinned`` and
+    one exists, else ordinary memory. Pinned memory is given back when the array and its views are gone."""
+    buft = None
+    if pinned and pinned_available():
+        lib = _ggml()
+        buft = lib.ggml_backend_dev_host_buffer_type(gpu_devices()[0])
+    if not buft:
+        return np.empty(nbytes, np.uint8)
+    buf = lib.ggml_backend_buft_alloc_buffer(buft, nbytes)
+    if not buf:
+        return np.empty(nbytes, np.uint8)
+    raw = (ctypes.c_uint8 * nbytes).from_address(lib.ggml_backend_buffer_get_base(buf))
+    raw.owner = _Free(buf)  # frees the ggml buffer when the ctypes object (the array's base) dies
+    return np.frombuffer(raw, np.uint8)
+
+
+class _Free:
+    def __init__(self, buf: int) -> None:
+        self.buf = buf
+
+    def __del__(self) -> None:
+        if not _exiting:
+            _ggml().ggml_backend_buffer_free(self.buf)
+
+
+@cache
+def pinned_available() -> bool:
+    """True when llama.cpp has a GPU whose backend offers page-locked host buffers (and staging is not off)."""
+    if os.environ.get("ASRKF_EDGE_PINNED", "1") == "0":
+        return False
+    try:
+        devs = gpu_devices()
+    except (OSError, AttributeError, ImportError):
+        return False
+    return bool(devs) and bool(_ggml().ggml_backend_dev_host_buffer_type(devs[0]))

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from asrkf_edge import Engine, kvcopy
+from asrkf_edge import Engine, llama
 from asrkf_edge.llama import SCRATCH_SEQ
 from asrkf_edge.policies import make_policy
 from asrkf_edge.runner import budget_cells
@@ -60,7 +60,7 @@ def speed(engine: Engine, policy: str, n: int, n_decode: int, budget: float, bas
         t0 = time.perf_counter()
         run.prefill(toks)
         t1 = time.perf_counter()
-        used_prefill = kvcopy.gpu_memory_used()
+        used_prefill = llama.gpu_memory_used()
         tok = int(np.argmax(run.logits()))
         before = run.stats().as_dict()
         t2 = time.perf_counter()
@@ -68,7 +68,7 @@ def speed(engine: Engine, policy: str, n: int, n_decode: int, budget: float, bas
             run.decode(tok)
             tok = int(np.argmax(run.logits()))
         t3 = time.perf_counter()
-        used = kvcopy.gpu_memory_used()
+        used = llama.gpu_memory_used()
         st = run.stats().as_dict()
         ctx_cells = run.session.ctx.n_ctx
         bpt = run.session.bytes_per_token
@@ -132,7 +132,7 @@ def copy_cost(engine: Engine, span: int, repeat: int) -> dict[str, object]:
         for s in sessions.values():
             s.close()
     res: dict[str, object] = {"span_tokens": span, "blob_bytes": nbytes, "kv_bytes_per_token": bpt,
-                              "pinned": kvcopy.pinned_available()}
+                              "pinned": llama.pinned_available()}
     for mode, name in (("0", "before"), ("1", "after")):
         r = {}
         for k, v in out[mode].items():
@@ -159,15 +159,15 @@ def main() -> None:
     ap.add_argument("--policies", nargs="+", default=["full", "asrkf"])
     ap.add_argument("--allow-cpu", action="store_true", help="smoke-test the script without a GPU")
     a = ap.parse_args()
-    if not kvcopy.gpu_devices() and not a.allow_cpu:
+    if not llama.gpu_devices() and not a.allow_cpu:
         raise SystemExit("llama.cpp has no GPU backend here")
     t = time.perf_counter()
     with Engine.load(a.model, n_gpu_layers=-1, flash_attn=True) as eng:
         load_s = time.perf_counter() - t
-        base = kvcopy.gpu_memory_used()
+        base = llama.gpu_memory_used()
         res: dict[str, object] = {
             "model": a.label or eng.info.name, "path": a.model,
-            "device": ", ".join(kvcopy.gpu_names()) or "cpu",
+            "device": ", ".join(llama.gpu_names()) or "cpu",
             "host": platform.node(), "n_layer": eng.model.n_layer, "n_head": eng.model.n_head, "n_head_kv": eng.model.n_head_kv,
             "head_dim": eng.model.head_dim, "load_seconds": load_s, "flash_attn": True, "budget": a.budget, "decode_tokens": a.decode,
             "speed": [], "copy": None,

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 from scoring import observed_scores, rank_overlap
 
-from asrkf_edge import Engine, kvcopy
+from asrkf_edge import Engine, llama
 from asrkf_edge.importance import Importance
 
 
 def _has_gpu() -> bool:
     try:
-        return bool(kvcopy.gpu_devices())
+        return bool(llama.gpu_devices())
     except Exception:  # no llama.cpp ggml bindings at all
         return False
 
@@ -44,7 +44,7 @@ def _probe(sess, tokens):
 
 
 def test_pinned_staging_is_used(gpu):
-    assert kvcopy.pinned_available()
+    assert llama.pinned_available()
     with gpu.session(512) as s:
         s.eval(gpu.tokenize(TEXT)[:60])
         s.ctx.seq_cp(0, 1, 10, 40)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from asrkf_edge.bench.tasks import passkey
-from asrkf_edge.policies import AsrKf, Full, Streaming, make_policy
+from asrkf_edge.policies import AsrKf, Full, Streaming, make_policy, policy_names
 from asrkf_edge.policies.recovery import EntropyMonitor, EntropyRule
 from asrkf_edge.policies.schedule import Ledger, Schedule
 from asrkf_edge.runner import budget_cells
@@ -177,3 +177,20 @@ def test_quantized_caches_hold_everything_in_fewer_bytes(real) -> None:
         st = real.generate(prompt, 8, policy=name, budget=0.1, chat=False).stats.kv  # the budget does not apply
         assert st.active_tokens_peak == full.active_tokens_peak and st.dropped_tokens == 0
         assert st.active_kv_bytes == pytest.approx(ratio * full.active_kv_bytes)
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("name", policy_names())
+def test_every_registered_policy_runs_a_generation(real, name: str) -> None:
+    """Each policy the registry lists (CLI choices, bench order) generates through the one engine, keeps to its
+    budget, and accounts for every token: active + frozen (+ dropped) = logical."""
+    prompt = "the sky is blue and the grass is green " * 40
+    st = real.generate(prompt, 8, policy=name, budget=0.5, chat=False).stats
+    assert st.generated_tokens > 0 and st.kv.policy == name
+    kv = st.kv
+    assert kv.active_tokens + kv.frozen_tokens + kv.dropped_tokens == kv.logical_tokens
+    pol = make_policy(name)
+    if pol.bounded:
+        assert kv.active_tokens_peak <= max(0.5 * st.prompt_tokens, pol.min_cells()) + 1
+    if pol.reversible:
+        assert kv.dropped_tokens == 0 and kv.frozen_tokens > 0

@@ -18,7 +18,7 @@ from typing import Any
 import llama_cpp
 import numpy as np
 
-from .. import kvcopy
+from .. import llama
 from ..engine import Engine
 from ..generate import Sampling, generate_step
 from ..llama import Sampler
@@ -43,7 +43,7 @@ def machine(gpu: bool = False) -> dict[str, Any]:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {"cpu": cpu, "cores": cores, "system": f"{platform.system()} {platform.release()}",
             "python": platform.python_version(), "llama_cpp_python": llama_cpp.__version__, "asrkf_edge": __version__,
-            "gpu": ", ".join(kvcopy.gpu_names()) if gpu else None}
+            "gpu": ", ".join(llama.gpu_names()) if gpu else None}
 
 
 def peak_rss_mb() -> float:
@@ -223,7 +223,7 @@ def speed_suite(engine: Engine, plan: Plan) -> Iterator[Record]:
                 decode = _decode_greedy(run, plan.speed_tokens)
                 st = run.stats()
                 rss = rss_mb()
-                gpu = kvcopy.gpu_memory_used() / 1e6 if engine.model.n_gpu_layers else None  # this run's context held
+                gpu = llama.gpu_memory_used() / 1e6 if engine.model.n_gpu_layers else None  # this run's context held
             n = plan.speed_tokens
 
             def per_token(key: str, st: KvStats = st, before: KvStats = before, n: int = n) -> float:
