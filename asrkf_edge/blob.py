@@ -119,3 +119,23 @@ def v_header(layout: Layout) -> bytes:
     if layout.v_trans:
         return t + np.array([layout.v_el, layout.v_row // layout.v_el], "<u4").tobytes()
     return t + np.array([layout.v_row], "<u8").tobytes()
+
+
+GGML_F32, GGML_F16, GGML_Q8_0 = 0, 1, 8
+
+
+def k_as_f16(parsed: Parsed, layer: int) -> np.ndarray:
+    """One layer's K rows as float16 [n, n_embd_k], whatever the cache type (f32, f16, q8_0 dequantized).
+
+    q8_0 (ggml's ``block_q8_0``): blocks of 32 values, each an f16 scale then 32 int8, value = scale * q."""
+    raw, t = parsed.k[layer], parsed.layout.k_type
+    if t == GGML_F16:
+        return raw.view(np.float16)
+    if t == GGML_F32:
+        return raw.view(np.float32).astype(np.float16)
+    if t == GGML_Q8_0:
+        blocks = raw.reshape(len(raw), -1, 34)
+        scale = blocks[:, :, :2].copy().view(np.float16).astype(np.float32)  # [n, n_blocks, 1]
+        q = blocks[:, :, 2:].view(np.int8).astype(np.float32)
+        return (scale * q).reshape(len(raw), -1).astype(np.float16)
+    raise ValueError(f"K rows of ggml type {t} cannot be read back for scoring")

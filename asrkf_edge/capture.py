@@ -64,6 +64,7 @@ class CaptureSpec:
     probs: bool = True
     queries: bool = True
     keys: bool = True
+    prob_layers: tuple[int, ...] | None = None  # layers whose probabilities are copied (None: ``layers``)
 
 
 class Capture:
@@ -84,7 +85,8 @@ class Capture:
         self._bufs: dict[int, np.ndarray] = {}
         self._ptrs = (ctypes.c_void_p * (3 * nl))()
         for kind, on in enabled.items():
-            for layer in spec.layers if on else ():
+            chosen = spec.prob_layers if kind == PROBS and spec.prob_layers is not None else spec.layers
+            for layer in chosen if on else ():
                 if not 0 <= layer < nl:
                     raise ValueError(f"layer {layer} out of range: the model has {nl}")
                 slot = kind * nl + layer

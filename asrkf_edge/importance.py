@@ -9,9 +9,12 @@ the captured post-RoPE queries and a mirror of the keys (the same f16 rows the c
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numba
 import numpy as np
 
+from .blob import Parsed, k_as_f16
 from .capture import Capture, CaptureSpec
 from .llama import Model
 
@@ -37,20 +40,62 @@ def attention_mass(q: np.ndarray, qpos: np.ndarray, keys: np.ndarray, kpos: np.n
 
 @numba.njit(**_JIT)
 def _mass_serial(q: np.ndarray, qpos: np.ndarray, keys: np.ndarray, kpos: np.ndarray, scale: np.float32) -> np.ndarray:
-    n_l, n_kv = q.shape[0], keys.shape[2]
-    out = np.zeros((q.shape[1], len(kpos)), np.float32)
+    n_l, n_kv, n_r = q.shape[0], keys.shape[2], q.shape[1]
+    out = np.zeros((n_r, len(kpos)), np.float32)
     for t in range(n_l * n_kv):
-        _head_mass(q, qpos, keys, kpos, scale, t // n_kv, t % n_kv, out)
+        p = _head_softmax(q, qpos, keys, kpos, scale, t // n_kv, t % n_kv)
+        for i in range(p.shape[0]):
+            out[i % n_r] += p[i]
     return out / (n_l * q.shape[2])
 
 
 @numba.njit(parallel=True, **_JIT)
 def _mass_parallel(q: np.ndarray, qpos: np.ndarray, keys: np.ndarray, kpos: np.ndarray, scale: np.float32) -> np.ndarray:
-    n_l, n_kv = q.shape[0], keys.shape[2]
-    parts = np.zeros((n_l * n_kv, q.shape[1], len(kpos)), np.float32)
+    n_l, n_kv, n_r = q.shape[0], keys.shape[2], q.shape[1]
+    parts = np.zeros((n_l * n_kv, n_r, len(kpos)), np.float32)
     for t in numba.prange(n_l * n_kv):
-        _head_mass(q, qpos, keys, kpos, scale, t // n_kv, t % n_kv, parts[t])
+        p = _head_softmax(q, qpos, keys, kpos, scale, t // n_kv, t % n_kv)
+        for i in range(p.shape[0]):
+            parts[t, i % n_r] += p[i]
     return parts.sum(axis=0) / (n_l * q.shape[2])
+
+
+def head_scores(q: np.ndarray, qpos: np.ndarray, keys: np.ndarray, kpos: np.ndarray, scale: float,
+                parallel: bool = False) -> np.ndarray:
+    """Attention each query head gives each key, summed over the query rows: [L * H, N] (row l * H + h).
+
+    The observation-window score of SnapKV, kept per head so that heads can be pooled and combined as a
+    policy chooses. Arguments as for :func:`attention_mass`.
+    """
+    args = (np.ascontiguousarray(q, np.float32), qpos, keys, kpos, np.float32(scale))
+    return _heads_parallel(*args) if parallel else _heads_serial(*args)
+
+
+@numba.njit(**_JIT)
+def _heads_serial(q: np.ndarray, qpos: np.ndarray, keys: np.ndarray, kpos: np.ndarray, scale: np.float32) -> np.ndarray:
+    n_l, n_kv, n_r, n_h = q.shape[0], keys.shape[2], q.shape[1], q.shape[2]
+    out = np.zeros((n_l * n_h, len(kpos)), np.float32)
+    for t in range(n_l * n_kv):
+        p = _head_softmax(q, qpos, keys, kpos, scale, t // n_kv, t % n_kv)
+        _sum_rows(p, (t // n_kv) * n_h + (t % n_kv) * (n_h // n_kv), n_r, out)
+    return out
+
+
+@numba.njit(parallel=True, **_JIT)
+def _heads_parallel(q: np.ndarray, qpos: np.ndarray, keys: np.ndarray, kpos: np.ndarray, scale: np.float32) -> np.ndarray:
+    n_l, n_kv, n_r, n_h = q.shape[0], keys.shape[2], q.shape[1], q.shape[2]
+    out = np.zeros((n_l * n_h, len(kpos)), np.float32)
+    for t in numba.prange(n_l * n_kv):  # each (layer, KV head) writes its own rows of ``out``
+        p = _head_softmax(q, qpos, keys, kpos, scale, t // n_kv, t % n_kv)
+        _sum_rows(p, (t // n_kv) * n_h + (t % n_kv) * (n_h // n_kv), n_r, out)
+    return out
+
+
+@numba.njit(**_JIT)
+def _sum_rows(p: np.ndarray, base: int, n_r: int, out: np.ndarray) -> None:
+    """Add softmax rows ``p`` [group * R, N] of one KV head into ``out`` rows base.. (one per query head)."""
+    for i in range(p.shape[0]):
+        out[base + i // n_r] += p[i]
 
 
 # 2**112: rescales a float16's exponent and mantissa bits, shifted into a float32, to the float16's value
@@ -73,9 +118,10 @@ def f16_to_f32(src: np.ndarray, bits: np.ndarray) -> None:
 
 # reassociation lets LLVM vectorize the dot products (the NumPy twin agrees to ~1e-9)
 @numba.njit(**{**_JIT, "fastmath": {"reassoc", "contract"}})
-def _head_mass(q: np.ndarray, qpos: np.ndarray, keys: np.ndarray, kpos: np.ndarray, scale: np.float32,
-               layer: int, kh: int, out: np.ndarray) -> None:
-    """Add one layer's KV head's softmax rows (its ``group`` query heads) into ``out`` [R, N]."""
+def _head_softmax(q: np.ndarray, qpos: np.ndarray, keys: np.ndarray, kpos: np.ndarray, scale: np.float32,
+                  layer: int, kh: int) -> np.ndarray:
+    """Causal softmax of one layer's KV head's ``group`` query heads over the keys: [group * R, N], row
+    ``g * R + r`` for query head ``kh * group + g`` and query row ``r``. Each key row is decoded once."""
     n_r, n_h, d = q.shape[1], q.shape[2], q.shape[3]
     group = n_h // keys.shape[2]
     n, m = len(kpos), group * n_r
@@ -106,19 +152,30 @@ def _head_mass(q: np.ndarray, qpos: np.ndarray, keys: np.ndarray, kpos: np.ndarr
             total += x
         inv = np.float32(1.0) / total
         for j in range(n):
-            out[r, j] += logit[i, j] * inv
+            logit[i, j] *= inv
+    return logit
 
 
-def attention_mass_reference(q: np.ndarray, qpos: np.ndarray, keys: np.ndarray, kpos: np.ndarray, scale: float) -> np.ndarray:
-    """NumPy twin of :func:`attention_mass`."""
+def _softmax_reference(q: np.ndarray, qpos: np.ndarray, keys: np.ndarray, kpos: np.ndarray, scale: float) -> np.ndarray:
+    """Causal softmax of every layer, row and query head over the keys, float64 [L, R, H, N]."""
     k = keys[:, kpos].view(np.float16).astype(np.float64)  # [L, N, Hkv, d]
     k = np.repeat(k, q.shape[2] // k.shape[2], axis=2)  # [L, N, H, d]
     logits = np.einsum("lrhd,lnhd->lrhn", q.astype(np.float64), k) * scale
     visible = kpos[None, :] <= qpos[:, None]  # [R, N]
     logits = np.where(visible[None, :, None, :], logits, -np.inf)
     p = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    p /= p.sum(axis=-1, keepdims=True)
-    return p.mean(axis=(0, 2)).astype(np.float32)
+    return p / p.sum(axis=-1, keepdims=True)
+
+
+def attention_mass_reference(q: np.ndarray, qpos: np.ndarray, keys: np.ndarray, kpos: np.ndarray, scale: float) -> np.ndarray:
+    """NumPy twin of :func:`attention_mass`."""
+    return _softmax_reference(q, qpos, keys, kpos, scale).mean(axis=(0, 2)).astype(np.float32)
+
+
+def head_scores_reference(q: np.ndarray, qpos: np.ndarray, keys: np.ndarray, kpos: np.ndarray, scale: float) -> np.ndarray:
+    """NumPy twin of :func:`head_scores`."""
+    p = _softmax_reference(q, qpos, keys, kpos, scale).sum(axis=1)  # [L, H, N]
+    return p.reshape(-1, len(kpos)).astype(np.float32)
 
 
 @numba.njit(**_JIT)
@@ -172,33 +229,51 @@ class Importance:
     """Per-position importance scores and key mirror, updated after every decode of a session.
 
     ``gamma``/``weight`` choose the fold: an EMA over the window (ASR-KF) or a plain running sum (H2O).
-    ``stride``: with flash attention, host attention is computed for one decode step in ``stride`` (the cost
-    of scoring grows with the active keys; the softmax captured without flash attention is folded every step).
-    ``mirror_keys`` keeps the post-RoPE keys of the scored layers (f16, by position) for scoring frozen
-    tokens against new queries and for flash attention; without it only ``kq_soft_max`` is used.
+    ``stride``: decode steps per observation. ``mirror_keys`` keeps the post-RoPE keys of the scored layers
+    (f16, by position) for scoring frozen tokens against new queries and for flash attention; without it
+    only ``kq_soft_max`` is used and every step is observed. With the mirror, a single-token decode is
+    captured only on observation steps (a captured node costs the graph a synchronisation: measured 25%
+    of decode speed with 30 layers on CPU); keys of the steps in between are read back from the cache
+    when first needed (:meth:`ensure_keys`, through ``fetch``) or when they are frozen (:meth:`on_copy`).
+    ``fold_layers``: how many of the layers (evenly spaced) the decayed score is folded from.
     """
 
     def __init__(self, model: Model, layers: tuple[int, ...], window: int, flash_attn: bool,
-                 decay: bool = True, mirror_keys: bool = True, stride: int = 1) -> None:
+                 decay: bool = True, mirror_keys: bool = True, stride: int = 1, keep_queries: int = 0,
+                 fold_layers: int = 8) -> None:
         if stride < 1:
             raise ValueError(f"stride must be >= 1, got {stride}")
         self.model = model
-        self.stride = stride if flash_attn else 1  # the captured softmax costs nothing to fold: every step
+        self.mirror_keys = mirror_keys or flash_attn
+        self.sparse = mirror_keys  # decode steps captured only when observed (keys can be read back)
+        self.stride = stride if self.sparse or flash_attn else 1
         self.layers = layers
+        picks = np.unique(np.round(np.linspace(0, len(layers) - 1, min(fold_layers, len(layers)))).astype(int))
+        self.fold = tuple(int(i) for i in picks)  # indices into ``layers``
         self.window = window
         self.flash_attn = flash_attn
         self.gamma, self.weight = (1.0 - 1.0 / window, 1.0 / window) if decay else (1.0, 1.0)
-        self.mirror_keys = mirror_keys or flash_attn
         self.scale = 1.0 / float(np.sqrt(model.head_dim))
         self.parallel = model.n_gpu_layers != 0  # the CPU cores idle while the GPU decodes: score on all of them
         self.scores = np.zeros(1024, np.float32)
         self._kv = model.n_head_kv * model.head_dim
         self.keys = np.zeros((len(layers), 1024 if self.mirror_keys else 0, self._kv), np.float16)
+        self.known = np.zeros(1024 if self.mirror_keys else 0, bool)  # which positions the mirror holds
         self.capture: Capture | None = None
+        self.fetch: Callable[[np.ndarray], object] | None = None  # reads keys of active positions back
+        self.keep_queries = keep_queries if self.mirror_keys else 0
+        self._recent_q = np.zeros((len(layers), 0, model.n_head, model.head_dim), np.float32)
+        self._recent_pos = np.zeros(0, np.int64)
 
     def spec(self) -> CaptureSpec:
         """What the session's capture must copy for this tracker."""
-        return CaptureSpec(self.layers, self.window, probs=not self.flash_attn, queries=self.mirror_keys, keys=self.mirror_keys)
+        rows = max(self.window, self.keep_queries)
+        return CaptureSpec(self.layers, rows, probs=not self.flash_attn, queries=self.mirror_keys, keys=self.mirror_keys,
+                           prob_layers=tuple(self.layers[i] for i in self.fold))
+
+    def wants(self, pos0: int, n: int) -> bool:
+        """Whether the decode of positions pos0.. (n tokens) should be captured."""
+        return not self.sparse or n > 1 or pos0 % self.stride == 0
 
     @property
     def mirror_bytes(self) -> int:
@@ -211,6 +286,7 @@ class Importance:
             if self.mirror_keys:
                 more = np.zeros((len(self.layers), cap - self.keys.shape[1], self._kv), np.float16)
                 self.keys = np.concatenate([self.keys, more], axis=1)
+                self.known = np.concatenate([self.known, np.zeros(cap - len(self.known), bool)])
 
     def observe(self, cell_pos: np.ndarray, pos0: int, n: int) -> None:
         """Fold the last decode (positions pos0..pos0+n-1) into the scores; ``cell_pos`` maps cells to
@@ -218,13 +294,19 @@ class Importance:
         cap = self.capture
         assert cap is not None
         self._grow(pos0 + n)
-        active = cell_pos[cell_pos >= 0]
         self.scores[pos0 : pos0 + n] = 1.0 / (pos0 + n)
+        if not cap.enabled:  # not observed: its keys are read back when needed
+            if self.mirror_keys:
+                self.known[pos0 : pos0 + n] = False
+            return
         if self.mirror_keys:
             for i, layer in enumerate(self.layers):
                 k = cap.keys(layer)
                 if k is not None:
                     self.keys[i, pos0 : pos0 + n] = k.reshape(n, -1)
+            self.known[pos0 : pos0 + n] = True
+        if self.keep_queries:
+            self._keep(self.queries(), pos0 + n)
         rows = min(n, self.window)
         qpos = np.arange(pos0 + n - rows, pos0 + n, dtype=np.int64)
         gamma, weight = self.gamma, self.weight
@@ -233,15 +315,53 @@ class Importance:
                 return
             gamma, weight = self.gamma**self.stride, self.weight * sum(self.gamma**i for i in range(self.stride))
         if not self.flash_attn:
-            probs = [p for layer in self.layers if (p := cap.probs(layer)) is not None]
+            probs = [p for i in self.fold if (p := cap.probs(self.layers[i])) is not None]
             if not probs:
                 return
-            mass = np.mean([p.mean(axis=0) for p in probs], axis=0)  # [rows, n_kv]
+            mass = np.mean([p[:, -rows:].mean(axis=0) for p in probs], axis=0)  # [rows, n_kv]
             kpos = cell_pos[: mass.shape[1]]
         else:
-            kpos = np.sort(active)
-            mass = self.mass(self.queries(), qpos, kpos)
+            kpos = np.sort(cell_pos[cell_pos >= 0])
+            mass = self.mass(self.queries()[:, -rows:], qpos, kpos, self.fold)
         fold(self.scores, np.ascontiguousarray(mass, np.float32), kpos.astype(np.int64), qpos, gamma, weight)
+
+    def on_copy(self, pos: np.ndarray, parsed: Parsed) -> None:
+        """Fill the mirror from KV rows copied out of the cache (a freeze or a read-back)."""
+        if not self.mirror_keys:
+            return
+        self._grow(int(pos.max()) + 1)
+        miss = np.flatnonzero(~self.known[pos])
+        if not len(miss):
+            return
+        for i, layer in enumerate(self.layers):
+            self.keys[i, pos[miss]] = k_as_f16(parsed, layer)[miss]
+        self.known[pos[miss]] = True
+
+    def ensure_keys(self, positions: np.ndarray) -> None:
+        """Read back the keys of these positions that the mirror lacks (decoded while not captured)."""
+        missing = positions[~self.known[positions]]
+        if len(missing):
+            if self.fetch is None:
+                raise RuntimeError("keys missing from the mirror and no way to read them back")
+            self.fetch(missing)
+
+    def _keep(self, q: np.ndarray, end: int) -> None:
+        """Append the newest query rows (positions up to ``end``) to the kept ones, replacing re-decoded ones."""
+        pos = np.arange(end - q.shape[1], end, dtype=np.int64)
+        old = self._recent_pos < pos[0]
+        self._recent_q = np.concatenate([self._recent_q[:, old], q], axis=1)[:, -self.keep_queries :]
+        self._recent_pos = np.concatenate([self._recent_pos[old], pos])[-self.keep_queries :]
+
+    def recent_queries(self, rows: int) -> tuple[np.ndarray, np.ndarray]:
+        """The newest ``rows`` kept query rows across decodes, [L, rows, H, d], and their positions."""
+        return self._recent_q[:, -rows:], self._recent_pos[-rows:]
+
+    def heads(self, q: np.ndarray, qpos: np.ndarray, kpos: np.ndarray) -> np.ndarray:
+        """Per query head of the scored layers, the attention rows ``q`` give the mirrored keys at ``kpos``,
+        summed over the rows: [L * H, len(kpos)]."""
+        kpos = kpos.astype(np.int64)
+        self.ensure_keys(kpos)
+        return head_scores(q, qpos, self.mirror(), kpos, self.scale, self.parallel)
 
     def of(self, positions: np.ndarray) -> np.ndarray:
         """Scores of ``positions`` (float64)."""
@@ -251,7 +371,9 @@ class Importance:
         """Scores and mirrored keys of the first ``n`` positions."""
         out = {"scores": self.scores[:n].copy()}
         if self.mirror_keys:
-            out["keys"] = self.keys[:, :n].copy()
+            out["keys"], out["known"] = self.keys[:, :n].copy(), self.known[:n].copy()
+        if self.keep_queries:
+            out["recent_q"], out["recent_pos"] = self._recent_q.copy(), self._recent_pos.copy()
         return out
 
     def load_state(self, state: dict[str, np.ndarray]) -> None:
@@ -260,6 +382,9 @@ class Importance:
         self.scores[:n] = state["scores"]
         if self.mirror_keys and "keys" in state:
             self.keys[:, :n] = state["keys"]
+            self.known[:n] = state["known"]
+        if self.keep_queries and "recent_q" in state:
+            self._recent_q, self._recent_pos = state["recent_q"].copy(), state["recent_pos"].astype(np.int64)
 
     def queries(self) -> np.ndarray:
         """The last decode's newest queries, [L, rows, H, d]."""
@@ -271,6 +396,12 @@ class Importance:
         """The key mirror as the kernels take it: [L, positions, Hkv, d] float16 bits."""
         return self.keys.view(np.uint16).reshape(len(self.layers), -1, self.model.n_head_kv, self.model.head_dim)
 
-    def mass(self, q: np.ndarray, qpos: np.ndarray, kpos: np.ndarray) -> np.ndarray:
-        """Attention mass [rows, len(kpos)] that queries ``q`` give the mirrored keys at ``kpos``."""
-        return attention_mass(q, qpos, self.mirror(), kpos.astype(np.int64), self.scale, self.parallel)
+    def mass(self, q: np.ndarray, qpos: np.ndarray, kpos: np.ndarray, layers: tuple[int, ...] | None = None) -> np.ndarray:
+        """Attention mass [rows, len(kpos)] that queries ``q`` give the mirrored keys at ``kpos``, averaged over
+        the scored layers (or those of ``layers``, indices into them) and heads."""
+        kpos = kpos.astype(np.int64)
+        self.ensure_keys(kpos)
+        keys = self.mirror()
+        if layers is not None and len(layers) < len(self.layers):
+            q, keys = q[list(layers)], keys[list(layers)]
+        return attention_mass(q, qpos, keys, kpos, self.scale, self.parallel)

@@ -17,7 +17,7 @@ import numpy as np
 
 from .importance import Importance
 from .llama import Model
-from .policies import Policy, ScoringPolicy, default_layers
+from .policies import Policy, ScoringPolicy
 from .policies.base import GGML_F16
 from .session import KvStats, Session
 
@@ -50,24 +50,29 @@ class Runner:
         self.policy = policy
         self.step = 0
         self.stale_logits = False  # a thaw after the last decode: its logits miss the thawed tokens
+        self._quiet = False  # re-reading at the policy's request: its after_decode is not called
         self.policy_seconds = 0.0  # in the policy's hooks and evictions, freezes and thaws included
         self.observe_seconds = 0.0  # folding captured attention into importance
         self._importance: Importance | None = None
         quantized = policy.cache_type != GGML_F16
         flash_attn = flash_attn or quantized  # llama.cpp refuses a quantized V cache without flash attention
         if policy.attention is not None or policy.reversible:
-            layers = policy.layers or default_layers(model.n_layer)
+            layers = policy.capture_layers(model.n_layer)
             self._importance = Importance(model, layers, policy.window, flash_attn, decay=policy.attention == "ema",
-                                          mirror_keys=policy.reversible, stride=policy.observe_every)
+                                          mirror_keys=policy.reversible, stride=policy.observe_every,
+                                          keep_queries=policy.obs_window)
         self.session = Session(
             model, cells, flash_attn=flash_attn, n_batch=n_batch, sinks=policy.sinks, recent=policy.recent,
             type_k=policy.cache_type, type_v=policy.cache_type,
             store_dir=store_dir, evict=self._evict if isinstance(policy, ScoringPolicy) else None,
             drop=not policy.reversible, shift=policy.shift,
             capture=self._importance.spec() if self._importance else None, on_decode=self._on_decode,
+            before_decode=self._before_decode if self._importance else None,
+            on_copy=self._importance.on_copy if self._importance else None,
         )
         if self._importance is not None:
             self._importance.capture = self.session.capture
+            self._importance.fetch = self.session.peek
 
     def close(self) -> None:
         self.session.close()
@@ -79,9 +84,16 @@ class Runner:
         self.close()
 
     # decoding
-    def prefill(self, tokens: Sequence[int]) -> None:
-        """Read the prompt (in chunks, evicting as the policy says); logits of its last token are ready."""
+    def prefill(self, tokens: Sequence[int], final: bool = True) -> None:
+        """Read the prompt (in chunks, evicting as the policy says); logits of its last token are ready.
+
+        ``final=False``: more of the same prompt follows (the policy's end-of-prompt step waits for it)."""
         self.session.eval(tokens)
+        if not final:
+            return
+        t0 = time.perf_counter()
+        self.policy.after_prompt(self)
+        self.policy_seconds += time.perf_counter() - t0
         self._settle()
 
     def decode(self, token: int) -> None:
@@ -94,8 +106,22 @@ class Runner:
 
     def redecode(self) -> None:
         """Decode the newest token again so its logits see the cache as it is now."""
+        self.reread(1)
+
+    def reread(self, n: int) -> None:
+        """Decode the newest ``n`` tokens again so their KV and the next logits see the cache as it is now.
+
+        llama.cpp continues a sequence from its highest cached position, so the token before them must be
+        active: it is thawed first when it is not."""
+        before = self.session.n_logical - n - 1
+        if before >= 0 and self.session.store is not None and self.session.store.is_frozen(np.array([before]))[0]:
+            self.session.thaw_positions(np.array([before]))
         self.stale_logits = False
-        self.session.eval(self.session.rewind(1))
+        self._quiet = True
+        try:
+            self.session.eval(self.session.rewind(n))
+        finally:
+            self._quiet = False
 
     def _settle(self) -> None:
         if self.stale_logits:
@@ -145,6 +171,10 @@ class Runner:
         return n
 
     # hooks the session calls
+    def _before_decode(self, session: Session, pos0: int, n: int) -> None:
+        assert self._importance is not None and session.capture is not None
+        session.capture.enabled = self._importance.wants(pos0, n)
+
     def _on_decode(self, session: Session, pos0: int, n: int) -> None:
         t0 = time.perf_counter()
         self.step += 1
@@ -152,7 +182,8 @@ class Runner:
             self._importance.observe(session.cell_positions(), pos0, n)
         t1 = time.perf_counter()
         self.observe_seconds += t1 - t0
-        self.policy.after_decode(self, pos0, n)
+        if not self._quiet:
+            self.policy.after_decode(self, pos0, n)
         self.policy_seconds += time.perf_counter() - t0
 
     def _evict(self, session: Session, need: int, batch: int, candidates: np.ndarray) -> np.ndarray:

@@ -38,7 +38,11 @@ Freezing runs of tokens at once is cheaper than one per decode, so the session a
 needs; an evictor may return fewer than "preferably" (not fewer than "at least") to spare tokens it wants."""
 
 OnDecode = Callable[["Session", int, int], None]
-"""Called after every decode with (session, first position, token count); the capture holds its tensors."""
+"""Called after every decode with (session, first position, token count); the capture holds its tensors.
+As ``before_decode``, it is called before one, e.g. to switch the capture on or off for it."""
+
+OnCopy = Callable[[np.ndarray, blobfmt.Parsed], None]
+"""Called with (positions in cell order, parsed blob) whenever KV rows are copied out (freeze, peek)."""
 
 
 @dataclass(frozen=True)
@@ -118,6 +122,8 @@ class Session:
         shift: bool = False,
         capture: CaptureSpec | None = None,
         on_decode: OnDecode | None = None,
+        before_decode: OnDecode | None = None,
+        on_copy: OnCopy | None = None,
     ) -> None:
         self.model = model
         self.capture = Capture(model, capture, n_ctx, n_batch) if capture is not None else None
@@ -128,6 +134,7 @@ class Session:
         self.sinks, self.recent = sinks, max(1, recent)
         self.tokens: list[int] = []
         self.evict, self.drop, self.on_decode = evict, drop or shift, on_decode
+        self.before_decode, self.on_copy = before_decode, on_copy
         self.shift = shift
         self.shifted = 0  # with shift: how far llama.cpp's positions trail the logical ones
         self.dropped = 0
@@ -260,6 +267,8 @@ class Session:
             pos0 = self.n_logical - self.shifted
             if self.stale_from is None and self.n_frozen:
                 self.stale_from = pos0
+            if self.before_decode is not None:
+                self.before_decode(self, pos0, len(chunk))
             if self.capture is not None:
                 self.capture.reset()
             self._decode(chunk, pos0, all_logits)
@@ -399,6 +408,29 @@ class Session:
         self._restore(want)
         return len(want)
 
+    def peek(self, positions: np.ndarray) -> blobfmt.Parsed:
+        """The KV rows of these active positions, copied out and left in place (``on_copy`` sees them).
+
+        The arrays view staging memory: valid until the next copy out."""
+        spans = runs(np.unique(np.asarray(positions, np.int64)))
+        for a, b in spans:
+            self._cp(0, SCRATCH_SEQ, a, b)
+        try:
+            _, parsed = self._copy_out()
+        finally:
+            self._rm(SCRATCH_SEQ)
+        return parsed
+
+    def _copy_out(self) -> tuple[np.ndarray, blobfmt.Parsed]:
+        """The scratch sequence's state blob, parsed and checked against the cell map."""
+        raw = self.ctx.state_get(SCRATCH_SEQ)
+        parsed = blobfmt.parse(raw)
+        if not np.array_equal(self.cells.pos[self.cells.cells_of(SCRATCH_SEQ)], parsed.pos):
+            raise LlamaError("internal error: KV cell map out of sync with llama.cpp")
+        if self.on_copy is not None:
+            self.on_copy(parsed.pos.astype(np.int64), parsed)
+        return raw, parsed
+
     def _freeze_positions(self, positions: np.ndarray) -> None:
         if len(positions) == 0:
             return
@@ -407,11 +439,8 @@ class Session:
         for a, b in spans:
             self._cp(0, SCRATCH_SEQ, a, b)
         try:
-            raw = self.ctx.state_get(SCRATCH_SEQ)
-            parsed = blobfmt.parse(raw)
             cells = self.cells.cells_of(SCRATCH_SEQ)
-            if not np.array_equal(self.cells.pos[cells], parsed.pos):
-                raise LlamaError("internal error: KV cell map out of sync with llama.cpp")
+            raw, parsed = self._copy_out()
             if self.store is None:
                 self.store = FrozenStore(parsed.layout, self._store_dir, self._keep)
             order = np.argsort(parsed.pos, kind="stable")

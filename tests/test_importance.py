@@ -17,6 +17,8 @@ from asrkf_edge.importance import (
     f16_to_f32,
     fold,
     fold_reference,
+    head_scores,
+    head_scores_reference,
 )
 from asrkf_edge.session import Session
 
@@ -35,6 +37,11 @@ def test_kernels_match_numpy_references() -> None:
     assert np.abs(attention_mass(q, qpos, keys, kpos, 0.25, parallel=True) - want).max() < 1e-5
     assert np.allclose(got.sum(axis=1), 1.0, atol=1e-5)
     assert got[0, kpos > 130].max() == 0.0  # causal
+    heads = head_scores_reference(q, qpos, keys, kpos, 0.25)  # [layers x heads, keys], summed over the 5 rows
+    for parallel in (False, True):
+        assert np.abs(head_scores(q, qpos, keys, kpos, 0.25, parallel=parallel) - heads).max() < 1e-5
+    assert np.allclose(heads.sum(axis=1), 5.0, atol=1e-4)
+    assert np.allclose(heads.reshape(3, 6, -1).mean(axis=(0, 1)), want.sum(axis=0), atol=1e-5)  # the same attention
 
     every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)  # each float16: normal, subnormal, zero, inf, nan
     bits = np.empty(len(every), np.uint32)
@@ -92,7 +99,7 @@ def test_softmax_capture_agrees_with_host_attention(which, request) -> None:
     engine = request.getfixturevalue(which)
     toks = engine.tokenize(TEXT * 12)[:300]
     layers = tuple(range(engine.model.n_layer))
-    imp = Importance(engine.model, layers, window=8, flash_attn=False)
+    imp = Importance(engine.model, layers, window=8, flash_attn=False, fold_layers=len(layers))
     checks = []
 
     def on_decode(sess, pos0, n):

@@ -14,17 +14,20 @@ step of the ladder is taken when the spike persists, and the token is re-decoded
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
 from ..importance import entropy
 from ..session import runs
-from .base import Attention, PolicyContext, ScoringPolicy
+from .base import GGML_Q8_0, Attention, PolicyContext, ScoringPolicy
 from .recovery import EntropyMonitor, EntropyRule, Recovery
 from .schedule import Ledger, Schedule
+from .selection import Combine, choose, combine, pool
 
 _RELEVANCE_ROWS = 8  # newest queries used to score frozen keys (a prefill chunk has up to `window`)
+
+Trigger = Literal["none", "entropy", "mass", "entropy-mass"]
 
 
 @dataclass
@@ -61,6 +64,18 @@ class AsrKf(ScoringPolicy):
     recover_recent: int = 256
     escalate_within: int = 4
     pin: int = 32
+    obs_window: int = 32
+    question: bool = True
+    pool: int = 15
+    heads: Combine = "max"
+    page: int = 1
+    reread: int = 32
+    fill: bool = True
+    relevance_thaw: bool = True
+    trigger: Trigger = "entropy"
+    trigger_every: int = 4
+    trigger_mass: float = 0.2
+    trigger_rows: int = 1
     _ledger: Ledger = field(init=False, repr=False)
     _monitor: EntropyMonitor = field(init=False, repr=False)
     recoveries: list[Recovery] = field(init=False, repr=False)
@@ -70,6 +85,8 @@ class AsrKf(ScoringPolicy):
             raise ValueError(f"threshold must be positive, got {self.threshold}")
         if self.reeval_every < 1 or self.window < 1 or self.pin < 0:
             raise ValueError("reeval_every and window must be >= 1, pin >= 0")
+        if not 0 <= self.reread <= self.recent or self.page < 1 or self.pool < 1:
+            raise ValueError("reread must lie within 0..recent; page and pool must be >= 1")
         self._ledger = Ledger(self.schedule)
         self._monitor = EntropyMonitor(self.entropy)
         self.recoveries = []
@@ -94,27 +111,71 @@ class AsrKf(ScoringPolicy):
     def on_evict(self, ctx: PolicyContext, positions: np.ndarray) -> None:
         self._ledger.frozen(positions, ctx.step)
 
+    def capture_layers(self, n_layer: int) -> tuple[int, ...]:
+        """Every layer unless ``layers`` says otherwise: the heads that find a fact from its question sit in
+        different layers per model (measured: 35/36 needle answers with all 30 layers, 32/36 with 8)."""
+        return self.layers or tuple(range(n_layer))
+
+    # question-time reselection
+    def after_prompt(self, ctx: PolicyContext) -> None:
+        if self.question and ctx.n_frozen:
+            self.reselect(ctx)
+
+    def reselect(self, ctx: PolicyContext, reread: int | None = None, rows: int | None = None, heads: Combine | None = None,
+                 pool_k: int | None = None) -> np.ndarray:
+        """Choose the active set again from every logical token, frozen ones included (their mirrored keys),
+        by the attention the newest ``obs_window`` query rows (the question) give them, per head, pooled over
+        ``pool`` neighbours, combined over heads; fill the budget with the best; then read the newest
+        ``reread`` tokens again so that they and the next logits see what came back. Returns what came back."""
+        imp = ctx.importance
+        q, qpos = imp.recent_queries(rows or self.obs_window)
+        if not len(qpos):
+            return np.zeros(0, np.int64)
+        n = ctx.n_logical
+        kpos = np.arange(n, dtype=np.int64)
+        score = combine(pool(imp.heads(q, qpos, kpos), pool_k or self.pool), heads or self.heads) / len(qpos)
+        back_to = n - max(1, self.reread if reread is None else reread) - 1  # re-reading continues from it
+        keep = choose(score, ctx.protected(kpos) | (kpos >= back_to), ctx.budget - ctx.budget // 16, self.page)
+        act, frozen = ctx.active(), ctx.frozen()
+        out, back = act[~keep[act]], frozen[keep[frozen]]
+        step = ctx.step
+        if len(out):
+            ctx.freeze(out)
+            self._ledger.frozen(out, step)
+        imp.scores[:n] = score
+        if len(back):
+            ctx.thaw(back, redecode=False)
+            self._ledger.thawed(back, step, self.pin)
+            ctx.reread(max(1, self.reread if reread is None else reread))
+        return back
+
     # rolling re-evaluation
     def after_decode(self, ctx: PolicyContext, pos0: int, n: int) -> None:
+        """Every ``reeval_every`` decode steps (and after each prompt chunk): frozen tokens whose freeze ran out
+        are judged where they lie, from their mirrored keys; those the newest query attends to at least at the
+        freeze bar come back (the weakest active tokens make room), the rest stay frozen for longer (count + 1,
+        rather than a round trip through the cache only to be frozen again). With ``relevance_thaw``, any
+        frozen token the newest queries attend to strongly comes back too (this scores every frozen key)."""
         step = ctx.step
         if (n == 1 and step % self.reeval_every) or ctx.n_logical < self.min_cache:
             return
         self._ledger.grow(ctx.n_logical)
         frozen = ctx.frozen()
-        if len(frozen):
-            rel = self._relevance(ctx, frozen)
-            hot = rel >= self.thaw_relevance
-            back = self._around(frozen[hot][np.argsort(-rel[hot], kind="stable")], frozen, self._thaw_cap(ctx))
-            self._thaw(ctx, back, self.pin)
-            # expired tokens are judged where they lie, from their mirrored keys: those the newest queries
-            # attend to at least at the freeze bar come back into free cells, the rest stay frozen for longer
-            # (count + 1) rather than make a round trip through the cache only to be frozen again
-            due = np.isin(frozen, self._ledger.expired(step)) & ~np.isin(frozen, back)
-            up = due & (rel >= self.threshold)
-            self._ledger.frozen(frozen[due & ~up], step)
-            room = ctx.free_cells() - ctx.budget // 16
-            if room > 0 and up.any():
-                self._thaw(ctx, frozen[up][np.argsort(-rel[up], kind="stable")][:room], 0, redecode=False)
+        due = frozen[self._ledger.due(frozen, step)]
+        cand = frozen if self.relevance_thaw else due
+        if len(cand):
+            rel = self._relevance(ctx, cand)
+            back = np.zeros(0, np.int64)
+            if self.relevance_thaw:
+                hot = rel >= self.thaw_relevance
+                back = self._around(cand[hot][np.argsort(-rel[hot], kind="stable")], cand, self._thaw_cap(ctx))
+                self._thaw(ctx, back, self.pin)
+            is_due = np.isin(cand, due) & ~np.isin(cand, back)
+            up = is_due & (rel >= self.threshold)
+            self._ledger.frozen(cand[is_due & ~up], step)
+            self._thaw(ctx, cand[up][np.argsort(-rel[up], kind="stable")][: self._thaw_cap(ctx)], 0, redecode=False)
+        if self.fill:
+            return  # freeze only when the budget needs the room: cells left empty buy nothing
         act = ctx.active()
         cand = act[~ctx.protected(act)]
         cand = cand[~self._ledger.is_pinned(cand, step)]
@@ -123,14 +184,46 @@ class AsrKf(ScoringPolicy):
             ctx.freeze(low)
             self._ledger.frozen(low, step)
 
-    # entropy-guided recovery
+    # recovery during generation
     def after_logits(self, ctx: PolicyContext) -> None:
-        if not ctx.n_frozen:
+        """Bring frozen context back when the next token needs it. ``trigger``: "entropy" climbs the ladder
+        on an entropy spike; "mass" checks, every ``trigger_every`` steps, how much of the current query's
+        attention would go to frozen keys and reselects when it is at least ``trigger_mass``;
+        "entropy-mass" makes that check only on a spike; "none" never recovers."""
+        if not ctx.n_frozen or self.trigger == "none":
             return  # nothing to recover: the entropy is watched while something is frozen
-        h = float(entropy(ctx.logits()))
-        threshold = self._monitor.threshold()
-        if not self._monitor.observe(h):
+        h: float | None = None
+        threshold: float | None = None
+        if self.trigger != "mass":
+            h = float(entropy(ctx.logits()))
+            threshold = self._monitor.threshold()
+            if not self._monitor.observe(h):
+                return
+        elif ctx.step % self.trigger_every:
             return
+        if self.trigger == "entropy":
+            assert h is not None and threshold is not None
+            self._climb(ctx, h, threshold)
+            return
+        share = self._frozen_share(ctx)
+        if share < self.trigger_mass:
+            return
+        rec = Recovery(ctx.step, ctx.n_logical, h, threshold, 0)
+        thawed = self.reselect(ctx, reread=1, rows=self.trigger_rows, heads="mean", pool_k=1)
+        rec.thawed, rec.ranges = len(thawed), runs(thawed)
+        rec.entropy_after = float(entropy(ctx.logits())) if len(thawed) else None
+        self.recoveries.append(rec)
+
+    def _frozen_share(self, ctx: PolicyContext) -> float:
+        """Share of the newest query's attention (over the scored layers and heads) that would go to frozen keys."""
+        imp = ctx.importance
+        q, qpos = imp.recent_queries(1)
+        act, frozen = ctx.active(), ctx.frozen()
+        mass = imp.mass(q, qpos, np.concatenate([act, frozen]))[0]
+        return float(mass[len(act):].sum())
+
+    def _climb(self, ctx: PolicyContext, h: float, threshold: float) -> None:
+        """The entropy ladder: relevant frozen ranges, then the recent window, then as much as fits."""
         last = self.recoveries[-1] if self.recoveries else None
         level = min(last.level + 1, 3) if last and ctx.step - last.step <= self.escalate_within else 1
         rec = Recovery(ctx.step, ctx.n_logical, h, threshold, level)
@@ -158,14 +251,12 @@ class AsrKf(ScoringPolicy):
     # helpers
     def _relevance(self, ctx: PolicyContext, frozen: np.ndarray) -> np.ndarray:
         """Most attention any of the newest queries would give each frozen token, in uniform shares,
-        normalised jointly with the active tokens (keys from the mirror: the rows the store holds)."""
+        normalised jointly with the active tokens (keys from the mirror; the decayed score's layers)."""
         imp = ctx.importance
         act = ctx.active()
-        q = imp.queries()[:, -_RELEVANCE_ROWS:]
-        n = ctx.n_logical
-        qpos = np.arange(n - q.shape[1], n, dtype=np.int64)
+        q, qpos = imp.recent_queries(_RELEVANCE_ROWS)
         kpos = np.concatenate([act, frozen])
-        mass = imp.mass(q, qpos, kpos).max(axis=0)
+        mass = imp.mass(q, qpos, kpos, imp.fold).max(axis=0)
         return mass[len(act):] * len(kpos)
 
     def _around(self, ranked: np.ndarray, frozen: np.ndarray, limit: int) -> np.ndarray:
@@ -192,3 +283,12 @@ class AsrKf(ScoringPolicy):
         self._ledger.thawed(positions, ctx.step, pin)
         ctx.importance.scores[positions] = 1.0 / ctx.n_logical
         return n
+
+
+@dataclass
+class AsrKfQ8(AsrKf):
+    """asrkf over llama.cpp's q8_0 KV cache: active cells and the frozen store hold q8_0 rows, copied as they are
+    (about 53% of the f16 bytes per token); the key mirror that scores them stays f16."""
+
+    name: ClassVar[str] = "asrkf-q8_0"
+    cache_type: ClassVar[int] = GGML_Q8_0

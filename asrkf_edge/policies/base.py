@@ -72,6 +72,10 @@ class PolicyContext(Protocol):
     def redecode(self) -> None:
         """Decode the newest token again now, so its logits see the cache as it is."""
 
+    def reread(self, n: int) -> None:
+        """Decode the newest ``n`` tokens again now (they must be active): their KV and the next logits then
+        see the cache as it is. The policy's ``after_decode`` is not called for them."""
+
 
 def default_layers(n_layer: int, count: int = 8) -> tuple[int, ...]:
     """``count`` evenly spaced layers, skipping layer 0 (its attention is mostly positional)."""
@@ -94,12 +98,14 @@ class Policy:
     bounded: ClassVar[bool] = True  # False: the cache holds the whole context, budget ignored
     cache_type: ClassVar[int] = GGML_F16  # K and V cache type; quantized V needs flash attention
     shift: ClassVar[bool] = False  # when full: drop the older half after the sinks and renumber (llama.cpp)
+    bench_only: ClassVar[bool] = False  # a yardstick for the bench (the oracle), not offered to users
 
     sinks: int = 4
     recent: int = 16
     window: int = 32
     layers: tuple[int, ...] | None = None
     observe_every: int = 4
+    obs_window: int = 0  # query rows kept across decodes for scoring at question time (0: none)
     budget: float | None = None  # used when generate() gets none: fraction of the prompt or tokens
     min_cache: int = 512  # the policy's own budget never shrinks the cache below this many tokens
 
@@ -108,12 +114,19 @@ class Policy:
         if cls.__dict__.get("name"):
             _REGISTRY[cls.name] = cls
 
+    def capture_layers(self, n_layer: int) -> tuple[int, ...]:
+        """Layers whose attention is captured and scored."""
+        return self.layers or default_layers(n_layer)
+
     def min_cells(self) -> int:
         """Smallest cache this policy can run with."""
         return self.sinks + self.recent + 32
 
     def after_decode(self, ctx: PolicyContext, pos0: int, n: int) -> None:
         """Called after every decode (prefill chunks included), attention already folded in."""
+
+    def after_prompt(self, ctx: PolicyContext) -> None:
+        """Called when a whole prompt (or a chat turn's new text) has been read, before its logits are used."""
 
     def after_logits(self, ctx: PolicyContext) -> None:
         """Called once the logits of the next token are final (after prefill and after each token)."""
@@ -172,9 +185,10 @@ class Full(Policy):
     bounded: ClassVar[bool] = False
 
 
-def policy_names() -> tuple[str, ...]:
-    """Every registered policy, in the order the package defines them (the order of tables and choices)."""
-    return tuple(_REGISTRY)
+def policy_names(bench: bool = False) -> tuple[str, ...]:
+    """The registered policies in the order the package defines them (the order of tables and choices);
+    ``bench``: with the bench's yardsticks (the oracle)."""
+    return tuple(k for k, v in _REGISTRY.items() if bench or not v.bench_only)
 
 
 def policy_class(name: str) -> type[Policy]:

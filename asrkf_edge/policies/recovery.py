@@ -61,13 +61,14 @@ class EntropyMonitor:
 
 @dataclass
 class Recovery:
-    """One recovery: when, why (entropy vs threshold), how hard (ladder level) and what came back."""
+    """One recovery: when, why (entropy vs threshold, or attention on frozen keys), how hard (ladder level)
+    and what came back."""
 
     step: int
     position: int
-    entropy: float
-    threshold: float
-    level: int
+    entropy: float | None  # None: not an entropy trigger
+    threshold: float | None
+    level: int  # 1-3: the entropy ladder; 0: a reselection because frozen keys drew attention
     ranges: list[tuple[int, int]] = field(default_factory=list)
     thawed: int = 0
     entropy_after: float | None = None

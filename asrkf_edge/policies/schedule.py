@@ -66,10 +66,11 @@ class Ledger:
         self.until[positions] = -1
         self.pinned[positions] = step + pin
 
-    def expired(self, step: int) -> np.ndarray:
-        """Frozen positions whose time is up, longest overdue first."""
-        due = np.flatnonzero((self.until >= 0) & (self.until <= step))
-        return due[np.argsort(self.until[due], kind="stable")]
+    def due(self, positions: np.ndarray, step: int) -> np.ndarray:
+        """Mask of ``positions`` whose freeze has run out by ``step``."""
+        self.grow(int(positions.max()) + 1 if len(positions) else 0)
+        until = self.until[positions]
+        return (until >= 0) & (until <= step)
 
     def is_pinned(self, positions: np.ndarray, step: int) -> np.ndarray:
         self.grow(int(positions.max()) + 1 if len(positions) else 0)

@@ -1,0 +1,64 @@
+"""Choosing the active set from per-head attention scores: pool over neighbouring positions, combine the
+heads, keep the best tokens (or pages of consecutive positions) up to a budget. Pure NumPy, shared by
+asrkf's question-time reselection and the bench's oracle.
+
+Why pooling: a fact spans several tokens and attention finds only some of them; SnapKV pools each head's
+scores over a few neighbours so a kept token keeps its neighbours. Why pages: the same at a coarser grain
+(Quest, InfLLM), and whole runs of cells are cheaper to copy than scattered ones.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+
+Combine = Literal["mean", "max"]
+
+
+def pool(scores: np.ndarray, kernel: int) -> np.ndarray:
+    """Max over a window of ``kernel`` positions centred on each one, along the last axis (1: unchanged)."""
+    if kernel <= 1:
+        return scores
+    half = kernel // 2
+    padded = np.pad(scores, [(0, 0)] * (scores.ndim - 1) + [(half, kernel - 1 - half)], constant_values=-np.inf)
+    windows = np.lib.stride_tricks.sliding_window_view(padded, kernel, axis=-1)
+    return windows.max(axis=-1)
+
+
+def combine(heads: np.ndarray, how: Combine) -> np.ndarray:
+    """One score per position from per-head scores [H, N]: their mean, or the most any head gives."""
+    if how == "mean":
+        return heads.mean(axis=0)
+    if how == "max":
+        return heads.max(axis=0)
+    raise ValueError(f"unknown head combination {how!r}; choose mean or max")
+
+
+def choose(score: np.ndarray, forced: np.ndarray, target: int, page: int = 1) -> np.ndarray:
+    """Mask of at most ``max(target, forced.sum())`` positions: every ``forced`` one, then the best by
+    ``score``, in whole pages of ``page`` consecutive positions (a page scores its best token) while they
+    fit, the rest of the room filled token by token."""
+    n = len(score)
+    keep = forced.copy()
+    room = target - int(keep.sum())
+    if room <= 0:
+        return keep
+    if page > 1:
+        n_pages = -(-n // page)
+        padded = np.full(n_pages * page, -np.inf)
+        padded[:n] = np.where(keep, -np.inf, score)
+        best = padded.reshape(n_pages, page).max(axis=1)
+        for p in np.argsort(-best, kind="stable"):
+            if not np.isfinite(best[p]):
+                break
+            span = slice(p * page, min(n, (p + 1) * page))
+            new = int((~keep[span]).sum())
+            if new > room:
+                break
+            keep[span] = True
+            room -= new
+    if room > 0:
+        free = np.flatnonzero(~keep)
+        keep[free[np.argsort(-score[free], kind="stable")[:room]]] = True
+    return keep
