@@ -1,5 +1,6 @@
-"""PNG charts of a bench run (matplotlib, the optional ``bench`` extra): active KV against tokens read,
-passkey accuracy per length x depth, decode tokens/s against context length."""
+"""PNG charts of a bench run (matplotlib, the optional ``bench`` extra): quality against active KV for every
+policy and budget (the quality/memory frontier), active KV against tokens read, passkey accuracy per length x
+depth, decode tokens/s against context length."""
 
 from __future__ import annotations
 
@@ -26,13 +27,48 @@ def _policies(records: Sequence[Record]) -> list[str]:
     return sorted({str(r["policy"]) for r in records}, key=order)
 
 
+def _one_budget(records: Sequence[Record]) -> list[Record]:
+    """The records of one budget (0.35 when run, else the smallest), with those of the unbounded policies."""
+    budgets = sorted({float(r["budget"]) for r in records if r.get("budget") is not None})
+    pick = 0.35 if 0.35 in budgets else (budgets[0] if budgets else None)
+    return [r for r in records if r.get("budget") in (None, pick)]
+
+
+def frontier(records: Sequence[Record], plt, out: Path) -> Path | None:  # matplotlib's pyplot
+    """Per task (and mean KLD from the ppl suite), quality against mean active KV bytes as % of the full f16
+    cache: one point per policy and budget, a policy's budgets joined by a line."""
+    answered = [r for r in records if r["suite"] in ("passkey", "needle") and r["task"] != "cwe"]
+    panels = [(t, [r for r in answered if r["task"] == t], "correct", "share answered") for t in ("needle", "multiturn", "passkey")]
+    panels.append(("ppl", [r for r in records if r["suite"] == "ppl"], "kld_mean", "mean KLD from full (lower is better)"))
+    panels = [p for p in panels if p[1]]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4), squeeze=False)
+    for ax, (title, rs, key, ylabel) in zip(axes[0], panels, strict=True):
+        for pol in _policies(rs):
+            pts = {}
+            for r in rs:
+                if r["policy"] == pol:
+                    pts.setdefault(r.get("budget"), []).append(r)
+            xy = sorted((sum(float(r["kv_mean_pct"]) for r in v) / len(v), sum(float(r[key]) for r in v) / len(v))
+                        for v in pts.values())
+            ax.plot([x for x, _ in xy], [y for _, y in xy], marker="o", label=pol)
+        ax.set(xlabel="mean active KV, % of full f16", ylabel=ylabel, title=title)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("Quality against KV memory (every policy and budget)")
+    return _save(fig, plt, out / "frontier.png")
+
+
 def write(records: Sequence[Record], out: Path) -> list[Path]:
     """Write every chart the records allow into ``out``; returns the files written."""
     plt = pyplot()
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
+    if (path := frontier(records, plt, out)) is not None:
+        written.append(path)
 
-    traced = [r for r in records if r["suite"] == "ppl"]
+    traced = _one_budget([r for r in records if r["suite"] == "ppl"])
     if traced:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for r in sorted(traced, key=lambda r: order(r["policy"])):
@@ -44,7 +80,7 @@ def write(records: Sequence[Record], out: Path) -> list[Path]:
         ax.grid(alpha=0.3)
         written.append(_save(fig, plt, out / "active_kv.png"))
 
-    keyed = [r for r in records if r["suite"] == "passkey"]
+    keyed = _one_budget([r for r in records if r["suite"] == "passkey"])
     if keyed:
         pols = _policies(keyed)
         lengths = sorted({int(r["target_length"]) for r in keyed})

@@ -66,7 +66,7 @@ class Plan:
     """What a bench run covers. Defaults follow issue 5; a 2-core laptop needs hours for all of them."""
 
     policies: Sequence[str] = field(default_factory=policy_names)
-    budget: float = 0.35
+    budgets: Sequence[float] = (0.35,)  # the bounded policies run at each; the others hold everything once
     lengths: Sequence[int] = (1000, 2000, 4000, 8000)  # passkey prompts, tokens
     depths: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0)
     keys: int = 1  # passkey keys (needle facts) per length x depth; every cell gets a different one
@@ -77,13 +77,18 @@ class Plan:
     speed_lengths: Sequence[int] = (512, 1000, 2000, 4000, 8000)
     speed_tokens: int = 64
 
+    def runs(self) -> list[tuple[str, float | None]]:
+        """(policy, budget) pairs each case runs under: every budget for a bounded policy, None for the others.
+        speed uses the first budget only."""
+        return [(p, b) for p in self.policies for b in (self.budgets if make_policy(p).bounded else (None,))]
+
     def size(self, suite: str) -> int:
         """Runs a suite makes (for the progress bar)."""
         cells = len(self.depths) * self.keys
         n = {"passkey": len(self.lengths) * cells, "needle": 2 * len(self.needle_lengths) * cells + len(self.cwe_lengths) * self.keys,
              "ppl": 1,
              "speed": len(self.speed_lengths)}[suite]
-        return n * len(self.policies)
+        return n * (len(self.policies) if suite == "speed" else len(self.runs()))
 
 
 # one generation ----------------------------------------------------------------------------------
@@ -97,11 +102,17 @@ def kv_figures(stats: KvStats, full_bytes_per_token: int) -> Record:
             "kv_peak_pct": 100 * peak * bpt / whole if whole else 0.0, "kv_mean_pct": 100 * mean * bpt / whole if whole else 0.0}
 
 
-def _answer(engine: Engine, suite: str, task: str, case: Case, policy: str, plan: Plan, max_tokens: int,
+def _answers(engine: Engine, suite: str, task: str, case: Case, plan: Plan, max_tokens: int, **fields: object) -> Iterator[Record]:
+    """Every (policy, budget) of the plan on one case."""
+    for policy, budget in plan.runs():
+        yield _answer(engine, suite, task, case, policy, budget, max_tokens, **fields)
+
+
+def _answer(engine: Engine, suite: str, task: str, case: Case, policy: str, budget: float | None, max_tokens: int,
             **fields: object) -> Record:
     t0 = time.perf_counter()
-    r = engine.generate(case.prompt, max_tokens, policy=policy, budget=plan.budget, chat=False)
-    return {"suite": suite, "task": task, "policy": policy, "length": case.n_tokens, "depth": case.depth,
+    r = engine.generate(case.prompt, max_tokens, policy=policy, budget=budget, chat=False)
+    return {"suite": suite, "task": task, "policy": policy, "budget": budget, "length": case.n_tokens, "depth": case.depth,
             "score": case.score(r.text), "correct": case.correct(r.text), "answer": r.text, "expected": case.answer,
             "wall_seconds": time.perf_counter() - t0, **fields, **r.stats.as_dict(log=False),
             **kv_figures(r.stats.kv, engine.info.kv_bytes_per_token)}
@@ -122,8 +133,7 @@ def passkey_suite(engine: Engine, plan: Plan) -> Iterator[Record]:
             for k in range(plan.keys):
                 key = KEYS[(li * len(plan.depths) * plan.keys + di * plan.keys + k) % len(KEYS)]
                 case = passkey(tok, length, depth, key)
-                for policy in plan.policies:
-                    yield _answer(engine, "passkey", "passkey", case, policy, plan, 8, target_length=length, key=key)
+                yield from _answers(engine, "passkey", "passkey", case, plan, 8, target_length=length, key=key)
 
 
 def needle_suite(engine: Engine, plan: Plan) -> Iterator[Record]:
@@ -135,13 +145,11 @@ def needle_suite(engine: Engine, plan: Plan) -> Iterator[Record]:
                 index = li * len(plan.depths) * plan.keys + di * plan.keys + k
                 for task, build in (("needle", needle), ("multiturn", needle_multiturn)):
                     case = build(engine, length, depth, index)
-                    for policy in plan.policies:
-                        yield _answer(engine, "needle", task, case, policy, plan, 24, target_length=length, index=index)
+                    yield from _answers(engine, "needle", task, case, plan, 24, target_length=length, index=index)
     for length in plan.cwe_lengths:
         for k in range(plan.keys):
             case = cwe(engine, length, k)
-            for policy in plan.policies:
-                yield _answer(engine, "needle", "cwe", case, policy, plan, 32, target_length=length, index=k)
+            yield from _answers(engine, "needle", "cwe", case, plan, 32, target_length=length, index=k)
 
 
 def _text_tokens(engine: Engine, n: int) -> list[int]:
@@ -159,19 +167,19 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
 
 def ppl_suite(engine: Engine, plan: Plan) -> Iterator[Record]:
     """Perplexity and KL divergence from ``full`` (llama.cpp's --kl-divergence convention, KL(full || policy))
-    over ``ppl_tokens`` of prose read one token at a time after ``ppl_context`` tokens, at equal budget.
-    Also traces active KV against tokens read (the growth picture)."""
+    over ``ppl_tokens`` of prose read one token at a time after ``ppl_context`` tokens (one prompt), at equal
+    budget. Also traces active KV against tokens read (the growth picture)."""
     tokens = _text_tokens(engine, plan.ppl_context + plan.ppl_tokens)
     ctx, tail = tokens[: plan.ppl_context], tokens[plan.ppl_context :]
     ref: list[np.ndarray] = []
-    order = ["full"] + [p for p in plan.policies if p != "full"]  # full first: the reference
-    for policy in order:
+    runs = plan.runs()
+    for policy, budget in [("full", None), *(r for r in runs if r[0] != "full")]:  # full first: the reference
         pol = make_policy(policy)
         t0 = time.perf_counter()
-        with engine.runner(pol, budget_cells(pol, plan.budget, len(ctx), len(tail))) as run:
+        with engine.runner(pol, budget_cells(pol, budget, len(ctx), len(tail))) as run:
             trace: list[tuple[int, int]] = []
             for i in range(0, len(ctx), 256):
-                run.prefill(ctx[i : i + 256])
+                run.prefill(ctx[i : i + 256], final=i + 256 >= len(ctx))
                 trace.append((run.session.n_logical, run.session.kv_stats().active_tokens))
             nll, kld, top = [], [], []
             for j, tok in enumerate(tail):
@@ -187,9 +195,9 @@ def ppl_suite(engine: Engine, plan: Plan) -> Iterator[Record]:
                 if j % 16 == 15:
                     trace.append((run.session.n_logical, run.session.kv_stats().active_tokens))
             st = run.stats()
-        if policy not in plan.policies:
+        if (policy, budget) not in runs:
             continue
-        yield {"suite": "ppl", "policy": policy, "length": len(ctx), "scored_tokens": len(tail),
+        yield {"suite": "ppl", "policy": policy, "budget": budget, "length": len(ctx), "scored_tokens": len(tail),
                "ppl": float(np.exp(np.mean(nll))), "kld_mean": float(np.mean(kld)) if kld else 0.0,
                "kld_max": float(np.max(kld)) if kld else 0.0, "same_top": float(np.mean(top)) if top else 1.0,
                "wall_seconds": time.perf_counter() - t0, "trace": trace,
@@ -215,7 +223,7 @@ def speed_suite(engine: Engine, plan: Plan) -> Iterator[Record]:
         for policy in plan.policies:
             pol = make_policy(policy)
             rss0 = rss_mb()
-            with engine.runner(pol, budget_cells(pol, plan.budget, length, plan.speed_tokens)) as run:
+            with engine.runner(pol, budget_cells(pol, plan.budgets[0], length, plan.speed_tokens)) as run:
                 t0 = time.perf_counter()
                 run.prefill(tokens)
                 prefill = time.perf_counter() - t0
@@ -229,7 +237,8 @@ def speed_suite(engine: Engine, plan: Plan) -> Iterator[Record]:
             def per_token(key: str, st: KvStats = st, before: KvStats = before, n: int = n) -> float:
                 return 1000 * (getattr(st, key) - getattr(before, key)) / n
 
-            yield {"suite": "speed", "policy": policy, "length": length, "prefill_tokens_per_s": length / prefill,
+            yield {"suite": "speed", "policy": policy, "budget": plan.budgets[0] if pol.bounded else None, "length": length,
+                   "prefill_tokens_per_s": length / prefill,
                    "decode_tokens_per_s": n / decode, "rss_mb": rss, "rss_delta_mb": rss - rss0,
                    "observe_ms_per_token": per_token("observe_seconds"), "freeze_ms_per_token": per_token("freeze_seconds"),
                    "thaw_ms_per_token": per_token("thaw_seconds"), "policy_ms_per_token": per_token("policy_seconds"),

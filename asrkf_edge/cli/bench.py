@@ -33,6 +33,8 @@ def _floats(text: str) -> list[float]:
 @model_options
 @click.option("--policies", default=",".join(policy_names()), show_default=True, help="Comma-separated policies.")
 @click.option("--budget", type=BudgetType(), default=0.35, show_default=True, help="Budget for the bounded policies.")
+@click.option("--budgets", default=None, help="Several budgets (e.g. 0.2,0.35,0.5,0.7): each bounded policy runs at each, "
+              "and --plots draws quality against active KV (overrides --budget).")
 @click.option("--lengths", default="1000,2000,4000,8000", show_default=True, help="passkey prompt lengths (tokens).")
 @click.option("--needle-lengths", default="1000,2000,4000,8000", show_default=True, help="needle prompt lengths (tokens).")
 @click.option("--depths", default="0,0.25,0.5,0.75,1", show_default=True, help="Needle depths (0..1).")
@@ -48,9 +50,9 @@ def _floats(text: str) -> list[float]:
               help="Write the Markdown report here (plots linked relative to it).")
 @click.option("--include", "includes", multiple=True, type=click.Path(path_type=Path, dir_okay=False, exists=True),
               help="Append this Markdown file to the report as it is (sections measured elsewhere, e.g. on a GPU).")
-def bench(suite: str, model: Path | None, flash_attn: bool, gpu_layers: int, policies: str, budget: float, lengths: str,
-          needle_lengths: str, depths: str, keys: int, cwe_lengths: str, ppl_context: int, ppl_tokens: int, speed_lengths: str,
-          speed_tokens: int, json_path: Path | None, plots_dir: Path | None, report_path: Path | None,
+def bench(suite: str, model: Path | None, flash_attn: bool, gpu_layers: int, policies: str, budget: float, budgets: str | None,
+          lengths: str, needle_lengths: str, depths: str, keys: int, cwe_lengths: str, ppl_context: int, ppl_tokens: int,
+          speed_lengths: str, speed_tokens: int, json_path: Path | None, plots_dir: Path | None, report_path: Path | None,
           includes: tuple[Path, ...]) -> None:
     """Measure every policy side by side on the same prompts: SUITE is passkey, needle, ppl (with KL
     divergence; kld is the same), speed or all. Markdown on stdout; --json, --plots and --report write files."""
@@ -58,10 +60,11 @@ def bench(suite: str, model: Path | None, flash_attn: bool, gpu_layers: int, pol
 
     try:
         names = [p.strip() for p in policies.split(",") if p.strip()]
-        bad = [p for p in names if p not in policy_names()]
+        bad = [p for p in names if p not in policy_names(bench=True)]
         if bad or not names:
-            raise click.BadParameter(f"unknown policy {', '.join(bad) or '(none)'}; choose from {', '.join(policy_names())}")
-        plan = Plan(names, budget, _ints(lengths), _floats(depths), keys, _ints(needle_lengths), _ints(cwe_lengths), ppl_context,
+            raise click.BadParameter(f"unknown policy {', '.join(bad) or '(none)'}; choose from {', '.join(policy_names(bench=True))}")
+        levels = [BudgetType().convert(b, None, None) for b in budgets.split(",") if b.strip()] if budgets else [budget]
+        plan = Plan(names, levels, _ints(lengths), _floats(depths), keys, _ints(needle_lengths), _ints(cwe_lengths), ppl_context,
                     ppl_tokens, _ints(speed_lengths), speed_tokens)
     except ValueError as e:
         raise click.BadParameter(str(e)) from e
@@ -91,7 +94,7 @@ def _measure(suite: str, plan: Plan, model: Path | None, flash_attn: bool, gpu_l
                     records.append(rec)
                     bar.update(1, rec)
         info = {"machine": machine(gpu=gpu_layers != 0), "model": eng.info.as_dict(), "flash_attn": flash_attn,
-                "budget": plan.budget, "plan": dataclasses.asdict(plan), "peak_rss_mb": peak_rss_mb(),
+                "budget": ",".join(f"{b:g}" for b in plan.budgets), "plan": dataclasses.asdict(plan), "peak_rss_mb": peak_rss_mb(),
                 "wall_seconds": time.perf_counter() - t0, "command": " ".join(["asrkf-edge", *sys.argv[1:]])}
     plots: list[str] = []
     if plots_dir is not None:
