@@ -279,6 +279,10 @@ class Importance:
     def mirror_bytes(self) -> int:
         return int(self.keys.nbytes)
 
+    def reserve(self, n: int) -> None:
+        """Room for ``n`` positions now, so that no doubling copy of the mirror lands inside a decode loop."""
+        self._grow(n)
+
     def _grow(self, n: int) -> None:
         if n > len(self.scores):
             cap = max(n, 2 * len(self.scores))

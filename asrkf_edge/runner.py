@@ -88,6 +88,8 @@ class Runner:
         """Read the prompt (in chunks, evicting as the policy says); logits of its last token are ready.
 
         ``final=False``: more of the same prompt follows (the policy's end-of-prompt step waits for it)."""
+        if self._importance is not None:  # room for the prompt and a reply (growing a 30-layer mirror copies it)
+            self._importance.reserve(self.session.n_logical + len(tokens) + 1024)
         self.session.eval(tokens)
         if not final:
             return

@@ -1,20 +1,22 @@
 """GPU speed, memory and freeze/thaw cost, all layers offloaded (n_gpu_layers=-1), flash attention on.
 
 Usage: python benchmarks/gpu_speed.py MODEL.gguf [--label NAME] [--lengths 4096 16384 32768] [--decode 64]
-       [--budget 0.35] [--span 1024] [--repeat 7] [--json out.json] [--skip-speed] [--skip-copy]
+       [--budget 0.35] [--span 1024] [--repeat 7] [--runs 3] [--json out.json] [--skip-speed] [--skip-copy]
 
 Import order matters on a CUDA build: this script imports llama_cpp before NumPy (see NOTES).
 
 Speed: for each logical length L, ``full`` (a cache of L + decode cells) and ``asrkf`` at ``--budget`` of the
 prompt each read an L-token prompt, then decode ``--decode`` tokens greedily. Reported: decode tokens/s, prefill
 tokens/s, GPU memory in use (the device's total minus free, as the CUDA backend reports it) after the model load
-and at the end of decoding, and the KV cache's own size (cells x bytes per token).
+and at the end of decoding, and the KV cache's own size (cells x bytes per token). ``--runs`` rounds over every
+(length, policy), interleaved; the summary gives each decode rate's median and range (asrkf moved 15-27% between
+single runs on one H200).
 
 Copy: a 4,096-cell session holds 3,000 tokens; a ``--span``-token range is frozen to the host store and thawed
 back ``--repeat`` times, with the staging off (``ASRKF_EDGE_STAGING=0``: a fresh pageable array per copy, as
 before) and on (one reused pinned buffer), interleaved on the same context sizes. Reported per token and in
 GB/s: the device-to-host state copy alone (``llama_state_seq_get_data``), the whole freeze (copy, parse, store
-write with its CRC), the host-to-device load alone (``llama_state_seq_set_data``) and the whole thaw.
+write with its hash), the host-to-device load alone (``llama_state_seq_set_data``) and the whole thaw.
 """
 
 # ruff: noqa: I001, E402
@@ -153,6 +155,7 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=0.35)
     ap.add_argument("--span", type=int, default=1024)
     ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--json", default=None)
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--skip-copy", action="store_true")
@@ -187,17 +190,31 @@ def main() -> None:
         if not a.skip_speed:
             for pol in a.policies:  # not recorded: Numba compiles its kernels on a machine's first run
                 speed(eng, pol, 2048, 4, a.budget, base)
-            for n in a.lengths:
-                for pol in a.policies:
-                    r = speed(eng, pol, n, a.decode, a.budget, base)
-                    res["speed"].append(r)  # type: ignore[union-attr]
-                    dump()
-                    print(f"{n:6d} {pol:6s} decode {r['decode_tokens_per_s']:7.1f} tok/s  prefill {r['prefill_tokens_per_s']:8.0f} tok/s  "
-                          f"GPU {r['gpu_used_gib']:.2f} GiB (+{r['gpu_above_model_gib']:.2f})  KV {r['kv_cache_gib']:.2f} GiB  "
-                          f"frozen {r['frozen_tokens']}  policy {r['policy_seconds']:.2f} s (scoring {r['observe_seconds']:.2f}, "
-                          f"freeze {r['freeze_seconds']:.2f}, thaw {r['thaw_seconds']:.2f}; decode policy "
-                          f"{r['decode_policy_ms_per_token']:.2f} ms/tok)", flush=True)
+            for run in range(a.runs):
+                for n in a.lengths:
+                    for pol in a.policies:
+                        r = {"run": run, **speed(eng, pol, n, a.decode, a.budget, base)}
+                        res["speed"].append(r)  # type: ignore[union-attr]
+                        dump()
+                        print(f"{n:6d} {pol:6s} decode {r['decode_tokens_per_s']:7.1f} tok/s prefill {r['prefill_tokens_per_s']:.0f} tok/s "
+                              f"GPU {r['gpu_used_gib']:.2f} GiB (+{r['gpu_above_model_gib']:.2f})  KV {r['kv_cache_gib']:.2f} GiB  "
+                              f"frozen {r['frozen_tokens']}  policy {r['policy_seconds']:.2f} s (scoring {r['observe_seconds']:.2f}, "
+                              f"freeze {r['freeze_seconds']:.2f}, thaw {r['thaw_seconds']:.2f}; decode policy "
+                              f"{r['decode_policy_ms_per_token']:.2f} ms/tok)", flush=True)
+            res["summary"] = summary(res["speed"])  # type: ignore[arg-type]
+            for row in res["summary"]:  # type: ignore[union-attr]
+                print(f"{row['length']:6d} {row['policy']:6s} decode median {row['decode_median']:7.1f} tok/s "
+                      f"(range {row['decode_min']:.1f}-{row['decode_max']:.1f}, {row['runs']} runs)", flush=True)
     dump()
+
+
+def summary(rows: list[dict[str, object]]) -> list[dict[str, object]]:
+    """Median and range of the decode rate per (length, policy) over the runs."""
+    groups: dict[tuple[int, str], list[float]] = {}
+    for r in rows:
+        groups.setdefault((int(r["logical_tokens"]), str(r["policy"])), []).append(float(r["decode_tokens_per_s"]))  # type: ignore[arg-type]
+    return [{"length": n, "policy": p, "runs": len(v), "decode_median": statistics.median(v), "decode_min": min(v),
+             "decode_max": max(v)} for (n, p), v in groups.items()]
 
 
 if __name__ == "__main__":

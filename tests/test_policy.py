@@ -77,8 +77,9 @@ def test_streaming_drops_and_asrkf_keeps_everything(tiny) -> None:
 
 
 def test_expired_tokens_are_judged_where_they_lie(tiny, monkeypatch) -> None:
-    """Rolling re-evaluation: an expired frozen token the newest queries attend to (at the freeze bar)
-    comes back; one they ignore stays in the store, frozen again for longer, and no data moves for it."""
+    """Rolling re-evaluation: an expired frozen token the newest queries attend to (at the freeze bar, above
+    the active tokens it would replace) comes back; one they ignore stays in the store, frozen again for
+    longer, and no data moves for it."""
     text = "the sky is blue and the grass is green " * 40
     with tiny.runner(AsrKf(min_cache=64), 160) as run:
         run.prefill(tiny.tokenize(text)[:400])
@@ -90,7 +91,7 @@ def test_expired_tokens_are_judged_where_they_lie(tiny, monkeypatch) -> None:
         ledger.until[frozen] = run.step + 1000
         ledger.until[np.concatenate([wanted, ignored])] = run.step  # their freeze runs out now
         counts = ledger.count[ignored].copy()
-        rel = lambda runner, f: np.where(np.isin(f, wanted), 2 * pol.threshold, 0.0)  # noqa: E731
+        rel = lambda runner, a, f: (np.zeros(len(a)), np.where(np.isin(f, wanted), 2 * pol.threshold, 0.0))  # noqa: E731
         monkeypatch.setattr(pol, "_relevance", rel)
         thaws = sess.thaw_events
         pol.after_decode(run, sess.n_logical - 2, 2)
@@ -123,7 +124,8 @@ def test_passkey_2k_at_budget_04_asrkf_answers_where_full_does(real) -> None:
 
 @pytest.mark.real
 def test_recoveries_bring_thawed_ranges_back_over_500_tokens(real) -> None:
-    """Acceptance: over 500 generated tokens the entropy rule fires, and each recovery's ranges are in
+    """Acceptance: over 500 generated tokens the entropy ladder (trigger="entropy"; the default also asks for
+    attention mass on frozen keys and did not fire here) fires, and each recovery's ranges are in
     the cache right after it (kv_stats, the store) and the logits the sampler uses are the re-decoded ones."""
     prompt = GPL[:7000]  # the model continues the licence text
     seen: list[dict] = []
@@ -147,7 +149,7 @@ def test_recoveries_bring_thawed_ranges_back_over_500_tokens(real) -> None:
             checked.append(run.step)
         last.update(stats.as_dict())
 
-    r = real.generate(prompt, 500, policy="asrkf", budget=0.4, chat=False, on_token=check)
+    r = real.generate(prompt, 500, policy=AsrKf(trigger="entropy"), budget=0.4, chat=False, on_token=check)
     assert r.stats.generated_tokens == 500, r.stats.stop_reason
     assert r.stats.kv.recoveries == len(seen) == len(checked) >= 1
     assert r.stats.kv.active_tokens_peak <= 0.4 * r.stats.prompt_tokens
