@@ -102,6 +102,44 @@ def test_expired_tokens_are_judged_where_they_lie(tiny, monkeypatch) -> None:
         assert sess.kv_stats().active_tokens + sess.kv_stats().frozen_tokens == 400  # nothing lost
 
 
+def test_an_expired_token_comes_back_only_where_it_beats_an_active_one(tiny, monkeypatch) -> None:
+    """Rolling re-evaluation in a full cache: expired tokens the queries attend to, but less than to every
+    active token, stay frozen (before, any above the freeze bar came back and the weakest active went out:
+    thousands of tokens a round at 32k); with weaker active tokens the best come back, at most 64 a round."""
+    text = "the sky is blue and the grass is green " * 40
+    with tiny.runner(AsrKf(min_cache=64), 160) as run:
+        run.prefill(tiny.tokenize(text)[:400])
+        pol, sess = run.policy, run.session
+        frozen = sess.store.positions()
+        free = max(0, run.budget - len(sess.active_positions()))
+        pol._ledger.until[frozen] = run.step  # every freeze runs out now
+        for active_rel, most in ((10.0, free), (0.0, pol.recover_tokens)):
+            rel = lambda runner, a, f, v=active_rel: (np.full(len(a), v * pol.threshold), np.full(len(f), 2 * pol.threshold))  # noqa: E731
+            monkeypatch.setattr(pol, "_relevance", rel)
+            before = sess.store.is_frozen(frozen)
+            pol.after_decode(run, sess.n_logical - 2, 2)
+            back = int((before & ~sess.store.is_frozen(frozen)).sum())
+            assert back <= most and (back > 0) == (most > 0), (active_rel, back, most)
+            pol._ledger.until[sess.store.positions()] = run.step
+        assert sess.kv_stats().active_tokens + sess.kv_stats().frozen_tokens == 400  # nothing lost
+
+
+def test_the_mass_trigger_reselects_only_when_frozen_keys_draw_the_query(tiny) -> None:
+    """trigger="mass": the active set is chosen again for the current query when at least trigger_mass of its
+    attention would go to frozen keys, and never below that share."""
+    text = "the sky is blue and the grass is green " * 40
+    for share, fires in ((0.0, True), (1.01, False)):
+        pol = AsrKf(min_cache=64, trigger="mass", trigger_every=1, trigger_mass=share)
+        with tiny.runner(pol, 160) as run:
+            run.prefill(tiny.tokenize(text)[:400])
+            assert run.session.kv_stats().frozen_tokens > 0
+            for tok in tiny.tokenize(" the sky")[:2]:
+                run.decode(tok)
+                run.logits()
+            assert bool(run.policy.recoveries) == fires
+            assert run.session.kv_stats().active_tokens + run.session.kv_stats().frozen_tokens == run.session.n_logical
+
+
 @pytest.mark.real
 def test_passkey_2k_at_budget_04_asrkf_answers_where_full_does(real) -> None:
     """Acceptance: asrkf within 40% of the prompt answers wherever the full cache does; streaming, with
