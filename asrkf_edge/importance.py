@@ -277,7 +277,10 @@ class Importance:
 
     @property
     def mirror_bytes(self) -> int:
-        return int(self.keys.nbytes)
+        """Bytes of the keys held for scoring (positions whose keys are known; room reserved ahead is not counted)."""
+        if not self.mirror_keys:
+            return 0
+        return int(self.known.sum()) * len(self.layers) * self._kv * self.keys.itemsize
 
     def reserve(self, n: int) -> None:
         """Room for ``n`` positions now, so that no doubling copy of the mirror lands inside a decode loop."""
