@@ -77,7 +77,11 @@ def ranks(run: Runner, targets: np.ndarray) -> tuple[int, int]:
     kpos = np.arange(n, dtype=np.int64)
     out = []
     for rows, how in ((8, "max"), (32, "sum")):
-        q, qpos = imp.recent_queries(rows)
+        if hasattr(imp, "recent_queries"):
+            q, qpos = imp.recent_queries(rows)
+        else:  # code before question-time reselection: the last decode's captured rows (the prompt's tail)
+            q = imp.queries()[:, -rows:]
+            qpos = np.arange(n - q.shape[1], n, dtype=np.int64)
         mass = imp.mass(q, qpos, kpos)
         score = mass.max(axis=0) if how == "max" else mass.sum(axis=0)
         order = np.argsort(-score, kind="stable")
