@@ -121,7 +121,7 @@ def v_header(layout: Layout) -> bytes:
     return t + np.array([layout.v_row], "<u8").tobytes()
 
 
-GGML_F32, GGML_F16, GGML_Q8_0 = 0, 1, 8
+GGML_F32, GGML_F16, GGML_Q4_0, GGML_Q8_0 = 0, 1, 2, 8  # ggml_type values: cache and row types
 
 
 def k_as_f16(parsed: Parsed, layer: int) -> np.ndarray:

@@ -312,8 +312,9 @@ class Importance:
                 if k is not None:
                     self.keys[i, pos0 : pos0 + n] = k.reshape(n, -1)
             self.known[pos0 : pos0 + n] = True
-        if self.keep_queries:
-            self._keep(self.queries(), pos0 + n)
+        q = self.queries() if self.keep_queries else None  # stacked once, also for the host attention below
+        if q is not None:
+            self._keep(q, pos0 + n)
         rows = min(n, self.window)
         qpos = np.arange(pos0 + n - rows, pos0 + n, dtype=np.int64)
         gamma, weight = self.gamma, self.weight
@@ -329,7 +330,7 @@ class Importance:
             kpos = cell_pos[: mass.shape[1]]
         else:
             kpos = np.sort(cell_pos[cell_pos >= 0])
-            mass = self.mass(self.queries()[:, -rows:], qpos, kpos, self.fold)
+            mass = self.mass((q if q is not None else self.queries())[:, -rows:], qpos, kpos, self.fold)
         fold(self.scores, np.ascontiguousarray(mass, np.float32), kpos.astype(np.int64), qpos, gamma, weight)
 
     def on_copy(self, pos: np.ndarray, parsed: Parsed) -> None:

@@ -15,12 +15,13 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 import numpy as np
 
+from ..blob import GGML_F16, GGML_Q4_0, GGML_Q8_0  # noqa: F401  (cache types; re-exported to the policies)
+
 if TYPE_CHECKING:
     from ..importance import Importance
 
 Attention = Literal["ema", "sum"] | None
 
-GGML_F16, GGML_Q4_0, GGML_Q8_0 = 1, 2, 8  # llama.cpp cache types (ggml_type)
 
 _REGISTRY: dict[str, type[Policy]] = {}
 
