@@ -124,9 +124,9 @@ def test_an_expired_token_comes_back_only_where_it_beats_an_active_one(tiny, mon
         assert sess.kv_stats().active_tokens + sess.kv_stats().frozen_tokens == 400  # nothing lost
 
 
-def test_the_mass_trigger_reselects_only_when_frozen_keys_draw_the_query(tiny) -> None:
-    """trigger="mass": the active set is chosen again for the current query when at least trigger_mass of its
-    attention would go to frozen keys, and never below that share."""
+def test_the_mass_trigger_swaps_in_only_when_frozen_keys_draw_the_query(tiny) -> None:
+    """trigger="mass": frozen tokens the current query wants come back when at least trigger_mass of its
+    attention would go to frozen keys, and never below that share; nothing is lost either way."""
     text = "the sky is blue and the grass is green " * 40
     for share, fires in ((0.0, True), (1.01, False)):
         pol = AsrKf(min_cache=64, trigger="mass", trigger_every=1, trigger_mass=share)
@@ -138,6 +138,40 @@ def test_the_mass_trigger_reselects_only_when_frozen_keys_draw_the_query(tiny) -
                 run.logits()
             assert bool(run.policy.recoveries) == fires
             assert run.session.kv_stats().active_tokens + run.session.kv_stats().frozen_tokens == run.session.n_logical
+
+
+@pytest.mark.real
+def test_asrkf_follow_stays_closer_to_full_than_asrkf_without_recovery(real) -> None:
+    """Acceptance (issue 14's KLD): on 48 tokens of prose read after 1,000 at budget 0.35, the policy that swaps
+    in what each query wants from the store (asrkf-follow) predicts the next token closer to the full cache
+    (mean KL divergence) than the same policy with recovery off, and brings tokens back while doing it."""
+    from asrkf_edge.bench.suites import _log_softmax, _text_tokens
+
+    tokens = _text_tokens(real, 1048)
+    ctx, tail = tokens[:1000], tokens[1000:]
+
+    thawed: dict[str, int] = {}
+
+    def logprobs(pol) -> list[np.ndarray]:
+        out = []
+        with real.runner(pol, budget_cells(pol, 0.35 if pol.bounded else None, len(ctx), len(tail))) as run:
+            for i in range(0, len(ctx), 256):
+                run.prefill(ctx[i : i + 256], final=i + 256 >= len(ctx))
+            for tok in tail:
+                out.append(_log_softmax(run.logits()))
+                run.decode(tok)
+            assert run.session.kv_stats().active_tokens + run.session.kv_stats().frozen_tokens == run.session.n_logical
+            thawed[getattr(pol, "trigger", "")] = sum(r.thawed for r in getattr(run.policy, "recoveries", []))
+        return out
+
+    ref = logprobs(Full())
+
+    def kld(pol) -> float:
+        return float(np.mean([(np.exp(r) * (r - lp)).sum() for r, lp in zip(ref, logprobs(pol), strict=True)]))
+
+    near, far = kld(make_policy("asrkf-follow")), kld(make_policy("asrkf-follow", trigger="none"))
+    assert thawed["mass"] > 0 and thawed["none"] == 0, thawed
+    assert near < 0.75 * far, (near, far)
 
 
 @pytest.mark.real
