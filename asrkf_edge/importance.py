@@ -295,13 +295,16 @@ class Importance:
                 self.keys = np.concatenate([self.keys, more], axis=1)
                 self.known = np.concatenate([self.known, np.zeros(cap - len(self.known), bool)])
 
-    def observe(self, cell_pos: np.ndarray, pos0: int, n: int) -> None:
+    def observe(self, cell_pos: np.ndarray, pos0: int, n: int, fold_scores: bool = True) -> None:
         """Fold the last decode (positions pos0..pos0+n-1) into the scores; ``cell_pos`` maps cells to
-        positions of sequence 0 (-1 elsewhere). New tokens start at the uniform share 1/logical tokens."""
+        positions of sequence 0 (-1 elsewhere). New tokens start at the uniform share 1/logical tokens.
+        ``fold_scores=False`` (tokens read again): keys and queries are taken, the scores left as they are:
+        these positions were scored and their queries folded when first read."""
         cap = self.capture
         assert cap is not None
         self._grow(pos0 + n)
-        self.scores[pos0 : pos0 + n] = 1.0 / (pos0 + n)
+        if fold_scores:
+            self.scores[pos0 : pos0 + n] = 1.0 / (pos0 + n)
         if not cap.enabled:  # not observed: its keys are read back when needed
             if self.mirror_keys:
                 self.known[pos0 : pos0 + n] = False
@@ -315,6 +318,8 @@ class Importance:
         q = self.queries() if self.keep_queries else None  # stacked once, also for the host attention below
         if q is not None:
             self._keep(q, pos0 + n)
+        if not fold_scores:
+            return
         rows = min(n, self.window)
         qpos = np.arange(pos0 + n - rows, pos0 + n, dtype=np.int64)
         gamma, weight = self.gamma, self.weight

@@ -76,6 +76,7 @@ class AsrKf(ScoringPolicy):
     trigger_every: int = 4
     trigger_mass: float = 0.2
     trigger_cover: float = 0.8
+    swap_against: Literal["max", "current"] = "max"
     _ledger: Ledger = field(init=False, repr=False)
     _monitor: EntropyMonitor = field(init=False, repr=False)
     recoveries: list[Recovery] = field(init=False, repr=False)
@@ -230,13 +231,16 @@ class AsrKf(ScoringPolicy):
         """The current query's attention over active and frozen keys (the decayed score's layers, mirrored
         keys). Below ``trigger_mass`` on frozen keys: None. Otherwise the frozen tokens it wants most, until
         they cover ``trigger_cover`` of that mass (at most ``recover_tokens``), come back, each into a free
-        cell or in place of the weakest unprotected active token by max(decayed score, current attention),
-        and only where it beats it; returns what came back (its score becomes its current attention).
+        cell or in place of the weakest unprotected active token, and only where it beats it; weakest by
+        max(decayed score, current attention) (``swap_against="max"``: a rare fire must not undo what the
+        decayed score chose) or by the current attention alone ("current", for a check on every token).
+        Returns what came back (its score becomes its current attention).
 
         Measured (bench ppl, context 2000, 128 tokens, budget 0.35 / 0.5, mean KLD from full): no trigger
-        0.083 / 0.048; this swap at 0.05 0.037 / 0.019; re-choosing the whole set for the one query instead
-        0.024 / 0.014 when it fired on every token but 0.043 / 0.062 at 0.1, where it fired on a fifth: one
-        query's ranking of the rest is noise, so a rare fire replaced a good set with a worse one."""
+        0.080 / 0.048; this swap on every token at 3% ("current") 0.029 / 0.015; re-choosing the whole set
+        for the one query instead 0.024 / 0.014 when it fired on every token but 0.043 / 0.062 at 10%, where
+        it fired on a fifth: one query's ranking of the rest is noise, so a rare fire replaced a good set
+        with a worse one."""
         imp = ctx.importance
         q, qpos = imp.recent_queries(1)
         act, frozen = ctx.active(), ctx.frozen()
@@ -248,7 +252,7 @@ class AsrKf(ScoringPolicy):
         order = np.argsort(-cur_frozen, kind="stable")
         want = order[: min(int(np.searchsorted(np.cumsum(cur_frozen[order]), self.trigger_cover * share)) + 1,
                            self.recover_tokens)]
-        value = np.maximum(imp.of(act), cur_act)
+        value = np.maximum(imp.of(act), cur_act) if self.swap_against == "max" else cur_act
         movable = np.flatnonzero(~ctx.protected(act) & ~self._ledger.is_pinned(act, ctx.step) & (act < ctx.n_logical - 1))
         weakest = movable[np.argsort(value[movable], kind="stable")]
         free = max(0, ctx.budget - len(act) - 1)  # the token decoded next needs a cell
@@ -342,12 +346,16 @@ class AsrKfFollow(AsrKf):
     """asrkf whose active set follows every query: each decode step checks how much of the token's attention
     would go to frozen keys and, at 5% or more, swaps in what it wants and decodes the token again.
 
-    Measured (bench ppl, context 2000, 128 tokens, 2 cores; mean KLD from full at budget 0.35 / 0.5): 0.037 /
-    0.019 against asrkf's 0.083 / 0.048, firing on nearly every token; decode 2.5-3x slower than asrkf at
-    512-2k tokens (a second decode and a copy in and out per token). For when quality matters more than speed."""
+    Measured (bench ppl, context 2000, 128 tokens, 2 cores; mean KLD from full at budget 0.35 / 0.5): 0.029 /
+    0.015 against asrkf's 0.080 / 0.048 and the bench's oracle's 0.023 / 0.014, firing on every token; on two
+    other texts 0.011 / 0.007 and 0.022 / 0.010. The price is a second decode and a small copy in and out per
+    token (docs/RESULTS.md). For when quality matters more than speed."""
 
     name: ClassVar[str] = "asrkf-follow"
     trigger: Trigger = "mass"
     trigger_every: int = 1
-    trigger_mass: float = 0.05
+    trigger_mass: float = 0.03
+    swap_against: Literal["max", "current"] = "current"  # KLD 0.029 / 0.015 against 0.041 / 0.020 with "max"
     observe_every: int = 1  # the check needs each token's own query
+    pin: int = 0  # the swap keeps a token only while it beats others; pinned for 32 tokens, what came back
+    # filled the cache and the KL divergence tripled (0.118 against 0.041, 1,000 tokens at 0.35)
