@@ -145,7 +145,7 @@ def test_asrkf_follow_stays_closer_to_full_than_asrkf_without_recovery(real) -> 
     """Acceptance (issue 14's KLD): on 48 tokens of prose read after 1,000 at budget 0.35, the policy that swaps
     in what each query wants from the store (asrkf-follow) predicts the next token closer to the full cache
     (mean KL divergence) than the same policy with recovery off, and brings tokens back while doing it."""
-    from asrkf_edge.bench.suites import _log_softmax, _text_tokens
+    from asrkf_edge.bench.suites import _log_softmax, _text_tokens, kl_divergence
 
     tokens = _text_tokens(real, 1048)
     ctx, tail = tokens[:1000], tokens[1000:]
@@ -167,7 +167,7 @@ def test_asrkf_follow_stays_closer_to_full_than_asrkf_without_recovery(real) -> 
     ref = logprobs(Full())
 
     def kld(pol) -> float:
-        return float(np.mean([(np.exp(r) * (r - lp)).sum() for r, lp in zip(ref, logprobs(pol), strict=True)]))
+        return float(np.mean([kl_divergence(r, lp) for r, lp in zip(ref, logprobs(pol), strict=True)]))
 
     near, far = kld(make_policy("asrkf-follow")), kld(make_policy("asrkf-follow", trigger="none"))
     assert thawed["mass"] > 0 and thawed["none"] == 0, thawed
@@ -270,6 +270,18 @@ def test_every_registered_policy_runs_a_generation(real, name: str) -> None:
         assert kv.active_tokens_peak <= max(0.5 * st.prompt_tokens, pol.min_cells()) + 1
     if pol.reversible:
         assert kv.dropped_tokens == 0 and kv.frozen_tokens > 0
+
+
+def test_a_challenger_takes_a_free_cell_or_beats_the_weakest_left() -> None:
+    """The swap rule of the rolling re-evaluation and of recoveries: free cells first, then the i-th best
+    frozen token against the i-th weakest active one, stopping at the first that loses."""
+    from asrkf_edge.policies.selection import winners
+
+    best_first, weakest_first = np.array([0.9, 0.5, 0.4, 0.3]), np.array([0.1, 0.2, 0.45])
+    assert winners(best_first, weakest_first, 0) == 2  # 0.9 > 0.1, 0.5 > 0.2, then 0.4 < 0.45 stops it
+    assert winners(best_first, weakest_first, 1) == 3  # a free cell, 0.5 > 0.1, 0.4 > 0.2, then 0.3 < 0.45
+    assert winners(best_first, np.zeros(0), 2) == 2  # nothing to displace: only the free cells
+    assert winners(np.zeros(0), weakest_first, 3) == 0
 
 
 def test_selection_pools_neighbours_and_fills_whole_pages() -> None:

@@ -165,6 +165,11 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum())
 
 
+def kl_divergence(ref: np.ndarray, logprobs: np.ndarray) -> float:
+    """KL(reference || policy) of one next-token distribution, from both log-probabilities."""
+    return float((np.exp(ref) * (ref - logprobs)).sum())
+
+
 def ppl_suite(engine: Engine, plan: Plan) -> Iterator[Record]:
     """Perplexity and KL divergence from ``full`` (llama.cpp's --kl-divergence convention, KL(full || policy))
     over ``ppl_tokens`` of prose read one token at a time after ``ppl_context`` tokens (one prompt), at equal
@@ -188,8 +193,7 @@ def ppl_suite(engine: Engine, plan: Plan) -> Iterator[Record]:
                 if policy == "full":
                     ref.append(lp)
                 else:
-                    p = np.exp(ref[j])
-                    kld.append(float((p * (ref[j] - lp)).sum()))
+                    kld.append(kl_divergence(ref[j], lp))
                     top.append(int(np.argmax(lp) == np.argmax(ref[j])))
                 run.decode(tok)
                 if j % 16 == 15:

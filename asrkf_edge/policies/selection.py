@@ -1,6 +1,7 @@
 """Choosing the active set from per-head attention scores: pool over neighbouring positions, combine the
-heads, keep the best tokens (or pages of consecutive positions) up to a budget. Pure NumPy, shared by
-asrkf's question-time reselection and the bench's oracle.
+heads, keep the best tokens (or pages of consecutive positions) up to a budget, and decide which frozen
+tokens win a cell from an active one. Pure NumPy, shared by asrkf's question-time reselection, its rolling
+re-evaluation and recovery swaps, and the bench's oracle.
 
 Why pooling: a fact spans several tokens and attention finds only some of them; SnapKV pools each head's
 scores over a few neighbours so a kept token keeps its neighbours. Why pages: the same at a coarser grain
@@ -62,3 +63,12 @@ def choose(score: np.ndarray, forced: np.ndarray, target: int, page: int = 1) ->
         free = np.flatnonzero(~keep)
         keep[free[np.argsort(-score[free], kind="stable")[:room]]] = True
     return keep
+
+
+def winners(challengers: np.ndarray, defenders: np.ndarray, free: int) -> int:
+    """How many of ``challengers`` (scores, best first) come in: the i-th takes a free cell while ``free`` last,
+    then must beat the i-th of ``defenders`` (scores, weakest first); the first that does not, stops the rest."""
+    rivals = np.concatenate([np.full(max(0, free), -np.inf), defenders])
+    k = min(len(challengers), len(rivals))
+    wins = challengers[:k] > rivals[:k]
+    return k if wins.all() else int(np.argmin(wins))
