@@ -81,6 +81,7 @@ class Model:
         init_backend()
         params = L.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
+        params.use_extra_bufts = extra_buffers()
         self.n_gpu_layers = n_gpu_layers
         self.path = Path(path)
         ptr = L.llama_model_load_from_file(str(self.path).encode(), params)
@@ -317,6 +318,24 @@ _exiting = False
 def _mark_exit() -> None:  # the CUDA runtime may be going away: leak pinned buffers instead of freeing
     global _exiting
     _exiting = True
+
+
+def extra_buffers() -> bool:
+    """Whether llama.cpp may repack weights into its extra CPU buffer types. Not where the CPU has AMX: there
+    the AMX matmul segfaulted on the first batch of more than a few tokens (this project's 2-core Xeon with
+    AMX, llama-cpp-python 0.3.36; upstream llama.cpp #20824, fix pending in #26954), while without the AMX
+    buffer the same build decoded. ``ASRKF_EDGE_EXTRA_BUFFERS=1`` or ``0`` decides instead."""
+    forced = os.environ.get("ASRKF_EDGE_EXTRA_BUFFERS")
+    if forced in ("0", "1"):
+        return forced == "1"
+    fn = getattr(_ggml(), "ggml_cpu_has_amx_int8", None)
+    if fn is None:
+        return True
+    fn.argtypes, fn.restype = [], ctypes.c_int
+    if fn():
+        log.info("CPU with AMX: weights stay in plain CPU buffers (llama.cpp's AMX matmul crashes, #20824)")
+        return False
+    return True
 
 
 @cache
