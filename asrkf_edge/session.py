@@ -498,13 +498,10 @@ class Session:
             targets = np.concatenate([targets, evicted % self.cells.size])
         store = self.store
         assert store is not None
-        index = {int(p): i for i, p in enumerate(want.tolist())}
         sources, releases = [], []
-        for seg_id, rows in store.locate(int(want.min()), int(want.max()) + 1).items():
-            seg = store.segment(seg_id)
-            rows = rows[np.isin(seg.pos[rows], want)]
-            sources.append((store.read(seg), rows, np.array([index[int(p)] for p in seg.pos[rows]], np.int64)))
-            releases.append((seg_id, rows))
+        for seg, rows, idx in store.find(want):
+            sources.append((store.read(seg), rows, idx))
+            releases.append((seg.seg_id, rows))
         self._land(store.layout, want, targets, sources)
         for seg_id, rows in releases:
             store.release(seg_id, rows)

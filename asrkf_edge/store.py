@@ -30,6 +30,7 @@ from .kvcopy import Side, copy_rows, segment_side
 _ALIGN = 4096
 _MIN_ARENA = 64 << 20  # bytes of the first arena file; later ones double, up to _MAX_ARENA
 _MAX_ARENA = 1 << 30
+SEGMENT_TOKENS = 16  # most tokens one segment holds (one hash, one read)
 
 
 def digest(buf: np.ndarray) -> int:
@@ -128,8 +129,14 @@ class FrozenStore:
         self._next_id = 0
 
     # writing
-    def put(self, pos: np.ndarray, tokens: np.ndarray, src: Side, src_rows: np.ndarray) -> Segment:
-        """Write rows ``src_rows`` of ``src`` (positions ``pos``, increasing) as a new segment."""
+    def put(self, pos: np.ndarray, tokens: np.ndarray, src: Side, src_rows: np.ndarray) -> list[Segment]:
+        """Write rows ``src_rows`` of ``src`` (positions ``pos``, increasing) as new segments of at most
+        ``SEGMENT_TOKENS`` tokens each: every read hashes its whole segment, so a thaw of one token from a
+        prompt frozen in one piece hashed megabytes (14 ms of a 35 ms thaw at 2k, one segment per freeze)."""
+        return [self._put(pos[i : i + SEGMENT_TOKENS], tokens[i : i + SEGMENT_TOKENS], src, src_rows[i : i + SEGMENT_TOKENS])
+                for i in range(0, len(pos), SEGMENT_TOKENS)]
+
+    def _put(self, pos: np.ndarray, tokens: np.ndarray, src: Side, src_rows: np.ndarray) -> Segment:
         n = len(pos)
         nbytes = n * self.layout.bytes_per_cell
         try:
@@ -199,6 +206,17 @@ class FrozenStore:
         where = np.flatnonzero(self._seg_of[lo:hi] >= 0) + lo
         segs, rows = self._seg_of[where], self._row_of[where]
         return {int(s): rows[segs == s] for s in np.unique(segs)}
+
+    def find(self, positions: np.ndarray) -> list[tuple[Segment, np.ndarray, np.ndarray]]:
+        """The segments holding these frozen positions, each with (its rows, their indices in ``positions``):
+        only the segments a thaw needs, not every one its range overlaps."""
+        p = np.asarray(positions, np.int64)
+        segs = self._seg_of[p]
+        if (segs < 0).any():
+            raise ValueError("positions that are not frozen")
+        order = np.argsort(segs, kind="stable")
+        cuts = np.flatnonzero(np.diff(segs[order])) + 1
+        return [(self._segments[int(segs[idx[0]])], self._row_of[p[idx]], idx) for idx in np.split(order, cuts)]
 
     def segment(self, seg_id: int) -> Segment:
         return self._segments[seg_id]
