@@ -6,6 +6,7 @@ The checks run before llama.cpp sees a file so that a bad file is a one-line
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -120,6 +121,14 @@ def inspect(path: str | Path) -> ModelInfo:
         raise ModelError(f"model file not found: {p}")
     if not p.is_file():
         raise ModelError(f"model path is not a file: {p}")
+    st = p.stat()
+    return _inspect(p, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _inspect(p: Path, size: int, mtime_ns: int) -> ModelInfo:
+    """:func:`inspect` of a file as it is now (size and time key the cache): gguf's reader walks every
+    vocabulary string, 5 s for the default model on a 2-core Xeon, and loading a model asked twice."""
     with open(p, "rb") as f:
         if f.read(4) != b"GGUF":
             raise ModelError(f"{p} is not a GGUF file (bad magic)")
@@ -129,7 +138,6 @@ def inspect(path: str | Path) -> ModelInfo:
         r = gguf.GGUFReader(str(p))
     except Exception as e:  # the reader raises many kinds on damaged headers
         raise ModelError(f"{p} is not a readable GGUF file ({type(e).__name__}: {e})") from None
-    size = p.stat().st_size
     end = max((t.data_offset + int(t.n_bytes) for t in r.tensors), default=0)
     if end > size:
         raise ModelError(f"{p} is truncated: {size} bytes, tensor data needs {end}")
