@@ -100,6 +100,9 @@ class Runner:
 
     def decode(self, token: int) -> None:
         """Append one generated token; logits of the next one are ready."""
+        t0 = time.perf_counter()
+        self.policy.before_token(self, token)
+        self.policy_seconds += time.perf_counter() - t0
         self.session.eval([token])
         self._settle()
 
@@ -153,6 +156,9 @@ class Runner:
 
     def free_cells(self) -> int:
         return self.session.free_cells()
+
+    def tokens(self, start: int, stop: int) -> list[int]:
+        return self.session.tokens[start:stop]
 
     def active(self) -> np.ndarray:
         return self.session.active_positions()

@@ -21,6 +21,7 @@ import numpy as np
 from ..importance import entropy
 from ..session import runs
 from .base import GGML_Q8_0, Attention, PolicyContext, ScoringPolicy
+from .induction import BigramIndex, continuations
 from .recovery import EntropyMonitor, EntropyRule, Recovery
 from .schedule import Ledger, Schedule
 from .selection import Combine, choose, combine, pool, winners
@@ -77,8 +78,11 @@ class AsrKf(ScoringPolicy):
     trigger_mass: float = 0.2
     trigger_cover: float = 0.8
     swap_against: Literal["max", "current"] = "max"
+    prefetch: int = 0
+    prefetch_matches: int = 16
     _ledger: Ledger = field(init=False, repr=False)
     _monitor: EntropyMonitor = field(init=False, repr=False)
+    _bigrams: BigramIndex = field(init=False, repr=False)
     recoveries: list[Recovery] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -90,6 +94,7 @@ class AsrKf(ScoringPolicy):
             raise ValueError("reread must lie within 0..recent; page and pool must be >= 1")
         self._ledger = Ledger(self.schedule)
         self._monitor = EntropyMonitor(self.entropy)
+        self._bigrams = BigramIndex()
         self.recoveries = []
 
     def recovery_log(self) -> list[dict[str, object]]:
@@ -224,6 +229,26 @@ class AsrKf(ScoringPolicy):
             ctx.redecode()
             rec.entropy_after = float(entropy(ctx.logits()))
         self.recoveries.append(rec)
+
+    def before_token(self, ctx: PolicyContext, token: int) -> None:
+        """Before ``token`` is decoded: thaw the frozen tokens that followed the newest ``prefetch_matches``
+        earlier occurrences of the bigram it completes (each occurrence and ``prefetch`` tokens after it,
+        :mod:`.induction`). Room is made the usual way (the lowest scores leave).
+
+        Off by default. Measured (context 2000, 128 tokens, KLD from full at budget 0.35 / 0.5): GPL 0.080 / 0.048
+        without, 0.064 / 0.039 with ``prefetch=4``; GFDL 0.073 / 0.047 against 0.075 / 0.029; a text read again
+        (tests) KLD below half. But a thaw and an eviction almost every token: 13% of decode speed at 2k on
+        2 CPU cores, and on an H200 the default model decoded 77 against 199 tok/s at 4k (each thaw a
+        synchronous upload)."""
+        if not self.prefetch or not ctx.n_frozen:
+            return
+        n = ctx.n_logical
+        self._bigrams.sync(n, ctx.tokens)
+        hits = self._bigrams.matches(self._bigrams.last, token, self.prefetch_matches)
+        want = continuations(hits, self.prefetch, n)
+        frozen = ctx.frozen()
+        want = want[frozen[np.minimum(np.searchsorted(frozen, want), len(frozen) - 1)] == want][: self._thaw_cap(ctx)]
+        self._thaw(ctx, want, 0, redecode=False)
 
     def _swap_in(self, ctx: PolicyContext) -> np.ndarray | None:
         """The current query's attention over active and frozen keys (the decayed score's layers, mirrored

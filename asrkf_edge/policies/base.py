@@ -51,6 +51,9 @@ class PolicyContext(Protocol):
 
     def free_cells(self) -> int: ...
 
+    def tokens(self, start: int, stop: int) -> list[int]:
+        """Token ids of positions ``start`` to ``stop`` (exclusive)."""
+
     def active(self) -> np.ndarray:
         """Positions in the cache, sorted."""
 
@@ -128,6 +131,9 @@ class Policy:
 
     def after_prompt(self, ctx: PolicyContext) -> None:
         """Called when a whole prompt (or a chat turn's new text) has been read, before its logits are used."""
+
+    def before_token(self, ctx: PolicyContext, token: int) -> None:
+        """Called before a generated (or teacher-forced) token is decoded, with its id."""
 
     def after_logits(self, ctx: PolicyContext) -> None:
         """Called once the logits of the next token are final (after prefill and after each token)."""
