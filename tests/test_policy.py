@@ -140,38 +140,46 @@ def test_the_mass_trigger_swaps_in_only_when_frozen_keys_draw_the_query(tiny) ->
             assert run.session.kv_stats().active_tokens + run.session.kv_stats().frozen_tokens == run.session.n_logical
 
 
+class _Forced:
+    """Reads ``ctx`` as a prompt (256-token chunks) at budget 0.35, then ``tail`` one token at a time; keeps each
+    step's next-token log-probabilities, the thaws made while reading the tail and the recoveries' tokens."""
+
+    def __init__(self, real, pol, ctx: list[int], tail: list[int]) -> None:
+        from asrkf_edge.bench.suites import _log_softmax
+
+        self.logprobs: list[np.ndarray] = []
+        with real.runner(pol, budget_cells(pol, 0.35 if pol.bounded else None, len(ctx), len(tail))) as run:
+            for i in range(0, len(ctx), 256):
+                run.prefill(ctx[i : i + 256], final=i + 256 >= len(ctx))
+            before = run.session.thaw_events
+            for tok in tail:
+                self.logprobs.append(_log_softmax(run.logits()))
+                run.decode(tok)
+            st = run.session.kv_stats()
+            assert st.active_tokens + st.frozen_tokens == run.session.n_logical
+            self.thaws = run.session.thaw_events - before
+            self.recovered = sum(r.thawed for r in getattr(run.policy, "recoveries", []))
+
+    def kld(self, ref: _Forced) -> float:
+        from asrkf_edge.bench.suites import kl_divergence
+
+        return float(np.mean([kl_divergence(r, lp) for r, lp in zip(ref.logprobs, self.logprobs, strict=True)]))
+
+
 @pytest.mark.real
 def test_asrkf_follow_stays_closer_to_full_than_asrkf_without_recovery(real) -> None:
     """Acceptance (issue 14's KLD): on 48 tokens of prose read after 1,000 at budget 0.35, the policy that swaps
     in what each query wants from the store (asrkf-follow) predicts the next token closer to the full cache
     (mean KL divergence) than the same policy with recovery off, and brings tokens back while doing it."""
-    from asrkf_edge.bench.suites import _log_softmax, _text_tokens, kl_divergence
+    from asrkf_edge.bench.suites import _text_tokens
 
     tokens = _text_tokens(real, 1048)
     ctx, tail = tokens[:1000], tokens[1000:]
-
-    thawed: dict[str, int] = {}
-
-    def logprobs(pol) -> list[np.ndarray]:
-        out = []
-        with real.runner(pol, budget_cells(pol, 0.35 if pol.bounded else None, len(ctx), len(tail))) as run:
-            for i in range(0, len(ctx), 256):
-                run.prefill(ctx[i : i + 256], final=i + 256 >= len(ctx))
-            for tok in tail:
-                out.append(_log_softmax(run.logits()))
-                run.decode(tok)
-            assert run.session.kv_stats().active_tokens + run.session.kv_stats().frozen_tokens == run.session.n_logical
-            thawed[getattr(pol, "trigger", "")] = sum(r.thawed for r in getattr(run.policy, "recoveries", []))
-        return out
-
-    ref = logprobs(Full())
-
-    def kld(pol) -> float:
-        return float(np.mean([kl_divergence(r, lp) for r, lp in zip(ref, logprobs(pol), strict=True)]))
-
-    near, far = kld(make_policy("asrkf-follow")), kld(make_policy("asrkf-follow", trigger="none"))
-    assert thawed["mass"] > 0 and thawed["none"] == 0, thawed
-    assert near < 0.75 * far, (near, far)
+    ref = _Forced(real, Full(), ctx, tail)
+    near = _Forced(real, make_policy("asrkf-follow"), ctx, tail)
+    far = _Forced(real, make_policy("asrkf-follow", trigger="none"), ctx, tail)
+    assert near.recovered > 0 and far.recovered == 0, (near.recovered, far.recovered)
+    assert near.kld(ref) < 0.75 * far.kld(ref), (near.kld(ref), far.kld(ref))
 
 
 @pytest.mark.real
@@ -179,32 +187,14 @@ def test_asrkf_prefetch_brings_back_text_that_comes_again(real) -> None:
     """Issue 14 (recall on any document): when text read long ago comes again (a quoted clause, a name, a
     repeated phrase), asrkf with ``prefetch`` thaws what followed each earlier occurrence of the current bigram
     before the token is decoded, so it predicts the repeat much closer to the full cache than without it."""
-    from asrkf_edge.bench.suites import _log_softmax, _text_tokens, kl_divergence
+    from asrkf_edge.bench.suites import _text_tokens
 
-    tokens = _text_tokens(real, 1000)
-    ctx, tail = tokens, tokens[100:148]  # 48 tokens read 900 tokens ago, long frozen at 35% of the KV
-    thawed: dict[int, int] = {}
-
-    def logprobs(pol) -> list[np.ndarray]:
-        out = []
-        with real.runner(pol, budget_cells(pol, 0.35 if pol.bounded else None, len(ctx), len(tail))) as run:
-            for i in range(0, len(ctx), 256):
-                run.prefill(ctx[i : i + 256], final=i + 256 >= len(ctx))
-            before = run.session.thaw_events
-            for tok in tail:
-                out.append(_log_softmax(run.logits()))
-                run.decode(tok)
-            thawed[getattr(pol, "prefetch", -1)] = run.session.thaw_events - before
-        return out
-
-    ref = logprobs(Full())
-
-    def kld(pol) -> float:
-        return float(np.mean([kl_divergence(r, lp) for r, lp in zip(ref, logprobs(pol), strict=True)]))
-
-    near, far = kld(make_policy("asrkf", prefetch=4)), kld(make_policy("asrkf"))
-    assert thawed[4] > thawed[0], thawed
-    assert near < 0.5 * far, (near, far)
+    ctx = _text_tokens(real, 1000)
+    tail = ctx[100:148]  # 48 tokens read 900 tokens ago, long frozen at 35% of the KV
+    ref = _Forced(real, Full(), ctx, tail)
+    near, far = _Forced(real, make_policy("asrkf", prefetch=4), ctx, tail), _Forced(real, make_policy("asrkf"), ctx, tail)
+    assert near.thaws > far.thaws, (near.thaws, far.thaws)
+    assert near.kld(ref) < 0.5 * far.kld(ref), (near.kld(ref), far.kld(ref))
 
 
 @pytest.mark.real
