@@ -25,36 +25,44 @@ _JIT = {"cache": True, "nogil": True, "fastmath": False}
 
 
 def attention_mass(q: np.ndarray, qpos: np.ndarray, keys: np.ndarray, kpos: np.ndarray, scale: float,
-                   parallel: bool = False) -> np.ndarray:
+                   parallel: bool = False, layers: np.ndarray | None = None) -> np.ndarray:
     """Causal softmax attention of queries over mirrored keys, averaged over layers and heads.
 
-    q [L, R, H, d] float32; keys [L, P, Hkv, d] float16 bits (uint16), indexed by position; qpos [R], kpos [N]
-    (positions of the keys attended; a key is visible to a query when kpos <= qpos). Returns mass [R, N]:
-    each row sums to 1 over visible keys. Each key row is decoded once and shared by its query heads (GQA).
+    q [L, R, H, d] float32; keys [Lk, P, Hkv, d] float16 bits (uint16), indexed by position; qpos [R], kpos [N]
+    (positions of the keys attended; a key is visible to a query when kpos <= qpos); ``layers`` [L]: the key
+    layer of each query layer (default: the same index), so that a few layers are scored without copying them
+    out of the mirror (a copy of 8 of 30 layers cost ~3 ms per call at 2k). Returns mass [R, N]: each row
+    sums to 1 over visible keys. Each key row is decoded once and shared by its query heads (GQA).
     ``parallel`` spreads (layer, KV head) pairs over Numba's threads: worth it only when llama.cpp's own
     threads are idle (layers on a GPU); on a CPU backend the two thread pools fight and serial is faster.
     """
-    args = (np.ascontiguousarray(q, np.float32), qpos, keys, kpos, np.float32(scale))
+    args = (np.ascontiguousarray(q, np.float32), qpos, keys, kpos, np.float32(scale), _key_layers(q, layers))
     return _mass_parallel(*args) if parallel else _mass_serial(*args)
 
 
+def _key_layers(q: np.ndarray, layers: np.ndarray | None) -> np.ndarray:
+    return np.arange(q.shape[0], dtype=np.int64) if layers is None else np.asarray(layers, np.int64)
+
+
 @numba.njit(**_JIT)
-def _mass_serial(q: np.ndarray, qpos: np.ndarray, keys: np.ndarray, kpos: np.ndarray, scale: np.float32) -> np.ndarray:
+def _mass_serial(q: np.ndarray, qpos: np.ndarray, keys: np.ndarray, kpos: np.ndarray, scale: np.float32,
+                 layers: np.ndarray) -> np.ndarray:
     n_l, n_kv, n_r = q.shape[0], keys.shape[2], q.shape[1]
     out = np.zeros((n_r, len(kpos)), np.float32)
     for t in range(n_l * n_kv):
-        p = _head_softmax(q, qpos, keys, kpos, scale, t // n_kv, t % n_kv)
+        p = _head_softmax(q, qpos, keys, kpos, scale, t // n_kv, layers[t // n_kv], t % n_kv)
         for i in range(p.shape[0]):
             out[i % n_r] += p[i]
     return out / (n_l * q.shape[2])
 
 
 @numba.njit(parallel=True, **_JIT)
-def _mass_parallel(q: np.ndarray, qpos: np.ndarray, keys: np.ndarray, kpos: np.ndarray, scale: np.float32) -> np.ndarray:
+def _mass_parallel(q: np.ndarray, qpos: np.ndarray, keys: np.ndarray, kpos: np.ndarray, scale: np.float32,
+                   layers: np.ndarray) -> np.ndarray:
     n_l, n_kv, n_r = q.shape[0], keys.shape[2], q.shape[1]
     parts = np.zeros((n_l * n_kv, n_r, len(kpos)), np.float32)
     for t in numba.prange(n_l * n_kv):
-        p = _head_softmax(q, qpos, keys, kpos, scale, t // n_kv, t % n_kv)
+        p = _head_softmax(q, qpos, keys, kpos, scale, t // n_kv, layers[t // n_kv], t % n_kv)
         for i in range(p.shape[0]):
             parts[t, i % n_r] += p[i]
     return parts.sum(axis=0) / (n_l * q.shape[2])
@@ -67,26 +75,28 @@ def head_scores(q: np.ndarray, qpos: np.ndarray, keys: np.ndarray, kpos: np.ndar
     The observation-window score of SnapKV, kept per head so that heads can be pooled and combined as a
     policy chooses. Arguments as for :func:`attention_mass`.
     """
-    args = (np.ascontiguousarray(q, np.float32), qpos, keys, kpos, np.float32(scale))
+    args = (np.ascontiguousarray(q, np.float32), qpos, keys, kpos, np.float32(scale), _key_layers(q, None))
     return _heads_parallel(*args) if parallel else _heads_serial(*args)
 
 
 @numba.njit(**_JIT)
-def _heads_serial(q: np.ndarray, qpos: np.ndarray, keys: np.ndarray, kpos: np.ndarray, scale: np.float32) -> np.ndarray:
+def _heads_serial(q: np.ndarray, qpos: np.ndarray, keys: np.ndarray, kpos: np.ndarray, scale: np.float32,
+                  layers: np.ndarray) -> np.ndarray:
     n_l, n_kv, n_r, n_h = q.shape[0], keys.shape[2], q.shape[1], q.shape[2]
     out = np.zeros((n_l * n_h, len(kpos)), np.float32)
     for t in range(n_l * n_kv):
-        p = _head_softmax(q, qpos, keys, kpos, scale, t // n_kv, t % n_kv)
+        p = _head_softmax(q, qpos, keys, kpos, scale, t // n_kv, layers[t // n_kv], t % n_kv)
         _sum_rows(p, (t // n_kv) * n_h + (t % n_kv) * (n_h // n_kv), n_r, out)
     return out
 
 
 @numba.njit(parallel=True, **_JIT)
-def _heads_parallel(q: np.ndarray, qpos: np.ndarray, keys: np.ndarray, kpos: np.ndarray, scale: np.float32) -> np.ndarray:
+def _heads_parallel(q: np.ndarray, qpos: np.ndarray, keys: np.ndarray, kpos: np.ndarray, scale: np.float32,
+                    layers: np.ndarray) -> np.ndarray:
     n_l, n_kv, n_r, n_h = q.shape[0], keys.shape[2], q.shape[1], q.shape[2]
     out = np.zeros((n_l * n_h, len(kpos)), np.float32)
     for t in numba.prange(n_l * n_kv):  # each (layer, KV head) writes its own rows of ``out``
-        p = _head_softmax(q, qpos, keys, kpos, scale, t // n_kv, t % n_kv)
+        p = _head_softmax(q, qpos, keys, kpos, scale, t // n_kv, layers[t // n_kv], t % n_kv)
         _sum_rows(p, (t // n_kv) * n_h + (t % n_kv) * (n_h // n_kv), n_r, out)
     return out
 
@@ -119,9 +129,10 @@ def f16_to_f32(src: np.ndarray, bits: np.ndarray) -> None:
 # reassociation lets LLVM vectorize the dot products (the NumPy twin agrees to ~1e-9)
 @numba.njit(**{**_JIT, "fastmath": {"reassoc", "contract"}})
 def _head_softmax(q: np.ndarray, qpos: np.ndarray, keys: np.ndarray, kpos: np.ndarray, scale: np.float32,
-                  layer: int, kh: int) -> np.ndarray:
-    """Causal softmax of one layer's KV head's ``group`` query heads over the keys: [group * R, N], row
-    ``g * R + r`` for query head ``kh * group + g`` and query row ``r``. Each key row is decoded once."""
+                  layer: int, key_layer: int, kh: int) -> np.ndarray:
+    """Causal softmax of one layer's KV head's ``group`` query heads (query layer ``layer``, key layer
+    ``key_layer``) over the keys: [group * R, N], row ``g * R + r`` for query head ``kh * group + g`` and query
+    row ``r``. Each key row is decoded once."""
     n_r, n_h, d = q.shape[1], q.shape[2], q.shape[3]
     group = n_h // keys.shape[2]
     n, m = len(kpos), group * n_r
@@ -133,7 +144,7 @@ def _head_softmax(q: np.ndarray, qpos: np.ndarray, keys: np.ndarray, kpos: np.nd
     bits = np.empty(d, np.uint32)
     row = bits.view(np.float32)
     for j in range(n):
-        f16_to_f32(keys[layer, kpos[j], kh], bits)
+        f16_to_f32(keys[key_layer, kpos[j], kh], bits)
         for i in range(m):
             acc = np.float32(0.0)
             for e in range(d):
@@ -414,7 +425,7 @@ class Importance:
         the scored layers (or those of ``layers``, indices into them) and heads."""
         kpos = kpos.astype(np.int64)
         self.ensure_keys(kpos)
-        keys = self.mirror()
+        picks = None
         if layers is not None and len(layers) < len(self.layers):
-            q, keys = q[list(layers)], keys[list(layers)]
-        return attention_mass(q, qpos, keys, kpos, self.scale, self.parallel)
+            q, picks = q[list(layers)], np.asarray(layers, np.int64)
+        return attention_mass(q, qpos, self.mirror(), kpos, self.scale, self.parallel, picks)

@@ -37,6 +37,10 @@ def test_kernels_match_numpy_references() -> None:
     assert np.abs(attention_mass(q, qpos, keys, kpos, 0.25, parallel=True) - want).max() < 1e-5
     assert np.allclose(got.sum(axis=1), 1.0, atol=1e-5)
     assert got[0, kpos > 130].max() == 0.0  # causal
+    picks = np.array([2, 0])  # query layers scored against these key layers, read in place
+    ref = attention_mass_reference(q[:2], qpos, keys[picks], kpos, 0.25)
+    for parallel in (False, True):
+        assert np.abs(attention_mass(q[:2], qpos, keys, kpos, 0.25, parallel, picks) - ref).max() < 1e-5
     heads = head_scores_reference(q, qpos, keys, kpos, 0.25)  # [layers x heads, keys], summed over the 5 rows
     for parallel in (False, True):
         assert np.abs(head_scores(q, qpos, keys, kpos, 0.25, parallel=parallel) - heads).max() < 1e-5
