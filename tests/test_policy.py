@@ -138,6 +138,16 @@ def test_the_mass_trigger_swaps_in_only_when_frozen_keys_draw_the_query(tiny) ->
                 run.logits()
             assert bool(run.policy.recoveries) == fires
             assert run.session.kv_stats().active_tokens + run.session.kv_stats().frozen_tokens == run.session.n_logical
+    # redecode_mass: the swap still happens on every fire, the token is decoded again only above it
+    for again, redecoded in ((0.0, True), (1.01, False)):
+        pol = AsrKf(min_cache=64, trigger="mass", trigger_every=1, trigger_mass=0.0, redecode_mass=again)
+        with tiny.runner(pol, 160) as run:
+            run.prefill(tiny.tokenize(text)[:400])
+            for tok in tiny.tokenize(" the sky")[:2]:
+                run.decode(tok)
+            swaps = [r for r in run.policy.recoveries if r.thawed]
+            assert swaps, "nothing was swapped in"
+            assert all((r.entropy_after is not None) == redecoded for r in swaps)
 
 
 class _Forced:
