@@ -214,7 +214,7 @@ class AsrKf(ScoringPolicy):
         texts; decodes again out of 128): at budget 0.35, always 0.029 / 0.022 (128), at 10% 0.039 / 0.032
         (18 / 32), never 0.057; at 0.5, always 0.015 / 0.010, at 5% 0.017 / 0.011 (82), at 10% 0.031 / 0.025
         (0-1). asrkf without a trigger: 0.080 / 0.073 and 0.048 / 0.047. A second decode costs what the first
-        does, so 10% ran at about 0.85x of full's speed on 2 CPU cores at 2k, always at about 0.5x."""
+        does: at 10% 0.6-0.9x of full's speed on 2 CPU cores at 2k, always 0.45-0.57x (benchmarks/kld_variants.py)."""
         if not ctx.n_frozen or self.trigger == "none":
             return  # nothing to recover: the entropy is watched while something is frozen
         h: float | None = None
