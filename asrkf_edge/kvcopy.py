@@ -115,7 +115,8 @@ def copy_rows(src: Side, dst: Side, src_rows: np.ndarray, dst_rows: np.ndarray, 
         # Only a buffer this call mostly covers. A freeze is written as 16-token segments, one call each: faulting
         # in the whole blob every time walked a 128 MB pinned blob 64 times per 1,024-token freeze of the 8B
         # shape (pinned memory has 4 KB pages), and that freeze fell from 3.65 to 1.16 GB/s on an H200 with the
-        # pinned staging only. Neutral on the CPU (1.62-1.88 GB/s either way, noise); not yet re-measured on a GPU.
+        # pinned staging only; with this rule it was 2.84 against 9a2ac0f's 3.23 in one call (docs/gpu.md). Neutral on
+        # the CPU (1.62-1.88 GB/s either way, noise).
         if dst.buf.nbytes <= 2 * moved:
             _lib.asrkf_populate(ptr(dst.buf), dst.buf.nbytes, 1)
         if src.buf.nbytes <= 2 * moved:
