@@ -13,33 +13,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
-import numpy as np
-
 from asrkf_edge import Engine
-from asrkf_edge.bench.suites import _log_softmax, _text_tokens, kl_divergence
+from asrkf_edge.bench.suites import Forced, _text_tokens, forced_decode
 from asrkf_edge.policies import make_policy
-from asrkf_edge.runner import budget_cells
 
 
-def forced(engine: Engine, policy: str, budget: float | None, overrides: dict, ctx: list[int], tail: list[int]) -> dict:
-    pol = make_policy(policy, **overrides)
-    with engine.runner(pol, budget_cells(pol, budget if pol.bounded else None, len(ctx), len(tail))) as run:
-        for i in range(0, len(ctx), 256):
-            run.prefill(ctx[i : i + 256], final=i + 256 >= len(ctx))
-        logprobs = []
-        t0 = time.perf_counter()
-        for tok in tail:
-            logprobs.append(_log_softmax(run.logits()))
-            run.decode(tok)
-        seconds = time.perf_counter() - t0
-        st = run.stats()
-        again = sum(1 for r in getattr(run.policy, "recoveries", []) if r.entropy_after is not None)
-    n = len(tail)
-    return {"logprobs": logprobs, "tokens_per_s": n / seconds, "recoveries": st.recoveries, "decoded_again": again,
-            "thaw_ms_per_token": 1e3 * st.thaw_seconds / n, "freeze_ms_per_token": 1e3 * st.freeze_seconds / n}
+def figures(f: Forced, n: int) -> dict:
+    """A run's speed and recovery figures per continuation token."""
+    return {"tokens_per_s": n / f.seconds, "recoveries": f.stats.recoveries, "decoded_again": f.decoded_again,
+            "thaw_ms_per_token": 1e3 * f.stats.thaw_seconds / n, "freeze_ms_per_token": 1e3 * f.stats.freeze_seconds / n}
 
 
 def main() -> None:
@@ -56,14 +40,15 @@ def main() -> None:
         if len(toks) < n:
             raise SystemExit(f"{a.text} has {len(toks)} tokens, {n} are needed")
         ctx, tail = toks[: a.context], toks[a.context :]
-        ref = forced(eng, "full", None, {}, ctx, tail)
-        rows = [{"label": "full", "kld": 0.0, **{k: v for k, v in ref.items() if k != "logprobs"}}]
-        print(f"full: {ref['tokens_per_s']:.1f} tok/s", flush=True)
+        ref = forced_decode(eng, make_policy("full"), None, ctx, tail)
+        full = figures(ref, len(tail))
+        rows = [{"label": "full", "kld": 0.0, **full}]
+        print(f"full: {full['tokens_per_s']:.1f} tok/s", flush=True)
         for label, policy, budget, overrides in json.loads(a.variants):
-            r = forced(eng, policy, budget, overrides, ctx, tail)
-            kld = float(np.mean([kl_divergence(x, y) for x, y in zip(ref["logprobs"], r.pop("logprobs"), strict=True)]))
+            f = forced_decode(eng, make_policy(policy, **overrides), budget, ctx, tail)
+            kld, r = f.kld(ref), figures(f, len(tail))
             rows.append({"label": label, "policy": policy, "budget": budget, "overrides": overrides, "kld": kld, **r})
-            ratio = r["tokens_per_s"] / ref["tokens_per_s"]
+            ratio = r["tokens_per_s"] / full["tokens_per_s"]
             print(f"{label:24s} {budget} KLD {kld:.4f}  {r['tokens_per_s']:.1f} tok/s ({ratio:.2f}x full)  "
                   f"recoveries {r['recoveries']}, decoded again {r['decoded_again']}, thaw {r['thaw_ms_per_token']:.1f} "
                   f"freeze {r['freeze_ms_per_token']:.1f} ms/token", flush=True)

@@ -150,30 +150,13 @@ def test_the_mass_trigger_swaps_in_only_when_frozen_keys_draw_the_query(tiny) ->
             assert all((r.entropy_after is not None) == redecoded for r in swaps)
 
 
-class _Forced:
-    """Reads ``ctx`` as a prompt (256-token chunks) at budget 0.35, then ``tail`` one token at a time; keeps each
-    step's next-token log-probabilities, the thaws made while reading the tail and the recoveries' tokens."""
+def _forced(real, pol, ctx: list[int], tail: list[int]):
+    """``forced_decode`` at budget 0.35, checking that every token read stays in the cache or the store."""
+    from asrkf_edge.bench.suites import forced_decode
 
-    def __init__(self, real, pol, ctx: list[int], tail: list[int]) -> None:
-        from asrkf_edge.bench.suites import _log_softmax
-
-        self.logprobs: list[np.ndarray] = []
-        with real.runner(pol, budget_cells(pol, 0.35 if pol.bounded else None, len(ctx), len(tail))) as run:
-            for i in range(0, len(ctx), 256):
-                run.prefill(ctx[i : i + 256], final=i + 256 >= len(ctx))
-            before = run.session.thaw_events
-            for tok in tail:
-                self.logprobs.append(_log_softmax(run.logits()))
-                run.decode(tok)
-            st = run.session.kv_stats()
-            assert st.active_tokens + st.frozen_tokens == run.session.n_logical
-            self.thaws = run.session.thaw_events - before
-            self.recovered = sum(r.thawed for r in getattr(run.policy, "recoveries", []))
-
-    def kld(self, ref: _Forced) -> float:
-        from asrkf_edge.bench.suites import kl_divergence
-
-        return float(np.mean([kl_divergence(r, lp) for r, lp in zip(ref.logprobs, self.logprobs, strict=True)]))
+    f = forced_decode(real, pol, 0.35, ctx, tail)
+    assert f.stats.active_tokens + f.stats.frozen_tokens == f.stats.logical_tokens == len(ctx) + len(tail)
+    return f
 
 
 @pytest.mark.real
@@ -185,10 +168,10 @@ def test_asrkf_follow_stays_closer_to_full_than_asrkf_without_recovery(real) -> 
 
     tokens = _text_tokens(real, 1048)
     ctx, tail = tokens[:1000], tokens[1000:]
-    ref = _Forced(real, Full(), ctx, tail)
-    near = _Forced(real, make_policy("asrkf-follow"), ctx, tail)
-    far = _Forced(real, make_policy("asrkf-follow", trigger="none"), ctx, tail)
-    assert near.recovered > 0 and far.recovered == 0, (near.recovered, far.recovered)
+    ref = _forced(real, Full(), ctx, tail)
+    near = _forced(real, make_policy("asrkf-follow"), ctx, tail)
+    far = _forced(real, make_policy("asrkf-follow", trigger="none"), ctx, tail)
+    assert near.stats.recoveries > 0 and far.stats.recoveries == 0, (near.stats.recoveries, far.stats.recoveries)
     assert near.kld(ref) < 0.75 * far.kld(ref), (near.kld(ref), far.kld(ref))
 
 
@@ -201,8 +184,8 @@ def test_asrkf_prefetch_brings_back_text_that_comes_again(real) -> None:
 
     ctx = _text_tokens(real, 1000)
     tail = ctx[100:148]  # 48 tokens read 900 tokens ago, long frozen at 35% of the KV
-    ref = _Forced(real, Full(), ctx, tail)
-    near, far = _Forced(real, make_policy("asrkf", prefetch=4), ctx, tail), _Forced(real, make_policy("asrkf"), ctx, tail)
+    ref = _forced(real, Full(), ctx, tail)
+    near, far = _forced(real, make_policy("asrkf", prefetch=4), ctx, tail), _forced(real, make_policy("asrkf"), ctx, tail)
     assert near.thaws > far.thaws, (near.thaws, far.thaws)
     assert near.kld(ref) < 0.5 * far.kld(ref), (near.kld(ref), far.kld(ref))
 

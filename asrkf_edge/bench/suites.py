@@ -22,7 +22,7 @@ from .. import llama
 from ..engine import Engine
 from ..generate import Sampling, generate_step
 from ..llama import Sampler
-from ..policies import make_policy, policy_names
+from ..policies import Policy, make_policy, policy_names
 from ..runner import Runner, budget_cells
 from ..session import KvStats
 from ..version import __version__
@@ -170,42 +170,65 @@ def kl_divergence(ref: np.ndarray, logprobs: np.ndarray) -> float:
     return float((np.exp(ref) * (ref - logprobs)).sum())
 
 
+@dataclass
+class Forced:
+    """One policy's reading of a prompt, then of a forced continuation: the next-token log-probabilities before each
+    forced token, what the run cost, and the active KV traced against tokens read (the growth picture)."""
+
+    logprobs: list[np.ndarray]
+    stats: KvStats
+    seconds: float  # reading the continuation
+    thaws: int  # thaw events while reading the continuation
+    decoded_again: int  # continuation tokens decoded a second time after a recovery
+    trace: list[tuple[int, int]]
+
+    def kld(self, ref: Forced) -> float:
+        """Mean KL(ref || self) over the continuation."""
+        return float(np.mean([kl_divergence(r, lp) for r, lp in zip(ref.logprobs, self.logprobs, strict=True)]))
+
+
+def forced_decode(engine: Engine, pol: Policy, budget: float | None, ctx: Sequence[int], tail: Sequence[int]) -> Forced:
+    """Read ``ctx`` as a prompt in 256-token chunks, then each token of ``tail`` in turn whatever the policy would
+    have predicted (teacher forcing): the loop under ``bench ppl`` and every KL divergence of the project."""
+    with engine.runner(pol, budget_cells(pol, budget if pol.bounded else None, len(ctx), len(tail))) as run:
+        trace: list[tuple[int, int]] = []
+        for i in range(0, len(ctx), 256):
+            run.prefill(ctx[i : i + 256], final=i + 256 >= len(ctx))
+            trace.append((run.session.n_logical, run.session.kv_stats().active_tokens))
+        thaws = run.session.thaw_events
+        logprobs = []
+        t0 = time.perf_counter()
+        for j, tok in enumerate(tail):
+            logprobs.append(_log_softmax(run.logits()))
+            run.decode(tok)
+            if j % 16 == 15:
+                trace.append((run.session.n_logical, run.session.kv_stats().active_tokens))
+        seconds = time.perf_counter() - t0
+        again = sum(1 for r in getattr(run.policy, "recoveries", []) if r.entropy_after is not None)
+        return Forced(logprobs, run.stats(), seconds, run.session.thaw_events - thaws, again, trace)
+
+
 def ppl_suite(engine: Engine, plan: Plan) -> Iterator[Record]:
     """Perplexity and KL divergence from ``full`` (llama.cpp's --kl-divergence convention, KL(full || policy))
     over ``ppl_tokens`` of prose read one token at a time after ``ppl_context`` tokens (one prompt), at equal
     budget. Also traces active KV against tokens read (the growth picture)."""
     tokens = _text_tokens(engine, plan.ppl_context + plan.ppl_tokens)
     ctx, tail = tokens[: plan.ppl_context], tokens[plan.ppl_context :]
-    ref: list[np.ndarray] = []
+    ref: Forced | None = None
     runs = plan.runs()
     for policy, budget in [("full", None), *(r for r in runs if r[0] != "full")]:  # full first: the reference
-        pol = make_policy(policy)
         t0 = time.perf_counter()
-        with engine.runner(pol, budget_cells(pol, budget, len(ctx), len(tail))) as run:
-            trace: list[tuple[int, int]] = []
-            for i in range(0, len(ctx), 256):
-                run.prefill(ctx[i : i + 256], final=i + 256 >= len(ctx))
-                trace.append((run.session.n_logical, run.session.kv_stats().active_tokens))
-            nll, kld, top = [], [], []
-            for j, tok in enumerate(tail):
-                lp = _log_softmax(run.logits())
-                nll.append(-lp[tok])
-                if policy == "full":
-                    ref.append(lp)
-                else:
-                    kld.append(kl_divergence(ref[j], lp))
-                    top.append(int(np.argmax(lp) == np.argmax(ref[j])))
-                run.decode(tok)
-                if j % 16 == 15:
-                    trace.append((run.session.n_logical, run.session.kv_stats().active_tokens))
-            st = run.stats()
+        f = forced_decode(engine, make_policy(policy), budget, ctx, tail)
+        ref = ref or f
         if (policy, budget) not in runs:
             continue
+        nll = [-lp[tok] for lp, tok in zip(f.logprobs, tail, strict=True)]
+        top = [int(np.argmax(lp) == np.argmax(r)) for lp, r in zip(f.logprobs, ref.logprobs, strict=True)]
+        kld = [kl_divergence(r, lp) for r, lp in zip(ref.logprobs, f.logprobs, strict=True)]
         yield {"suite": "ppl", "policy": policy, "budget": budget, "length": len(ctx), "scored_tokens": len(tail),
-               "ppl": float(np.exp(np.mean(nll))), "kld_mean": float(np.mean(kld)) if kld else 0.0,
-               "kld_max": float(np.max(kld)) if kld else 0.0, "same_top": float(np.mean(top)) if top else 1.0,
-               "wall_seconds": time.perf_counter() - t0, "trace": trace,
-               **st.as_dict(log=False), **kv_figures(st, engine.info.kv_bytes_per_token)}
+               "ppl": float(np.exp(np.mean(nll))), "kld_mean": float(np.mean(kld)), "kld_max": float(np.max(kld)),
+               "same_top": float(np.mean(top)), "wall_seconds": time.perf_counter() - t0, "trace": f.trace,
+               **f.stats.as_dict(log=False), **kv_figures(f.stats, engine.info.kv_bytes_per_token)}
 
 
 def _decode_greedy(run: Runner, n: int) -> float:
