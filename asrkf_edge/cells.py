@@ -112,9 +112,10 @@ class CellMap:
             plans.append((start, order, n))
         (s_head, o_head, n_head), (_, o_zero, n_zero) = plans
         used = self.used
-        if not self.head > used + 2 * n_head:
+        from_head, from_zero = not self.head > used + 2 * n_head, self.head > used + 2 * n_zero
+        if from_head and (not from_zero or n_head <= n_zero):  # the shorter blob of the searches that work
             return which[o_head[:n_head]]
-        if self.head > used + 2 * n_zero:
+        if from_zero:
             return which[o_zero[:n_zero]]
         need = (self.head - used + 1) // 2  # pad until the search no longer restarts at 0
         if need > len(o_head):

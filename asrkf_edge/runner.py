@@ -173,7 +173,7 @@ class Runner:
         return self.session.freeze_positions(positions)
 
     def thaw(self, positions: np.ndarray, redecode: bool = True) -> int:
-        n = self.session.thaw_positions(positions)
+        n = self.session.thaw_positions(positions, packed=True)
         if n and redecode:
             self.stale_logits = True
         return n

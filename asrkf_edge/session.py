@@ -396,8 +396,14 @@ class Session:
         located = self.store.locate(p0, p1)
         return self.thaw_positions(np.concatenate([self.store.segment(seg).pos[rows] for seg, rows in located.items()] or [[]]))
 
-    def thaw_positions(self, positions: np.ndarray) -> int:
-        """Bring these frozen positions back (others are ignored), making room if needed; returns the count."""
+    def thaw_positions(self, positions: np.ndarray, packed: bool = False) -> int:
+        """Bring these frozen positions back (others are ignored), making room if needed; returns the count.
+
+        By default each token goes home (the cell it would hold had nothing been frozen), so thawing everything
+        gives back the never-frozen cache bit for bit. ``packed`` puts them in the first free cells llama.cpp's
+        search meets instead: no padding cells and fewer runs of cells, so fewer and smaller uploads (one per
+        run, layer and K/V); attention then sums the same rows in another order, so later logits round
+        differently. For a policy's thaws, whose effect on the logits is far larger than that rounding."""
         if self.store is None or len(positions) == 0:
             return 0
         want = np.unique(np.asarray(positions, np.int64))
@@ -405,7 +411,7 @@ class Session:
         if len(want) == 0:
             return 0
         self.make_room(len(want), keep=want)
-        self._restore(want)
+        self._restore(want, packed)
         return len(want)
 
     def peek(self, positions: np.ndarray) -> blobfmt.Parsed:
@@ -489,9 +495,9 @@ class Session:
             taken[targets[i]] = True
         return targets, np.asarray(evict, np.int64)
 
-    def _restore(self, want: np.ndarray) -> None:
+    def _restore(self, want: np.ndarray, packed: bool = False) -> None:
         t0, frozen0 = time.perf_counter(), self.freeze_seconds
-        targets, evicted = self._targets(want)
+        targets, evicted = (self.cells.find_slot(len(want)), want[:0]) if packed else self._targets(want)
         if len(evicted):
             self._freeze_positions(np.sort(evicted))
             want = np.concatenate([want, evicted])

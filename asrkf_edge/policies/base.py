@@ -70,8 +70,9 @@ class PolicyContext(Protocol):
         """Move these active positions to the store (protected ones stay); returns how many moved."""
 
     def thaw(self, positions: np.ndarray, redecode: bool = True) -> int:
-        """Bring these frozen positions back; returns how many came back. With ``redecode`` the newest token
-        is decoded again before its logits are used (they were computed without what came back)."""
+        """Bring these frozen positions back, into the first free cells (``Session.thaw_positions(packed=True)``);
+        returns how many came back. With ``redecode`` the newest token is decoded again before its logits are
+        used (they were computed without what came back)."""
 
     def redecode(self) -> None:
         """Decode the newest token again now, so its logits see the cache as it is."""
