@@ -19,6 +19,7 @@ from .importance import Importance
 from .llama import Model
 from .policies import Policy, ScoringPolicy
 from .policies.base import GGML_F16
+from .policies.selection import lowest_groups
 from .session import KvStats, Session
 
 
@@ -195,12 +196,17 @@ class Runner:
         self.policy_seconds += time.perf_counter() - t0
 
     def _evict(self, session: Session, need: int, batch: int, candidates: np.ndarray) -> np.ndarray:
-        """The lowest-scoring candidates; beyond ``need``, none the policy scores as infinite (pinned)."""
+        """The lowest-scoring candidates; beyond ``need``, none the policy scores as infinite (pinned). With
+        the policy's ``evict_cells`` above 1, the candidates in each group of that many cells leave together,
+        groups ranked by their best score."""
         assert isinstance(self.policy, ScoringPolicy)
         scores = self.policy.score(self, candidates)
-        order = np.argsort(scores, kind="stable")
-        extra = order[need:batch]
-        chosen = candidates[np.concatenate([order[:need], extra[np.isfinite(scores[extra])]])]
+        if self.policy.evict_cells > 1:
+            chosen = candidates[lowest_groups(scores, session.cells_of(candidates) // self.policy.evict_cells, need, batch)]
+        else:
+            order = np.argsort(scores, kind="stable")
+            extra = order[need:batch]
+            chosen = candidates[np.concatenate([order[:need], extra[np.isfinite(scores[extra])]])]
         self.policy.on_evict(self, chosen)
         return chosen
 

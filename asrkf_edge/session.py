@@ -354,6 +354,13 @@ class Session:
         else:
             self._freeze_positions(chosen)
 
+    def cells_of(self, positions: np.ndarray) -> np.ndarray:
+        """The cell holding each of these active positions."""
+        held = self.cells.cells_of(0)
+        pos = self.cells.pos[held]
+        order = np.argsort(pos, kind="stable")
+        return held[order[np.searchsorted(pos[order], positions)]]
+
     def cell_positions(self) -> np.ndarray:
         """Position held by each cell for sequence 0, -1 where the cell holds none."""
         return np.where(self.cells.seqs & 1, self.cells.pos, -1).astype(np.int64)

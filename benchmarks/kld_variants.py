@@ -23,6 +23,7 @@ from asrkf_edge.policies import make_policy
 def figures(f: Forced, n: int) -> dict:
     """A run's speed and recovery figures per continuation token."""
     return {"tokens_per_s": n / f.seconds, "recoveries": f.stats.recoveries, "decoded_again": f.decoded_again,
+            "recovered_per_token": sum(int(r["thawed"]) for r in f.stats.recovery_log) / n,
             "thaw_ms_per_token": 1e3 * f.stats.thaw_seconds / n, "freeze_ms_per_token": 1e3 * f.stats.freeze_seconds / n}
 
 
@@ -50,7 +51,8 @@ def main() -> None:
             rows.append({"label": label, "policy": policy, "budget": budget, "overrides": overrides, "kld": kld, **r})
             ratio = r["tokens_per_s"] / full["tokens_per_s"]
             print(f"{label:24s} {budget} KLD {kld:.4f}  {r['tokens_per_s']:.1f} tok/s ({ratio:.2f}x full)  "
-                  f"recoveries {r['recoveries']}, decoded again {r['decoded_again']}, thaw {r['thaw_ms_per_token']:.1f} "
+                  f"recoveries {r['recoveries']} ({r['recovered_per_token']:.1f} tokens/token), decoded again {r['decoded_again']}, "
+                  f"thaw {r['thaw_ms_per_token']:.1f} "
                   f"freeze {r['freeze_ms_per_token']:.1f} ms/token", flush=True)
     if a.json:
         Path(a.json).write_text(json.dumps({"context": a.context, "tokens": a.tokens, "text": a.text, "rows": rows}, indent=1))

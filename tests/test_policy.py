@@ -102,6 +102,34 @@ def test_expired_tokens_are_judged_where_they_lie(tiny, monkeypatch) -> None:
         assert sess.kv_stats().active_tokens + sess.kv_stats().frozen_tokens == 400  # nothing lost
 
 
+def test_a_full_cache_frees_whole_groups_of_cells(tiny) -> None:
+    """``evict_cells``: a candidate leaves with every candidate of its group of neighbouring cells, so the cells
+    a full cache frees (where later thaws land, one upload per run of cells, layer and K/V on a GPU) form runs;
+    token by token they are scattered."""
+    text = "the sky is blue and the grass is green " * 40
+    freed: dict[int, tuple[int, int]] = {}
+    for g in (1, 8):
+        with tiny.runner(AsrKf(min_cache=64, evict_cells=g), 160) as run:
+            sess, evict, seen = run.session, run.session.evict, []
+
+            def record(s, need, batch, cand, evict=evict, seen=seen, g=g):
+                chosen = evict(s, need, batch, cand)
+                group = s.cells_of(cand) // g
+                out = np.isin(cand, chosen)
+                assert np.array_equal(out, np.isin(group, group[out]))  # whole groups leave
+                cells = np.sort(s.cells_of(chosen))
+                seen.append((len(cells), 1 + int(np.count_nonzero(np.diff(cells) != 1))))
+                return chosen
+
+            sess.evict = record
+            run.prefill(tiny.tokenize(text)[:400])
+            assert sess.kv_stats().active_tokens + sess.kv_stats().frozen_tokens == 400  # nothing lost
+        freed[g] = tuple(np.sum(seen, axis=0))
+    (n1, runs1), (n8, runs8) = freed[1], freed[8]
+    assert n1 > 0 and n8 > 0
+    assert runs8 / n8 < 0.5 * runs1 / n1, freed
+
+
 def test_an_expired_token_comes_back_only_where_it_beats_an_active_one(tiny, monkeypatch) -> None:
     """Rolling re-evaluation in a full cache: expired tokens the queries attend to, but less than to every
     active token, stay frozen (before, any above the freeze bar came back and the weakest active went out:
@@ -286,6 +314,16 @@ def test_every_registered_policy_runs_a_generation(real, name: str) -> None:
         assert kv.active_tokens_peak <= max(0.5 * st.prompt_tokens, pol.min_cells()) + 1
     if pol.reversible:
         assert kv.dropped_tokens == 0 and kv.frozen_tokens > 0
+
+
+def test_lowest_groups_takes_whole_groups_by_their_best_score() -> None:
+    from asrkf_edge.policies.selection import lowest_groups
+
+    scores, group = np.array([5.0, 1.0, 2.0, 9.0, 0.0, np.inf]), np.array([0, 0, 1, 1, 2, 2])
+    # group 2 holds the lowest token but also a pinned one (inf): it leaves only when it is needed
+    assert lowest_groups(scores, group, 1, 2).tolist() == [True, True, False, False, False, False]
+    assert lowest_groups(scores, group, 1, 4).tolist() == [True, True, True, True, False, False]
+    assert lowest_groups(scores, group, 5, 5).all()
 
 
 def test_a_challenger_takes_a_free_cell_or_beats_the_weakest_left() -> None:

@@ -48,7 +48,10 @@ class AsrKf(ScoringPolicy):
     relevant token. recover_recent: level-2 window. escalate_within: steps in which a new spike climbs
     the ladder. pin: steps a thawed token may not be frozen again. redecode_mass: after a swap, the token is
     decoded again only when at least this share of its attention went to frozen keys (below it, what came back
-    serves the next token).
+    serves the next token). evict_cells: a full cache frees groups of 8 neighbouring cells (ScoringPolicy):
+    measured at budget 0.35, 128 forced tokens, the cells thawed later came back in 35 / 33 / 45 runs instead
+    of 154 / 179 / 291 (two texts at 2k, one at 4k), KLD 0.079 / 0.068 / 0.059 against 0.079 / 0.069 / 0.062.
+    A swap (below) still evicts token by token: in groups, asrkf-follow's KLD rose from 0.029 to 0.035.
     """
 
     name: ClassVar[str] = "asrkf"
@@ -72,6 +75,7 @@ class AsrKf(ScoringPolicy):
     pool: int = 15
     heads: Combine = "max"
     page: int = 1
+    evict_cells: int = 8
     reread: int = 32
     fill: bool = True
     relevance_thaw: bool = False

@@ -178,7 +178,12 @@ class Policy:
 
 @dataclass
 class ScoringPolicy(Policy):
-    """A policy that chooses which tokens leave: the runner evicts the lowest :meth:`score` first."""
+    """A policy that chooses which tokens leave: the runner evicts the lowest :meth:`score` first.
+
+    ``evict_cells``: tokens leave in groups of that many neighbouring cache cells, ranked by their best token,
+    so the cells they free form runs and what lands there later is uploaded in few copies (1: token by token)."""
+
+    evict_cells: int = 1
 
     def score(self, ctx: PolicyContext, positions: np.ndarray) -> np.ndarray:
         """Importance of candidate positions; the lowest leave first (inf: never beyond what is needed)."""

@@ -65,6 +65,19 @@ def choose(score: np.ndarray, forced: np.ndarray, target: int, page: int = 1) ->
     return keep
 
 
+def lowest_groups(scores: np.ndarray, group: np.ndarray, need: int, most: int) -> np.ndarray:
+    """Mask of the members of the groups with the lowest best score (``group[i]``: item i's group), whole groups
+    taken until at least ``need`` items are in, then while they fit in ``most`` and score below infinity: what a
+    full cache frees when its tokens leave in runs of cells."""
+    _, inv, count = np.unique(group, return_inverse=True, return_counts=True)
+    best = np.full(len(count), -np.inf)
+    np.maximum.at(best, inv, scores)
+    order = np.argsort(best, kind="stable")
+    before = np.cumsum(count[order]) - count[order]
+    take = (before < need) | ((before + count[order] <= most) & np.isfinite(best[order]))  # a prefix: sorted
+    return np.isin(inv, order[take])
+
+
 def winners(challengers: np.ndarray, defenders: np.ndarray, free: int) -> int:
     """How many of ``challengers`` (scores, best first) come in: the i-th takes a free cell while ``free`` last,
     then must beat the i-th of ``defenders`` (scores, weakest first); the first that does not, stops the rest."""
