@@ -65,6 +65,7 @@ class KvStats:
     active_tokens_peak: int
     active_tokens_mean: float
     dropped_tokens: int
+    upload_runs: int = 0  # runs of consecutive cells thaws and restores wrote: one copy each per layer and K/V
     policy: str = ""
     budget_tokens: int | None = None  # None: the cache holds the whole context (unbounded policies)
     recoveries: int = 0
@@ -145,7 +146,7 @@ class Session:
         self._store_dir, self._keep = store_dir, keep_store
         self.store: FrozenStore | None = None
         self._left: dict[int, int] = {}  # frozen position -> cell it left
-        self.freeze_events = self.thaw_events = 0
+        self.freeze_events = self.thaw_events = self.upload_runs = 0
         self.freeze_seconds = self.thaw_seconds = 0.0  # thaw time excludes the freezes that made room
         self.active_peak = 0
         self._active_sum = self._decodes = 0  # active tokens summed after each decode, for the mean
@@ -203,6 +204,7 @@ class Session:
             active_tokens_peak=self.active_peak,
             active_tokens_mean=self._active_sum / self._decodes if self._decodes else 0.0,
             dropped_tokens=self.dropped,
+            upload_runs=self.upload_runs,
         )
 
     # llama.cpp memory calls, each with its cell-map update
@@ -244,6 +246,7 @@ class Session:
                 copy_rows(side, dst, rows, slot[idx], layout)
         self.ctx.state_set(raw, SCRATCH_SEQ)
         landed = self.cells.find_slot(n)
+        self.upload_runs += 1 + int(np.count_nonzero(np.diff(landed) != 1)) if n else 0
         if not np.array_equal(landed[real], targets[order[real]]):
             raise LlamaError("internal error: placement plan and cell map disagree")
         self.cells.apply(landed, pos, SCRATCH_SEQ)
@@ -548,7 +551,7 @@ class Session:
             "chunks": np.asarray(self._chunks, np.int64),
             "left": np.asarray(left, np.int64).reshape(len(left), 2),
             "counters": {"shifted": self.shifted, "dropped": self.dropped, "freeze_events": self.freeze_events,
-                         "thaw_events": self.thaw_events, "freeze_seconds": self.freeze_seconds,
+                         "thaw_events": self.thaw_events, "upload_runs": self.upload_runs, "freeze_seconds": self.freeze_seconds,
                          "thaw_seconds": self.thaw_seconds, "active_peak": self.active_peak,
                          "active_sum": self._active_sum, "decodes": self._decodes, "stale_from": self.stale_from},
             "active": active,
@@ -583,6 +586,7 @@ class Session:
         c = state["counters"]
         self.shifted, self.dropped = int(c["shifted"]), int(c["dropped"])
         self.freeze_events, self.thaw_events = int(c["freeze_events"]), int(c["thaw_events"])
+        self.upload_runs = int(c.get("upload_runs", 0))  # chats saved before it was counted: from 0
         self.freeze_seconds, self.thaw_seconds = float(c["freeze_seconds"]), float(c["thaw_seconds"])
         self.active_peak, self._active_sum, self._decodes = int(c["active_peak"]), int(c["active_sum"]), int(c["decodes"])
         self.stale_from = None if c["stale_from"] is None else int(c["stale_from"])

@@ -6,7 +6,8 @@ Usage: python benchmarks/kld_variants.py '[["follow", "asrkf-follow", 0.35, {}],
 
 The loop is `asrkf-edge bench ppl`'s (prompt read in 256-token chunks, then each next token forced), with
 policies the CLI cannot configure. Per variant: mean KLD, decode tok/s and its ratio to full's in the same
-process, recoveries, how many tokens were decoded a second time, thaw and freeze ms per token.
+process, recoveries, how many tokens were decoded a second time, the runs of cells thaws wrote (llama.cpp: one
+copy per run, layer and K/V), thaw and freeze ms per token.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from asrkf_edge.policies import make_policy
 def figures(f: Forced, n: int) -> dict:
     """A run's speed and recovery figures per continuation token."""
     return {"tokens_per_s": n / f.seconds, "recoveries": f.stats.recoveries, "decoded_again": f.decoded_again,
-            "recovered_per_token": sum(int(r["thawed"]) for r in f.stats.recovery_log) / n,
+            "recovered_per_token": sum(int(r["thawed"]) for r in f.stats.recovery_log) / n, "upload_runs": f.stats.upload_runs,
             "thaw_ms_per_token": 1e3 * f.stats.thaw_seconds / n, "freeze_ms_per_token": 1e3 * f.stats.freeze_seconds / n}
 
 
@@ -52,7 +53,7 @@ def main() -> None:
             ratio = r["tokens_per_s"] / full["tokens_per_s"]
             print(f"{label:24s} {budget} KLD {kld:.4f}  {r['tokens_per_s']:.1f} tok/s ({ratio:.2f}x full)  "
                   f"recoveries {r['recoveries']} ({r['recovered_per_token']:.1f} tokens/token), decoded again {r['decoded_again']}, "
-                  f"thaw {r['thaw_ms_per_token']:.1f} "
+                  f"upload runs {r['upload_runs']}, thaw {r['thaw_ms_per_token']:.1f} "
                   f"freeze {r['freeze_ms_per_token']:.1f} ms/token", flush=True)
     if a.json:
         Path(a.json).write_text(json.dumps({"context": a.context, "tokens": a.tokens, "text": a.text, "rows": rows}, indent=1))
