@@ -130,6 +130,31 @@ def test_a_full_cache_frees_whole_groups_of_cells(tiny) -> None:
     assert runs8 / n8 < 0.5 * runs1 / n1, freed
 
 
+def test_policy_thaws_land_in_the_first_free_cells_and_explicit_thaws_go_home(tiny) -> None:
+    """A policy's thaw (``PolicyContext.thaw``) puts tokens in the first free cells llama.cpp's search meets, so
+    nothing but the tokens is uploaded; ``Session.thaw_positions`` puts each in its home cell (position mod
+    cells), which keeps a full thaw bit-exact."""
+    text = "the sky is blue and the grass is green " * 40
+    with tiny.runner(AsrKf(min_cache=64), 160) as run:
+        run.prefill(tiny.tokenize(text)[:400])
+        sess = run.session
+        sess.freeze_positions(sess.active_positions()[40:100])  # room for what comes back
+        frozen = sess.store.positions()
+        packed = frozen[frozen < 100][::7][:6]
+        first_free = sess.cells.find_slot(len(packed))
+        runs = sess.upload_runs
+        assert run.thaw(packed, redecode=False) == len(packed)
+        assert np.array_equal(sess.cells_of(packed), first_free)
+        assert sess.upload_runs - runs == 1 + int(np.count_nonzero(np.diff(first_free) != 1))
+        size, rest = sess.cells.size, frozen[~np.isin(frozen, packed)]
+        home = rest[sess.cells.seqs[rest % size] == 0]  # frozen tokens whose home cell is free
+        home = np.sort(home[np.unique(home % size, return_index=True)[1]][-6:])  # the last free cells
+        assert len(home) and not np.array_equal(sess.cells.find_slot(len(home)), home % size)
+        assert sess.thaw_positions(home) == len(home)
+        assert np.array_equal(sess.cells_of(home), home % size)
+        assert sess.kv_stats().active_tokens + sess.kv_stats().frozen_tokens == 400
+
+
 def test_an_expired_token_comes_back_only_where_it_beats_an_active_one(tiny, monkeypatch) -> None:
     """Rolling re-evaluation in a full cache: expired tokens the queries attend to, but less than to every
     active token, stay frozen (before, any above the freeze bar came back and the weakest active went out:
