@@ -113,17 +113,24 @@ _F16_RESCALE = np.float32(2.0**112)
 
 
 @numba.njit(**_JIT)
-def f16_to_f32(src: np.ndarray, bits: np.ndarray) -> None:
-    """float16 bit patterns ``src`` into float32 bit patterns ``bits`` (Numba has no float16 type): shift
-    exponent and mantissa into place, rescale (normals and subnormals alike), fix inf/nan, set the sign."""
-    row = bits.view(np.float32)
-    for e in range(len(src)):
-        bits[e] = (np.uint32(src[e]) & np.uint32(0x7FFF)) << np.uint32(13)
-    for e in range(len(src)):
-        x = row[e] * _F16_RESCALE
-        if x >= np.float32(65536.0):
-            x = np.float32(np.inf) if src[e] & 0x3FF == 0 else np.float32(np.nan)
-        row[e] = -x if src[e] & 0x8000 else x
+def f16_to_f32(keys: np.ndarray, layer: int, kpos: np.ndarray, kh: int, bits: np.ndarray) -> None:
+    """Rows ``keys[layer, kpos[j], kh]`` (float16 bit patterns) into float32 bit patterns ``bits[j]`` (Numba has
+    no float16 type): shift exponent and mantissa into place, rescale (normals and subnormals alike), fix
+    inf/nan, set the sign. A block at a time, not a row per call: per row, the call and the views around it cost
+    more than the conversion (observe at 2.8k keys: 22 -> 6.6 ms on this machine's Xeon with the dot products)."""
+    d = bits.shape[1]
+    for j in range(len(kpos)):
+        src = keys[layer, kpos[j], kh]
+        for e in range(d):
+            bits[j, e] = (np.uint32(src[e]) & np.uint32(0x7FFF)) << np.uint32(13)
+    val = bits.view(np.float32)
+    for j in range(len(kpos)):
+        src = keys[layer, kpos[j], kh]
+        for e in range(d):
+            x = val[j, e] * _F16_RESCALE
+            if x >= np.float32(65536.0):
+                x = np.float32(np.inf) if src[e] & 0x3FF == 0 else np.float32(np.nan)
+            val[j, e] = -x if src[e] & 0x8000 else x
 
 
 # reassociation lets LLVM vectorize the dot products (the NumPy twin agrees to ~1e-9)
@@ -140,15 +147,15 @@ def _head_softmax(q: np.ndarray, qpos: np.ndarray, keys: np.ndarray, kpos: np.nd
     for i in range(m):
         for e in range(d):
             qs[i, e] = q[layer, i % n_r, kh * group + i // n_r, e] * scale
+    bits = np.empty((n, d), np.uint32)
+    f16_to_f32(keys, key_layer, kpos, kh, bits)
+    k = bits.view(np.float32)
     logit = np.empty((m, n), np.float32)
-    bits = np.empty(d, np.uint32)
-    row = bits.view(np.float32)
     for j in range(n):
-        f16_to_f32(keys[key_layer, kpos[j], kh], bits)
         for i in range(m):
             acc = np.float32(0.0)
             for e in range(d):
-                acc += qs[i, e] * row[e]
+                acc += qs[i, e] * k[j, e]
             logit[i, j] = acc
     for i in range(m):
         r = i % n_r

@@ -48,9 +48,11 @@ def test_kernels_match_numpy_references() -> None:
     assert np.allclose(heads.reshape(3, 6, -1).mean(axis=(0, 1)), want.sum(axis=0), atol=1e-5)  # the same attention
 
     every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)  # each float16: normal, subnormal, zero, inf, nan
-    bits = np.empty(len(every), np.uint32)
-    f16_to_f32(every, bits)
-    assert np.array_equal(bits.view(np.float32), every.view(np.float16).astype(np.float32), equal_nan=True)
+    bits = np.empty((1024, 64), np.uint32)
+    order = rng.permutation(1024)  # rows gathered by position, in any order
+    f16_to_f32(every.reshape(1, 1024, 1, 64), 0, order, 0, bits)
+    want = every.view(np.float16).astype(np.float32).reshape(1024, 64)[order]
+    assert np.array_equal(bits.view(np.float32), want, equal_nan=True)
 
     mass = rng.random((5, 40)).astype(np.float32)
     cells = np.where(rng.random(40) < 0.2, -1, kpos)
