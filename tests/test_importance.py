@@ -10,6 +10,7 @@ from asrkf_edge import capture as capture_mod
 from asrkf_edge.capture import CaptureSpec
 from asrkf_edge.importance import (
     Importance,
+    QueryWindow,
     attention_mass,
     attention_mass_reference,
     entropy,
@@ -80,6 +81,34 @@ def _captured(engine, use_native: bool, tokens: list[int], flash_attn: bool = Fa
         capture_mod.native.load = native
     assert sess.capture is not None and sess.capture.native is use_native
     return sess, layers
+
+
+def test_query_window_keeps_what_concatenating_kept() -> None:
+    """The kept query rows (the question's rows for reselection) are the newest ``size`` in position order, and
+    rows decoded again replace the old ones: checked against concatenating the whole window every time, over
+    decodes, prefill chunks longer than the window and re-reads, including after the buffer slides."""
+    rng = np.random.default_rng(3)
+    size, shape = 6, (2, 3, 4)
+    win = QueryWindow(size, shape)
+    ref_q, ref_pos = np.zeros((shape[0], 0, *shape[1:]), np.float32), np.zeros(0, np.int64)
+    end = 0
+    for _ in range(300):
+        r = int(rng.choice([1, 1, 1, 3, 9]))
+        back = int(rng.integers(0, 4)) if rng.random() < 0.2 else 0  # a re-read of the newest tokens
+        end = max(r, end - back + r) if end else r
+        q = rng.standard_normal((shape[0], r, *shape[1:])).astype(np.float32)
+        pos = np.arange(end - r, end)
+        old = ref_pos < pos[0]
+        ref_q = np.concatenate([ref_q[:, old], q], axis=1)[:, -size:]
+        ref_pos = np.concatenate([ref_pos[old], pos])[-size:]
+        win.keep(q, end)
+        for rows in (1, 4, size):
+            got_q, got_pos = win.recent(rows)
+            assert np.array_equal(got_pos, ref_pos[-rows:]) and np.array_equal(got_q, ref_q[:, -rows:])
+    saved = [a.copy() for a in win.recent(size)]
+    other = QueryWindow(size, shape)
+    other.load(*saved)
+    assert all(np.array_equal(a, b) for a, b in zip(other.recent(size), saved, strict=True))
 
 
 def test_native_capture_copies_what_the_python_twin_copies(tiny) -> None:
