@@ -43,7 +43,7 @@ def frontier(records: Sequence[Record], plt, out: Path) -> Path | None:  # matpl
     panels = [p for p in panels if p[1]]
     if not panels:
         return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(4.2 * len(panels), 6.4), 4), squeeze=False)  # title fits
     for ax, (title, rs, key, ylabel) in zip(axes[0], panels, strict=True):
         for pol in _policies(rs):
             pts = {}
