@@ -10,6 +10,8 @@ the captured post-RoPE queries and a mirror of the keys (the same f16 rows the c
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import cache
 
 import numba
 import numpy as np
@@ -286,6 +288,13 @@ class QueryWindow:
 # tracker -----------------------------------------------------------------------------------------
 
 
+@cache
+def _worker() -> ThreadPoolExecutor:
+    """The one thread that runs background folds (each tracker waits only for its own)."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="asrkf-fold")
+
+
+
 class Importance:
     """Per-position importance scores and key mirror, updated after every decode of a session.
 
@@ -297,6 +306,9 @@ class Importance:
     of decode speed with 30 layers on CPU); keys of the steps in between are read back from the cache
     when first needed (:meth:`ensure_keys`, through ``fetch``) or when they are frozen (:meth:`on_copy`).
     ``fold_layers``: how many of the layers (evenly spaced) the decayed score is folded from.
+    ``background`` (on when the layers are on a GPU): the host attention of an observation runs on a worker
+    thread while llama.cpp decodes the next token (ctypes releases the Python lock); the worker reads the mirror
+    and writes the scores only, and every reader of either waits for it, so the scores are the inline fold's.
     """
 
     def __init__(self, model: Model, layers: tuple[int, ...], window: int, flash_attn: bool,
@@ -316,7 +328,9 @@ class Importance:
         self.gamma, self.weight = (1.0 - 1.0 / window, 1.0 / window) if decay else (1.0, 1.0)
         self.scale = 1.0 / float(np.sqrt(model.head_dim))
         self.parallel = model.n_gpu_layers != 0  # the CPU cores idle while the GPU decodes: score on all of them
-        self.scores = np.zeros(1024, np.float32)
+        self._scores = np.zeros(1024, np.float32)
+        self.background = self.parallel  # fold on a worker thread while the GPU decodes the next token
+        self._pending: Future[None] | None = None
         self._kv = model.n_head_kv * model.head_dim
         self.keys = np.zeros((len(layers), 1024 if self.mirror_keys else 0, self._kv), np.float16)
         self.known = np.zeros(1024 if self.mirror_keys else 0, bool)  # which positions the mirror holds
@@ -347,9 +361,10 @@ class Importance:
         self._grow(n)
 
     def _grow(self, n: int) -> None:
-        if n > len(self.scores):
-            cap = max(n, 2 * len(self.scores))
-            self.scores = np.concatenate([self.scores, np.zeros(cap - len(self.scores), np.float32)])
+        self._wait()
+        if n > len(self._scores):
+            cap = max(n, 2 * len(self._scores))
+            self._scores = np.concatenate([self._scores, np.zeros(cap - len(self._scores), np.float32)])
             if self.mirror_keys:
                 more = np.zeros((len(self.layers), cap - self.keys.shape[1], self._kv), np.float16)
                 self.keys = np.concatenate([self.keys, more], axis=1)
@@ -394,15 +409,35 @@ class Importance:
             mass = np.mean([p[:, -rows:].mean(axis=0) for p in probs], axis=0)  # [rows, n_kv]
             kpos = cell_pos[: mass.shape[1]]
         else:
-            kpos = np.sort(cell_pos[cell_pos >= 0])
-            mass = self.mass((q if q is not None else self.queries())[:, -rows:], qpos, kpos, self.fold)
-        fold(self.scores, np.ascontiguousarray(mass, np.float32), kpos.astype(np.int64), qpos, gamma, weight)
+            kpos = np.sort(cell_pos[cell_pos >= 0]).astype(np.int64)
+            q = (q if q is not None else self.queries())[:, -rows:]
+            if self.background:
+                self.ensure_keys(kpos)  # llama.cpp calls stay on this thread
+                self._pending = _worker().submit(self._fold_from_mirror, q, qpos, kpos, gamma, weight)
+                return
+            mass = self.mass(q, qpos, kpos, self.fold)
+        fold(self._scores, np.ascontiguousarray(mass, np.float32), kpos.astype(np.int64), qpos, gamma, weight)
+
+    def _fold_from_mirror(self, q: np.ndarray, qpos: np.ndarray, kpos: np.ndarray, gamma: float, weight: float) -> None:
+        fold(self._scores, np.ascontiguousarray(self._mass(q, qpos, kpos, self.fold), np.float32), kpos, qpos, gamma, weight)
+
+    def _wait(self) -> None:
+        """Finish the fold running on the worker thread (every reader of scores or keys waits for it)."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    @property
+    def scores(self) -> np.ndarray:
+        """Per-position importance (float32, by position; room beyond the context is zero)."""
+        self._wait()
+        return self._scores
 
     def on_copy(self, pos: np.ndarray, parsed: Parsed) -> None:
         """Fill the mirror from KV rows copied out of the cache (a freeze or a read-back)."""
         if not self.mirror_keys:
             return
-        self._grow(int(pos.max()) + 1)
+        self._grow(int(pos.max()) + 1)  # waits for the fold: it reads the mirror
         miss = np.flatnonzero(~self.known[pos])
         if not len(miss):
             return
@@ -412,6 +447,7 @@ class Importance:
 
     def ensure_keys(self, positions: np.ndarray) -> None:
         """Read back the keys of these positions that the mirror lacks (decoded while not captured)."""
+        self._wait()
         missing = positions[~self.known[positions]]
         if len(missing):
             if self.fetch is None:
@@ -426,7 +462,7 @@ class Importance:
         """Per query head of the scored layers, the attention rows ``q`` give the mirrored keys at ``kpos``,
         summed over the rows: [L * H, len(kpos)]."""
         kpos = kpos.astype(np.int64)
-        self.ensure_keys(kpos)
+        self.ensure_keys(kpos)  # waits for the fold: one parallel kernel at a time
         return head_scores(q, qpos, self.mirror(), kpos, self.scale, self.parallel)
 
     def of(self, positions: np.ndarray) -> np.ndarray:
@@ -467,6 +503,9 @@ class Importance:
         the scored layers (or those of ``layers``, indices into them) and heads."""
         kpos = kpos.astype(np.int64)
         self.ensure_keys(kpos)
+        return self._mass(q, qpos, kpos, layers)
+
+    def _mass(self, q: np.ndarray, qpos: np.ndarray, kpos: np.ndarray, layers: tuple[int, ...] | None) -> np.ndarray:
         picks = None
         if layers is not None and len(layers) < len(self.layers):
             q, picks = q[list(layers)], np.asarray(layers, np.int64)

@@ -13,7 +13,7 @@ from asrkf_edge.llama import Sampler
 from asrkf_edge.policies import AsrKf, Full, Streaming, make_policy, policy_names
 from asrkf_edge.policies.recovery import EntropyMonitor, EntropyRule
 from asrkf_edge.policies.schedule import Ledger, Schedule
-from asrkf_edge.runner import budget_cells
+from asrkf_edge.runner import Runner, budget_cells
 
 GPL = (Path(__file__).parent / "data" / "gpl-3.0.txt").read_text()
 
@@ -128,6 +128,36 @@ def test_a_full_cache_frees_whole_groups_of_cells(tiny) -> None:
     (n1, runs1), (n8, runs8) = freed[1], freed[8]
     assert n1 > 0 and n8 > 0
     assert runs8 / n8 < 0.5 * runs1 / n1, freed
+
+
+def test_the_background_fold_gives_the_inline_fold_s_scores_and_tokens(tiny) -> None:
+    """On a GPU the host attention of an observation runs on a worker thread while the next token decodes;
+    everything that reads scores or the mirror waits for it, so a generation is the same to the bit: the
+    tokens, the logits, the scores, what is frozen."""
+    text = "the sky is blue and the grass is green " * 40
+    seen = []
+    for background in (False, True):
+        with Runner(tiny.model, AsrKf(min_cache=64), 160, flash_attn=True) as run:
+            imp, folds = run.importance, [0]
+            imp.background = background
+            inline = imp._fold_from_mirror
+
+            def counted(*a, inline=inline, folds=folds):
+                folds[0] += 1
+                return inline(*a)
+
+            imp._fold_from_mirror = counted
+            run.prefill(tiny.tokenize(text)[:400])
+            toks, logits = [], []
+            for _ in range(60):
+                logits.append(run.logits().copy())
+                toks.append(int(np.argmax(logits[-1])))
+                run.decode(toks[-1])
+            seen.append((toks, np.stack(logits), imp.scores[: run.n_logical].copy(), run.frozen(), folds[0]))
+    (t0, l0, s0, f0, n0), (t1, l1, s1, f1, n1) = seen
+    assert n0 == 0 and n1 >= 10  # the worker folded every observation
+    assert t0 == t1 and np.array_equal(l0, l1) and np.array_equal(s0, s1) and np.array_equal(f0, f1)
+    assert len(f1) > 0
 
 
 def test_policy_thaws_land_in_the_first_free_cells_and_explicit_thaws_go_home(tiny) -> None:

@@ -1,0 +1,118 @@
+"""Where a decoded token's time goes, per policy variant: llama.cpp's decode, the policy, its scoring, key
+read-backs (peeks), thaws, freezes, and the wait for the logits.
+
+Usage: python benchmarks/gpu_breakdown.py MODEL.gguf --lengths 4096 16384 --runs 3 \\
+           --variants '[["full", "full", {}], ["asrkf", "asrkf", {}], ["inline", "asrkf", {"_background": false}]]'
+
+Each variant is [label, policy, field overrides]; the override ``_background`` sets the tracker's background fold
+(on by default when the layers are on a GPU). Prompts are random token ids, the same for every variant of one run
+and length (seeded by both), so variants compare paired. Every layer goes to the GPU when there is one
+(``--allow-cpu`` runs it on the CPU). Prints a line per run and a median (range) per length and variant; ``--json``
+writes the rows. With ``full``, llama.cpp's decode returns before the GPU finishes and the wait shows up in
+``logits``; a policy that captures attention waits inside the decode.
+"""
+
+# ruff: noqa: I001, E402
+from __future__ import annotations
+
+import llama_cpp  # noqa: F401  (before numpy: a CUDA build segfaulted loading a model otherwise)
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from asrkf_edge import Engine, llama
+from asrkf_edge.policies import make_policy
+from asrkf_edge.runner import budget_cells
+
+_TIMED = ("decode", "logits", "peek")
+
+
+def run_variant(eng: Engine, policy: str, over: dict[str, Any], n: int, n_decode: int, budget: float, seed: int) -> dict[str, float]:
+    """Prefill ``n`` random ids, decode ``n_decode`` greedy tokens; per-token milliseconds of each part."""
+    over = dict(over)
+    background = over.pop("_background", None)
+    toks = [int(t) for t in np.random.default_rng(seed * 100_003 + n).integers(300, eng.model.n_vocab, n)]
+    pol = make_policy(policy, **over)
+    with eng.runner(pol, budget_cells(pol, budget if pol.bounded else None, n, n_decode)) as run:
+        sess = run.session
+        if background is not None:
+            run.importance.background = background
+        run.prefill(toks)
+        spent = dict.fromkeys(_TIMED, 0.0)
+        count = {"decode": 0, "peek": 0}
+
+        def timed(name: str, fn: Any) -> Any:
+            def wrapper(*a: Any, **k: Any) -> Any:
+                t = time.perf_counter()
+                try:
+                    return fn(*a, **k)
+                finally:
+                    spent[name] += time.perf_counter() - t
+                    if name in count:
+                        count[name] += 1
+            return wrapper
+
+        sess.ctx.decode, sess.ctx.logits = timed("decode", sess.ctx.decode), timed("logits", sess.ctx.logits)
+        if pol.reversible or pol.attention is not None:
+            run.importance.fetch = timed("peek", sess.peek)
+        before = run.stats().as_dict()
+        tok = int(np.argmax(run.logits()))
+        t0 = time.perf_counter()
+        for _ in range(n_decode):
+            run.decode(tok)
+            tok = int(np.argmax(run.logits()))
+        wall = time.perf_counter() - t0
+        after = run.stats().as_dict()
+    ms = 1e3 / n_decode
+    return {"tok_s": n_decode / wall, "ms_tok": wall * ms,
+            **{f"{k}_ms_tok": (float(after[f"{k}_seconds"]) - float(before[f"{k}_seconds"])) * ms
+               for k in ("policy", "observe", "freeze", "thaw")},
+            **{f"{k}_ms_tok": spent[k] * ms for k in _TIMED},
+            "decodes_per_tok": count["decode"] / n_decode, "peeks": count["peek"],
+            "recoveries": float(after["recoveries"]) - float(before["recoveries"])}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model")
+    ap.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 32768])
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--decode", type=int, default=64)
+    ap.add_argument("--budget", type=float, default=0.35)
+    ap.add_argument("--variants", default='[["full", "full", {}], ["asrkf", "asrkf", {}]]')
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--allow-cpu", action="store_true")
+    a = ap.parse_args()
+    if not llama.gpu_devices() and not a.allow_cpu:
+        raise SystemExit("llama.cpp has no GPU backend here (--allow-cpu to run on the CPU)")
+    variants = json.loads(a.variants)
+    rows: list[dict[str, Any]] = []
+    with Engine.load(a.model, n_gpu_layers=-1, flash_attn=True) as eng:
+        for _, policy, over in variants:  # not recorded: Numba compiles its kernels on a machine's first run
+            run_variant(eng, policy, over, 2048, 4, a.budget, seed=a.runs)
+        for run in range(a.runs):
+            for n in a.lengths:
+                for label, policy, over in variants:
+                    r = {"label": label, "length": n, "run": run, **run_variant(eng, policy, over, n, a.decode, a.budget, run)}
+                    rows.append(r)
+                    print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()), flush=True)
+                    if a.json:
+                        Path(a.json).write_text(json.dumps(rows, indent=1))
+    for n in a.lengths:
+        for label, _, _ in variants:
+            rs = [r for r in rows if r["length"] == n and r["label"] == label]
+            med = {k: float(np.median([r[k] for r in rs])) for k in rs[0] if isinstance(rs[0][k], float)}
+            rate = [r["tok_s"] for r in rs]
+            print(f"{n:6d} {label:14s} {med['tok_s']:7.1f} tok/s ({min(rate):.1f}-{max(rate):.1f}) {med['ms_tok']:.2f} ms/tok: "
+                  f"decode {med['decode_ms_tok']:.2f} (x{med['decodes_per_tok']:.2f}), logits {med['logits_ms_tok']:.2f}, "
+                  f"policy {med['policy_ms_tok']:.2f} (scoring {med['observe_ms_tok']:.2f}, peek {med['peek_ms_tok']:.2f}, "
+                  f"thaw {med['thaw_ms_tok']:.2f}, freeze {med['freeze_ms_tok']:.2f})", flush=True)
+
+
+if __name__ == "__main__":
+    main()
