@@ -63,7 +63,8 @@ def test_kernels_match_numpy_references() -> None:
     assert np.abs(a - b).max() < 1e-6
     assert a[kpos[cells < 0]].tolist() == [np.float32(0.01)] * int((cells < 0).sum())  # no token there
 
-    for logits in (rng.standard_normal(49152).astype(np.float32) * 5, np.zeros(7, np.float32)):
+    for logits in (rng.standard_normal(49152).astype(np.float32) * 5, rng.standard_normal(128256).astype(np.float32) * 10,
+                   np.zeros(7, np.float32)):
         assert abs(entropy(logits) - entropy_reference(logits)) < 1e-5
     assert abs(entropy(np.zeros(7, np.float32)) - np.log(7)) < 1e-6
 
