@@ -289,7 +289,6 @@ def _worker() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="asrkf-fold")
 
 
-
 class Importance:
     """Per-position importance scores and key mirror, updated after every decode of a session.
 
