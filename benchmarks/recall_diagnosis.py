@@ -7,7 +7,10 @@ misses, at the first answer token (the prompt read under the budget):
   query rows (what asrkf's relevance thaw used) and every captured query row of the prompt's tail (the
   question);
 - whether forcing the fact's span +-32 tokens active (an oracle thaw: room made by freezing the
-  policy's lowest-scored tokens), then re-decoding the newest token, makes the model answer.
+  policy's lowest-scored tokens), then re-decoding the newest token, makes the model answer;
+- whether the policy answers when the prompt is read with the whole cache and only then cut to the budget by
+  its question-time reselection (``whole_read``): a miss this fixes was lost while the prompt was read under
+  the budget (the KV of the tokens read then saw only part of what came before), not at the question.
 
     python benchmarks/recall_diagnosis.py --policy asrkf --budget 0.35 --lengths 1000,2000,4000 --out docs/recall_diagnosis.json
 
@@ -92,13 +95,19 @@ def ranks(run: Runner, targets: np.ndarray) -> tuple[int, int]:
 
 
 def run_case(engine: Engine, policy: str, budget: float, case: Case, fact: str, max_new: int, oracle: bool,
-             reread: int = 0, settings: dict | None = None) -> dict:
+             reread: int = 0, settings: dict | None = None, whole_read: bool = False) -> dict:
     tokens = engine.tokenize(case.prompt, add_bos=engine.model.add_bos)
     fact_pos, ans_pos = spans(engine, tokens, case.prompt, fact, case.answer)
     pol = make_policy(policy, **(settings or {}))
     cells = budget_cells(pol, budget, len(tokens), max_new)
-    with engine.runner(pol, cells) as run:
-        run.prefill(tokens)
+    with engine.runner(pol, len(tokens) + max_new if whole_read else cells) as run:
+        if whole_read:  # read with every token active, then cut to the budget as the question would
+            run.prefill(tokens, final=False)
+            run.session.budget = cells
+            pol.reselect(run)
+            run.redecode()
+        else:
+            run.prefill(tokens)
         active = run.active()
         rec = {"fact_active": float(np.isin(fact_pos, active).mean()), "answer_active": float(np.isin(ans_pos, active).mean()),
                "active": len(active), "cells": cells}
@@ -148,6 +157,9 @@ def main() -> None:
                 o = run_case(eng, a.policy, a.budget, case, fact, max_new, oracle=True, settings=settings)
                 o2 = run_case(eng, a.policy, a.budget, case, fact, max_new, oracle=True, reread=32, settings=settings)
                 row.update(oracle_correct=o["correct"], oracle_text=o["text"], reread_correct=o2["correct"])
+                if hasattr(make_policy(a.policy), "reselect"):
+                    w = run_case(eng, a.policy, a.budget, case, fact, max_new, oracle=False, settings=settings, whole_read=True)
+                    row.update(whole_read_correct=w["correct"], whole_read_text=w["text"])
             rows.append(row)
             print(json.dumps(row), flush=True)
     info = {"machine": machine(), "policy": a.policy, "settings": settings, "budget": a.budget, "flash_attn": a.flash_attn,
@@ -165,8 +177,8 @@ def _median(rows: list[dict], key: str) -> str:
 def table(rows: list[dict]) -> str:
     lines = ["| task | length | full right | policy right | misses: answer tokens active at 1st answer token | "
              "misses: best answer rank, newest 8 rows (median) | same, question window (median) | misses fixed by oracle thaw | "
-             "... and the last 32 tokens read again |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "... and the last 32 tokens read again | misses answered when the prompt is read whole, then cut |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for task in ("needle", "multiturn", "passkey"):
         for length in sorted({r["length"] for r in rows}):
             rs = [r for r in rows if r["task"] == task and r["length"] == length]
@@ -175,8 +187,10 @@ def table(rows: list[dict]) -> str:
             act = sum(r["answer_active"] == 1.0 for r in miss)
             fixed = sum(bool(r.get("oracle_correct")) for r in miss)
             reread = sum(bool(r.get("reread_correct")) for r in miss)
+            whole = sum(bool(r.get("whole_read_correct")) for r in miss)
             lines.append(f"| {task} | {length} | {len(ok)}/{len(rs)} | {len(ok) - len(miss)}/{len(ok)} | {act}/{len(miss)} | "
-                         f"{_median(miss, 'rank_newest8')} | {_median(miss, 'rank_window')} | {fixed}/{len(miss)} | {reread}/{len(miss)} |")
+                         f"{_median(miss, 'rank_newest8')} | {_median(miss, 'rank_window')} | {fixed}/{len(miss)} | {reread}/{len(miss)} | "
+                         f"{whole}/{len(miss)} |")
     return "\n".join(lines)
 
 
