@@ -141,6 +141,7 @@ def main() -> None:
     lengths = [int(x) for x in a.lengths.split(",")]
     depths = [float(x) for x in a.depths.split(",")]
     rows = []
+    reselects = hasattr(make_policy(a.policy), "reselect")  # the whole-read column needs question-time reselection
     t0 = time.perf_counter()
     with Engine.load(a.model, flash_attn=a.flash_attn) as eng:
         for task, length, case, fact in cases(eng, lengths, depths, a.keys):
@@ -157,7 +158,7 @@ def main() -> None:
                 o = run_case(eng, a.policy, a.budget, case, fact, max_new, oracle=True, settings=settings)
                 o2 = run_case(eng, a.policy, a.budget, case, fact, max_new, oracle=True, reread=32, settings=settings)
                 row.update(oracle_correct=o["correct"], oracle_text=o["text"], reread_correct=o2["correct"])
-                if hasattr(make_policy(a.policy), "reselect"):
+                if reselects:
                     w = run_case(eng, a.policy, a.budget, case, fact, max_new, oracle=False, settings=settings, whole_read=True)
                     row.update(whole_read_correct=w["correct"], whole_read_text=w["text"])
             rows.append(row)
