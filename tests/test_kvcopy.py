@@ -38,9 +38,10 @@ def test_blob_rebuilt_byte_for_byte(tiny, flash_attn):
 
 @pytest.mark.skipif(not native_available(), reason="native piece not built")
 @pytest.mark.parametrize("v_trans", [False, True])
-def test_native_matches_numpy(v_trans):
+@pytest.mark.parametrize("v_el", [1, 2, 4])  # the native piece has its own loops for 2- and 4-byte elements
+def test_native_matches_numpy(v_trans, v_el):
     rng = np.random.default_rng(0)
-    layout = blobfmt.Layout(n_layer=3, k_type=1, k_row=16, v_type=1, v_row=24, v_trans=v_trans, v_el=2)
+    layout = blobfmt.Layout(n_layer=3, k_type=1, k_row=16, v_type=1, v_row=24, v_trans=v_trans, v_el=v_el)
     n_src, n_dst = 11, 17
     src = blob_side(rng.integers(0, 255, layout.blob_size(n_src), dtype=np.uint8), layout, n_src)
     src_rows = rng.permutation(n_src)[:7]
