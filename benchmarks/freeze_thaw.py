@@ -1,6 +1,7 @@
 """Freeze and thaw cost per token on the default model, native row copy vs its NumPy twin.
 
-Usage: python benchmarks/freeze_thaw.py [--tokens 1200] [--range 400] [--repeat 20]
+Usage: python benchmarks/freeze_thaw.py [--tokens 1200] [--range 400] [--repeat 20] [--flash-attn]
+(flash attention off, the engine's default, stores V transposed: every V element is moved alone)
 Prints one JSON object (machine, per-token µs for each path, store bytes per token).
 """
 
@@ -46,11 +47,12 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=1200)
     ap.add_argument("--range", type=int, default=400)
     ap.add_argument("--repeat", type=int, default=20)
+    ap.add_argument("--flash-attn", action="store_true")
     a = ap.parse_args()
     native_built = kvcopy.native_available()
-    with Engine.load() as eng:
+    with Engine.load(flash_attn=a.flash_attn) as eng:
         out: dict[str, object] = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-                                  "model": eng.info.name, "range_tokens": a.range}
+                                  "model": eng.info.name, "range_tokens": a.range, "flash_attn": a.flash_attn}
         out["python"] = measure(eng, a.tokens, a.range, a.repeat, native=False)
         if native_built:
             out["native"] = measure(eng, a.tokens, a.range, a.repeat, native=True)
