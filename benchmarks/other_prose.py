@@ -1,5 +1,6 @@
 """Needle and multi-turn recall over other prose and other facts than the bench's (a check that recall is not tuned
-to the GPL haystack or the bench's eight needles): every policy on the same cases, in the bench's order.
+to the GPL haystack or the bench's eight needles): every policy on the same cases, through the bench's own needle
+suite (its depths, order and scoring) with the haystack and the facts swapped.
 
     python benchmarks/other_prose.py --policies full,asrkf,streaming --lengths 2000 --budget 0.35
 
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import asrkf_edge.bench.tasks as tasks
 from asrkf_edge import Engine
-from asrkf_edge.policies import make_policy
+from asrkf_edge.bench.suites import Plan, needle_suite
 
 FACTS = (
     tasks.Needle("The harbour master of Port Quill keeps a parrot named Biscuit.",
@@ -34,7 +35,6 @@ FACTS = (
     tasks.Needle("The lighthouse on Kell Island was built by a man called Tobias Wren.",
                  "Who built the lighthouse on Kell Island?", "Tobias Wren"),
 )
-DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 def main() -> None:
@@ -45,23 +45,17 @@ def main() -> None:
     ap.add_argument("--texts", default="/usr/share/common-licenses/Apache-2.0,/usr/share/common-licenses/MPL-2.0")
     a = ap.parse_args()
     text = "\n\n".join(Path(p).read_text(encoding="utf-8") for p in a.texts.split(","))
-    tasks.haystack_text = lambda: text  # the case builders read the haystack and the facts from the module
+    tasks.haystack_text = lambda: text  # the bench's case builders read the haystack and the facts from the module
     tasks.NEEDLES = FACTS
+    plan = Plan(policies=a.policies.split(","), budgets=(a.budget,), needle_lengths=[int(x) for x in a.lengths.split(",")],
+                keys=2, cwe_lengths=())
     right: dict[str, int] = {}
     with Engine.load(None, flash_attn=True) as eng:
-        for li, n_tok in enumerate(int(x) for x in a.lengths.split(",")):
-            for di, depth in enumerate(DEPTHS):
-                for k in range(2):
-                    idx = li * 10 + di * 2 + k
-                    for task, build in (("needle", tasks.needle), ("multiturn", tasks.needle_multiturn)):
-                        case = build(eng, n_tok, depth, idx)
-                        for name in a.policies.split(","):
-                            r = eng.generate(case.prompt, 24, policy=make_policy(name), chat=False,
-                                             budget=None if name == "full" else a.budget)
-                            ok = case.correct(r.text)
-                            key = f"{name} {n_tok} {task}"
-                            right[key] = right.get(key, 0) + ok
-                            print(n_tok, task, idx, case.answer, name, ok, repr(r.text[:70]), flush=True)
+        for r in needle_suite(eng, plan):
+            key = f"{r['policy']} {r['target_length']} {r['task']}"
+            right[key] = right.get(key, 0) + r["correct"]
+            print(r["target_length"], r["task"], r["index"], r["expected"], r["policy"], r["correct"], repr(r["answer"][:70]),
+                  flush=True)
     print(json.dumps(right))
 
 
