@@ -19,12 +19,13 @@ import argparse
 from recall_diagnosis import answer, spans
 
 from asrkf_edge import Engine
+from asrkf_edge.bench.suites import Plan
 from asrkf_edge.bench.tasks import NEEDLES, needle_multiturn
 from asrkf_edge.policies import make_policy
 from asrkf_edge.policies.asrkf import AsrKf
 from asrkf_edge.runner import budget_cells
 
-DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)  # the bench's; case i sits at DEPTHS[(i % 10) // 2]
+DEPTHS = Plan().depths  # the bench's; with two keys, case i sits at DEPTHS[(i % 10) // 2]
 
 
 def main() -> None:
