@@ -4,6 +4,10 @@ For each enabled layer it copies, after every decode, the rows of the newest tok
 ``kq_soft_max-<il>`` (attention probabilities over KV *cells*, flash attention off only), post-RoPE
 ``Qcur-<il>`` (the last ``window`` queries) and post-RoPE ``Kcur-<il>`` (every new key). The callback
 is native C (``native/capture.c``) when built, else a Python twin that copies the same bytes.
+
+In split mode (:attr:`Capture.split`) only the queries of ``split_layers`` are asked for, on every decode
+whether copied or not: each node asked for ends a graph view, and a CUDA backend keeps a graph per view only
+while every decode is cut the same way.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from .errors import LlamaError
 from .llama import Model
 
 PROBS, QUERIES, KEYS = 0, 1, 2
+WANT, SPLIT = 1, 2  # bits of a slot's ``want``: copied when enabled; asked for in split mode
 _NAMES = {"kq_soft_max": PROBS, "Qcur": QUERIES, "Kcur": KEYS}
 
 
@@ -34,7 +39,7 @@ class _State(ctypes.Structure):
     """Mirror of ``asrkf_capture`` in native/capture.c."""
 
     _fields_ = [("get_name", ctypes.c_void_p), ("tensor_get", ctypes.c_void_p), ("rope_op", ctypes.c_int32),
-                ("n_layer", ctypes.c_int32), ("enabled", ctypes.c_int32), ("window", ctypes.c_int32),
+                ("n_layer", ctypes.c_int32), ("enabled", ctypes.c_int32), ("split", ctypes.c_int32), ("window", ctypes.c_int32),
                 ("error", ctypes.c_int32), ("err_slot", ctypes.c_int32), ("want", ctypes.c_void_p),
                 ("buf", ctypes.c_void_p), ("cap", ctypes.c_void_p), ("shape", ctypes.c_void_p), ("hits", ctypes.c_void_p)]
 
@@ -65,6 +70,7 @@ class CaptureSpec:
     queries: bool = True
     keys: bool = True
     prob_layers: tuple[int, ...] | None = None  # layers whose probabilities are copied (None: ``layers``)
+    split_layers: tuple[int, ...] = ()  # layers whose queries split mode asks for (a subset of ``layers``)
 
 
 class Capture:
@@ -91,8 +97,12 @@ class Capture:
                     raise ValueError(f"layer {layer} out of range: the model has {nl}")
                 slot = kind * nl + layer
                 self._bufs[slot] = np.zeros(sizes[kind], np.uint8)
-                self._want[slot], self._cap[slot] = 1, sizes[kind]
+                self._want[slot], self._cap[slot] = WANT, sizes[kind]
                 self._ptrs[slot] = self._bufs[slot].ctypes.data
+        if not set(spec.split_layers) <= set(spec.layers) or (spec.split_layers and not spec.queries):
+            raise ValueError("split_layers must be layers whose queries are captured")
+        for layer in spec.split_layers:
+            self._want[QUERIES * nl + layer] |= SPLIT
         self._lib = _ggml_lib()
         st = self._state = _State()
         st.get_name = ctypes.cast(self._lib.ggml_get_name, ctypes.c_void_p)
@@ -118,6 +128,15 @@ class Capture:
     @enabled.setter
     def enabled(self, on: bool) -> None:
         self._state.enabled = int(on)
+
+    @property
+    def split(self) -> bool:
+        """Ask for the split layers' queries on every decode (copied only while :attr:`enabled`)."""
+        return bool(self._state.split)
+
+    @split.setter
+    def split(self, on: bool) -> None:
+        self._state.split = int(on)
 
     def reset(self) -> None:
         """Forget the last decode's copies (call before each decode)."""
@@ -154,13 +173,13 @@ class Capture:
     # the Python twin of asrkf_capture_cb
     def _python_callback(self, tensor: int, ask: bool, _user: int) -> bool:
         st = self._state
-        if not st.enabled:
+        if not st.enabled and not st.split:
             return False
         head = _Head.from_address(tensor)
         slot = self._slot(tensor, head)
         if ask:
             return slot >= 0
-        if slot >= 0:
+        if slot >= 0 and st.enabled:
             self._copy(tensor, head, slot)
         return True
 
@@ -174,7 +193,7 @@ class Capture:
         if layer >= self.n_layer or (kind != PROBS and head.op != self._state.rope_op):
             return -1
         slot = kind * self.n_layer + layer
-        return slot if self._want[slot] else -1
+        return slot if self._want[slot] & (SPLIT if self._state.split else WANT) else -1
 
     def _copy(self, tensor: int, head: _Head, slot: int) -> None:
         st = self._state

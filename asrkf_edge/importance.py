@@ -18,7 +18,7 @@ import numpy as np
 
 from .blob import Parsed, k_as_f16
 from .capture import Capture, CaptureSpec
-from .llama import Model
+from .llama import Model, cuda_graphs
 
 _JIT = {"cache": True, "nogil": True, "fastmath": False}
 
@@ -268,9 +268,16 @@ class QueryWindow:
         self._pos[hi : hi + r] = np.arange(first, end, dtype=np.int64)
         self._lo, self._hi = lo, hi + r
 
-    def recent(self, rows: int) -> tuple[np.ndarray, np.ndarray]:
-        """The newest ``rows`` kept rows (views) and their positions."""
+    def recent(self, rows: int, complete: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """The newest ``rows`` kept rows (views) and their positions; ``complete``: of the rows that have every
+        layer's queries (a split-mode decode keeps the scored layers' only, NaN elsewhere)."""
         lo = max(self._lo, self._hi - max(rows, 0))
+        if complete:
+            whole = ~np.isnan(self._q[:, self._lo : self._hi, 0, 0]).any(axis=0)
+            if not whole[lo - self._lo :].all():
+                keep = self._lo + np.flatnonzero(whole)
+                keep = keep[len(keep) - min(len(keep), max(rows, 0)) :]
+                return self._q[:, keep], self._pos[keep]
         return self._q[:, lo : self._hi], self._pos[lo : self._hi]
 
     def load(self, q: np.ndarray, pos: np.ndarray) -> None:
@@ -300,6 +307,10 @@ class Importance:
     of decode speed with 30 layers on CPU); keys of the steps in between are read back from the cache
     when first needed (:meth:`ensure_keys`, through ``fetch``) or when they are frozen (:meth:`on_copy`).
     ``fold_layers``: how many of the layers (evenly spaced) the decayed score is folded from.
+    ``split`` (layers on a CUDA GPU, flash attention, ``stride`` above 1): every single-token decode asks the capture
+    for the scored layers' queries (:attr:`Capture.split`), copied only on observation steps, so that every decode
+    is cut into the same graph views and a CUDA backend keeps its graphs; an observed decode then has those
+    layers' queries only, and its keys are read back like an unobserved one's.
     ``background`` (on when the layers are on a GPU): the host attention of an observation runs on a worker
     thread while llama.cpp decodes the next token (ctypes releases the Python lock); the worker reads the mirror
     and writes the scores only, and every reader of either waits for it, so the scores are the inline fold's.
@@ -324,6 +335,7 @@ class Importance:
         self.parallel = model.n_gpu_layers != 0  # the CPU cores idle while the GPU decodes: score on all of them
         self._scores = np.zeros(1024, np.float32)
         self.background = self.parallel  # fold on a worker thread while the GPU decodes the next token
+        self.split = self.parallel and flash_attn and self.sparse and self.stride > 1 and cuda_graphs()
         self._pending: Future[None] | None = None
         self._kv = model.n_head_kv * model.head_dim
         self.keys = np.zeros((len(layers), 1024 if self.mirror_keys else 0, self._kv), np.float16)
@@ -336,8 +348,9 @@ class Importance:
     def spec(self) -> CaptureSpec:
         """What the session's capture must copy for this tracker."""
         rows = max(self.window, self.keep_queries)
+        scored = tuple(self.layers[i] for i in self.fold)
         return CaptureSpec(self.layers, rows, probs=not self.flash_attn, queries=self.mirror_keys, keys=self.mirror_keys,
-                           prob_layers=tuple(self.layers[i] for i in self.fold))
+                           prob_layers=scored, split_layers=scored if self.flash_attn else ())
 
     def wants(self, pos0: int, n: int) -> bool:
         """Whether the decode of positions pos0.. (n tokens) should be captured."""
@@ -379,11 +392,12 @@ class Importance:
                 self.known[pos0 : pos0 + n] = False
             return
         if self.mirror_keys:
-            for i, layer in enumerate(self.layers):
-                k = cap.keys(layer)
+            keys = [cap.keys(layer) for layer in self.layers]
+            whole = all(k is not None for k in keys)  # a split-mode decode copies no keys: read back when needed
+            for i, k in enumerate(keys):
                 if k is not None:
                     self.keys[i, pos0 : pos0 + n] = k.reshape(n, -1)
-            self.known[pos0 : pos0 + n] = True
+            self.known[pos0 : pos0 + n] = whole
         q = self.queries() if self.keep_queries else None  # stacked once, also for the host attention below
         if q is not None:
             self._kept.keep(q, pos0 + n)
@@ -448,9 +462,10 @@ class Importance:
                 raise RuntimeError("keys missing from the mirror and no way to read them back")
             self.fetch(missing)
 
-    def recent_queries(self, rows: int) -> tuple[np.ndarray, np.ndarray]:
-        """The newest ``rows`` kept query rows across decodes, [L, rows, H, d], and their positions."""
-        return self._kept.recent(rows)
+    def recent_queries(self, rows: int, complete: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """The newest ``rows`` kept query rows across decodes, [L, rows, H, d], and their positions (``complete``:
+        rows with every layer's queries; split mode keeps only the scored layers' of a decode)."""
+        return self._kept.recent(rows, complete)
 
     def heads(self, q: np.ndarray, qpos: np.ndarray, kpos: np.ndarray) -> np.ndarray:
         """Per query head of the scored layers, the attention rows ``q`` give the mirrored keys at ``kpos``,
@@ -483,10 +498,12 @@ class Importance:
             self._kept.load(state["recent_q"], state["recent_pos"].astype(np.int64))
 
     def queries(self) -> np.ndarray:
-        """The last decode's newest queries, [L, rows, H, d]."""
+        """The last decode's newest queries, [L, rows, H, d]; NaN for layers not copied (split mode)."""
         cap = self.capture
         assert cap is not None
-        return np.stack([cap.queries(layer) for layer in self.layers])
+        got = [cap.queries(layer) for layer in self.layers]
+        shape = next(q.shape for q in got if q is not None)
+        return np.stack([q if q is not None else np.full(shape, np.nan, np.float32) for q in got])
 
     def mirror(self) -> np.ndarray:
         """The key mirror as the kernels take it: [L, positions, Hkv, d] float16 bits."""

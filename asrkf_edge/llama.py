@@ -367,6 +367,12 @@ def gpu_devices() -> list[int]:
     return [d for d in devs if lib.ggml_backend_dev_type(d) in _GPU_TYPES]
 
 
+def cuda_graphs() -> bool:
+    """Whether llama.cpp runs its GPU layers through CUDA, which replays each graph view as a CUDA graph keyed by
+    its first node (a capture must then cut every decode alike; Metal and the others keep no such graphs)."""
+    return any(_ggml().ggml_backend_dev_name(d).decode().startswith("CUDA") for d in gpu_devices())
+
+
 def device_memory(dev: int) -> tuple[int, int]:
     """(free, total) bytes of a device's memory, as its backend reports them."""
     free, total = ctypes.c_size_t(), ctypes.c_size_t()

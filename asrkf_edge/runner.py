@@ -183,6 +183,7 @@ class Runner:
     def _before_decode(self, session: Session, pos0: int, n: int) -> None:
         assert self._importance is not None and session.capture is not None
         session.capture.enabled = self._importance.wants(pos0, n)
+        session.capture.split = self._importance.split and n == 1
 
     def _on_decode(self, session: Session, pos0: int, n: int) -> None:
         t0 = time.perf_counter()

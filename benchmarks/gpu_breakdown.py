@@ -4,12 +4,12 @@ read-backs (peeks), thaws, freezes, and the wait for the logits.
 Usage: python benchmarks/gpu_breakdown.py MODEL.gguf --lengths 4096 16384 --runs 3 \\
            --variants '[["full", "full", {}], ["asrkf", "asrkf", {}], ["inline", "asrkf", {"_background": false}]]'
 
-Each variant is [label, policy, field overrides]; the override ``_background`` sets the tracker's background fold
-(on by default when the layers are on a GPU). Prompts are random token ids, the same for every variant of one run
-and length (seeded by both), so variants compare paired. Every layer goes to the GPU when there is one
-(``--allow-cpu`` runs it on the CPU). Prints a line per run and a median (range) per length and variant; ``--json``
-writes the rows. With ``full``, llama.cpp's decode returns before the GPU finishes and the wait shows up in
-``logits``; a policy that captures attention waits inside the decode.
+Each variant is [label, policy, field overrides]; the overrides ``_background`` and ``_split`` set the tracker's
+background fold and split capture (both on by default when the layers are on a GPU). Prompts are random token ids,
+the same for every variant of one run and length (seeded by both), so variants compare paired. Every layer goes to
+the GPU when there is one (``--allow-cpu`` runs it on the CPU). Prints a line per run and a median (range) per
+length and variant; ``--json`` writes the rows. With ``full``, llama.cpp's decode returns before the GPU finishes
+and the wait shows up in ``logits``; a policy that captures attention waits inside the decode.
 """
 
 # ruff: noqa: I001, E402
@@ -35,13 +35,15 @@ _TIMED = ("decode", "logits", "peek")
 def run_variant(eng: Engine, policy: str, over: dict[str, Any], n: int, n_decode: int, budget: float, seed: int) -> dict[str, float]:
     """Prefill ``n`` random ids, decode ``n_decode`` greedy tokens; per-token milliseconds of each part."""
     over = dict(over)
-    background = over.pop("_background", None)
+    background, split = over.pop("_background", None), over.pop("_split", None)
     toks = [int(t) for t in np.random.default_rng(seed * 100_003 + n).integers(300, eng.model.n_vocab, n)]
     pol = make_policy(policy, **over)
     with eng.runner(pol, budget_cells(pol, budget if pol.bounded else None, n, n_decode)) as run:
         sess = run.session
         if background is not None:
             run.importance.background = background
+        if split is not None:
+            run.importance.split = split
         run.prefill(toks)
         spent = dict.fromkeys(_TIMED, 0.0)
         count = {"decode": 0, "peek": 0}

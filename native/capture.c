@@ -4,8 +4,12 @@
  * scheduler asks it about every graph node; it answers "yes" only for the nodes the caller enabled
  * (kq_soft_max-<il>, post-RoPE Qcur-<il> and Kcur-<il>) and, once a node is computed, copies the
  * rows of the newest tokens into caller-owned buffers through ggml_backend_tensor_get (host or device
- * memory alike). Deciding by name in C keeps the per-node cost to a few nanoseconds; a Python callback
- * costs about a microsecond per node and there are about a thousand nodes per decode.
+ * memory alike). A node it asks for ends a graph view there. In split mode it asks for the nodes marked
+ * SPLIT whether or not it copies: every decode is then cut into the same views, so a CUDA backend keeps
+ * one graph per view instead of capturing the whole decode's graph again after each captured one
+ * (ggml-cuda keys its graphs by a view's first node). Deciding by name in C keeps the per-node cost to a
+ * few nanoseconds; a Python callback costs about a microsecond per node and there are about a thousand
+ * nodes per decode.
  * The Python twin is asrkf_edge.capture._python_callback: both must copy identical bytes.
  */
 #include <stdbool.h>
@@ -33,6 +37,7 @@ typedef void (*get_fn)(const void *tensor, void *data, size_t offset, size_t siz
 
 enum { KIND_PROBS = 0, KIND_Q = 1, KIND_K = 2, N_KINDS = 3 };
 enum { ERR_NONE = 0, ERR_CAPACITY = 1, ERR_LAYOUT = 2 };
+enum { WANT = 1, SPLIT = 2 }; /* bits of want[slot]: copied when enabled; asked for in split mode */
 
 /* Mirrored by asrkf_edge.capture._State (ctypes); slot = kind * n_layer + layer. */
 typedef struct {
@@ -40,11 +45,12 @@ typedef struct {
     get_fn tensor_get;
     int32_t rope_op;
     int32_t n_layer;
-    int32_t enabled;
+    int32_t enabled;  /* copy the nodes asked for */
+    int32_t split;    /* ask for the SPLIT nodes (instead of the WANT nodes), copying them only when enabled */
     int32_t window;   /* rows kept from the end of the batch for probabilities and queries */
     int32_t error;    /* first error since the last reset */
     int32_t err_slot;
-    uint8_t *want;    /* [N_KINDS * n_layer] */
+    uint8_t *want;    /* [N_KINDS * n_layer] WANT | SPLIT bits */
     uint8_t **buf;    /* [N_KINDS * n_layer] destinations */
     int64_t *cap;     /* [N_KINDS * n_layer] capacity in bytes */
     int64_t *shape;   /* [N_KINDS * n_layer * 3] shape of what was copied */
@@ -69,7 +75,7 @@ static int slot_of(const asrkf_capture *s, const struct tensor_head *t) {
     if (layer < 0) return -1;
     if (kind != KIND_PROBS && t->op != s->rope_op) return -1;  /* Qcur/Kcur: only the post-RoPE node */
     int slot = kind * s->n_layer + layer;
-    return s->want[slot] ? slot : -1;
+    return (s->want[slot] & (s->split ? SPLIT : WANT)) ? slot : -1;
 }
 
 static void fail(asrkf_capture *s, int err, int slot) {
@@ -115,10 +121,10 @@ static void copy_node(asrkf_capture *s, const struct tensor_head *t, int slot) {
 
 EXPORT bool asrkf_capture_cb(void *tensor, bool ask, void *user) {
     asrkf_capture *s = (asrkf_capture *)user;
-    if (!s->enabled) return false;
+    if (!s->enabled && !s->split) return false;
     const struct tensor_head *t = (const struct tensor_head *)tensor;
     int slot = slot_of(s, t);
     if (ask) return slot >= 0;
-    if (slot >= 0) copy_node(s, t, slot);
+    if (slot >= 0 && s->enabled) copy_node(s, t, slot);
     return true;
 }

@@ -34,6 +34,14 @@ def tiny(tiny_path: Path):
 
 
 @pytest.fixture(scope="session")
+def tiny10(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny model with more layers than the tracker scores (8), so a split capture leaves some out."""
+    with Engine.load(write_tiny_llama(tmp_path_factory.mktemp("tiny10") / "tiny10.gguf", n_layer=10),
+                     n_gpu_layers=GPU_LAYERS) as eng:
+        yield eng
+
+
+@pytest.fixture(scope="session")
 def real_path() -> Path:
     return default_model_path()
 

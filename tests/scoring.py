@@ -1,4 +1,4 @@
-"""Shared by the scoring tests: importance of a prompt read in one batch and then token by token."""
+"""Shared by the scoring tests: importance of a prompt read in one batch and then token by token, greedy decoding."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import numpy as np
 
 from asrkf_edge.importance import Importance
 from asrkf_edge.llama import Model
+from asrkf_edge.runner import Runner
 from asrkf_edge.session import Session
 
 
@@ -24,3 +25,13 @@ def observed_scores(model: Model, imp: Importance, tokens: list[int], batch: int
 def rank_overlap(a: np.ndarray, b: np.ndarray, top: int = 40) -> int:
     """How many of the ``top`` highest-scoring positions two score vectors share."""
     return len(set(np.argsort(-a)[:top]) & set(np.argsort(-b)[:top]))
+
+
+def greedy(run: Runner, n: int) -> tuple[list[int], np.ndarray]:
+    """Decode ``n`` greedy tokens; returns them and the logits each was chosen from."""
+    toks, logits = [], []
+    for _ in range(n):
+        logits.append(run.logits().copy())
+        toks.append(int(np.argmax(logits[-1])))
+        run.decode(toks[-1])
+    return toks, np.stack(logits)

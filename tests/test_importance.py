@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from scoring import observed_scores, rank_overlap
+from scoring import greedy, observed_scores, rank_overlap
 
 from asrkf_edge import capture as capture_mod
 from asrkf_edge.capture import CaptureSpec
@@ -21,6 +21,8 @@ from asrkf_edge.importance import (
     head_scores,
     head_scores_reference,
 )
+from asrkf_edge.policies import AsrKf
+from asrkf_edge.runner import Runner
 from asrkf_edge.session import Session
 
 TEXT = "The grass is green. The sky is blue. The pass key is 4242. Remember it. Here we go, there and back again. "
@@ -205,3 +207,71 @@ def test_flash_attention_scoring_every_fourth_step_tracks_every_step(real) -> No
     every, fourth = scores
     assert np.corrcoef(every, fourth)[0, 1] > 0.98
     assert rank_overlap(every, fourth) >= 34
+
+
+def test_split_mode_cuts_every_decode_alike_and_copies_only_when_enabled(tiny10, monkeypatch) -> None:
+    """Split mode (layers on a CUDA GPU): every single-token decode is asked for the split layers' queries and nothing
+    else, whether it is copied or not (each node asked for ends a graph view; a CUDA backend keeps its graphs
+    only while every decode is cut alike); the copies are those a normal capture makes; native = Python twin."""
+    toks = tiny10.tokenize(TEXT)[:40]
+    asked: list[int] = []
+    twin = capture_mod.Capture._python_callback
+
+    def counting(self, tensor, ask, user):
+        got = twin(self, tensor, ask, user)
+        if ask and got:
+            asked[-1] += 1
+        return got
+
+    monkeypatch.setattr(capture_mod.Capture, "_python_callback", counting)
+    split = (1, 3, 8)
+    spec = CaptureSpec(tuple(range(10)), window=8, probs=False, split_layers=split)
+    copies = {}
+    for use_native in (True, False):
+        native = capture_mod.native.load
+        if not use_native:
+            monkeypatch.setattr(capture_mod.native, "load", lambda: None)
+        with Session(tiny10.model, 256, flash_attn=True, capture=spec) as sess:
+            monkeypatch.setattr(capture_mod.native, "load", native)
+            cap = sess.capture
+            assert cap is not None and cap.native is use_native
+            sess.eval(toks)  # a prompt batch: every layer's queries and keys
+            got = []
+            for enabled in (True, False, True):
+                asked.append(0)
+                cap.split, cap.enabled = True, enabled
+                sess.eval([toks[-1]])
+                got.append({(kind, layer): cap._get(kind, layer) for kind in (0, 1, 2) for layer in range(10)})
+                if not use_native:
+                    assert asked[-1] == len(split)  # the same views, copied or not
+            for g, enabled in zip(got, (True, False, True), strict=True):
+                assert {k for k, v in g.items() if v is not None} == ({(1, layer) for layer in split} if enabled else set())
+            copies[use_native] = [got[0][(1, layer)].copy() for layer in split]
+            cap.split, cap.enabled = False, True  # a normal capture of the same decode: the same queries
+            sess.rewind(1)
+            sess.eval([toks[-1]])
+            for layer, q in zip(split, copies[use_native], strict=True):
+                np.testing.assert_array_equal(cap.queries(layer), q)
+    for a, b in zip(copies[True], copies[False], strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_split_mode_generates_what_a_normal_capture_does(tiny10) -> None:
+    """With the split on, an observed decode has the scored layers' queries only (NaN elsewhere in the kept
+    window) and its keys are read back from the cache: the generation is the same to the bit."""
+    text = "the sky is blue and the grass is green " * 40
+    seen = []
+    for split in (False, True):
+        with Runner(tiny10.model, AsrKf(min_cache=64), 160, flash_attn=True) as run:
+            imp = run.importance
+            imp.split = split
+            run.prefill(tiny10.tokenize(text)[:400])
+            toks, logits = greedy(run, 40)
+            q, _ = imp.recent_queries(32)
+            whole, qpos = imp.recent_queries(32, complete=True)
+            assert np.isnan(q).any() == split and not np.isnan(whole).any()
+            partial = int(np.isnan(q[:, :, 0, 0]).any(axis=0).sum())  # the observed decodes' rows
+            assert len(qpos) == 32 - partial and (qpos[-1] == 399) == split  # then the prompt's own rows
+            seen.append((toks, logits, imp.scores[: run.n_logical].copy(), run.frozen()))
+    (t0, l0, s0, f0), (t1, l1, s1, f1) = seen
+    assert t0 == t1 and np.array_equal(l0, l1) and np.array_equal(s0, s1) and np.array_equal(f0, f1)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scoring import greedy
 
 from asrkf_edge.bench.tasks import needle, needle_multiturn, passkey
 from asrkf_edge.generate import generate_step
@@ -148,12 +149,8 @@ def test_the_background_fold_gives_the_inline_fold_s_scores_and_tokens(tiny) -> 
 
             imp._fold_from_mirror = counted
             run.prefill(tiny.tokenize(text)[:400])
-            toks, logits = [], []
-            for _ in range(60):
-                logits.append(run.logits().copy())
-                toks.append(int(np.argmax(logits[-1])))
-                run.decode(toks[-1])
-            seen.append((toks, np.stack(logits), imp.scores[: run.n_logical].copy(), run.frozen(), folds[0]))
+            toks, logits = greedy(run, 60)
+            seen.append((toks, logits, imp.scores[: run.n_logical].copy(), run.frozen(), folds[0]))
     (t0, l0, s0, f0, n0), (t1, l1, s1, f1, n1) = seen
     assert n0 == 0 and n1 >= 10  # the worker folded every observation
     assert t0 == t1 and np.array_equal(l0, l1) and np.array_equal(s0, s1) and np.array_equal(f0, f1)

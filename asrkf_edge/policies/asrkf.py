@@ -147,7 +147,7 @@ class AsrKf(ScoringPolicy):
         ``pool`` neighbours, combined over heads; fill the budget with the best; then read the newest
         ``reread`` tokens again so that they and the next logits see what came back. Returns what came back."""
         imp = ctx.importance
-        q, qpos = imp.recent_queries(rows or self.obs_window)
+        q, qpos = imp.recent_queries(rows or self.obs_window, complete=True)
         if not len(qpos):
             return np.zeros(0, np.int64)
         n = ctx.n_logical
