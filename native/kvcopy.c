@@ -16,8 +16,10 @@
 
 #if defined(_WIN32)
 #define EXPORT __declspec(dllexport)
+#define ALWAYS_INLINE __forceinline
 #else
 #define EXPORT __attribute__((visibility("default")))
+#define ALWAYS_INLINE inline __attribute__((always_inline))
 #endif
 
 static inline int64_t v_addr(int64_t off, int64_t n, int32_t vt, int64_t r, int64_t e,
@@ -33,36 +35,32 @@ static inline int64_t run_len(const int64_t *src_rows, const int64_t *dst_rows, 
 }
 
 /* V between a transposed side and a row side, element by element. A memcpy of v_el bytes whose size the
- * compiler does not know is a library call per element: 2-byte elements (f16 V, the usual case) and 4-byte
- * ones (f32) are copied with a fixed size, which compiles to one load and one store (alignment-safe).
+ * compiler does not know is a library call per element: inlined with 2-byte elements (f16 V, the usual case)
+ * or 4-byte ones (f32), the size is a constant and each copy one load and one store (alignment-safe).
  * Measured on 2 Xeon cores (default model, flash attention off; benchmarks/freeze_thaw.py --repeat 30, median):
  * freeze 48-49 -> 37-39 us per token, thaw 51 -> 37 (docs/RESULTS.md, fifth session). */
-#define COPY_V_TYPED(T)                                                                                       \
-    for (int64_t e = 0; e < n_e; ++e) {                                                                       \
-        for (int64_t i = 0; i < count; ++i) {                                                                 \
-            const int64_t s_at = src_vt ? e * src_n + src_rows[i] : src_rows[i] * n_e + e;                    \
-            const int64_t d_at = src_vt ? dst_rows[i] * n_e + e : e * dst_n + dst_rows[i];                    \
-            memcpy(dst + d_at * (int64_t)sizeof(T), src + s_at * (int64_t)sizeof(T), sizeof(T));                \
-        }                                                                                                     \
+static ALWAYS_INLINE void copy_v_elems(const uint8_t *src, int64_t src_n, int32_t src_vt, uint8_t *dst, int64_t dst_n,
+                                       const int64_t *src_rows, const int64_t *dst_rows, int64_t count, int64_t n_e,
+                                       size_t el) {
+    for (int64_t e = 0; e < n_e; ++e) {
+        for (int64_t i = 0; i < count; ++i) {
+            const int64_t s_at = src_vt ? e * src_n + src_rows[i] : src_rows[i] * n_e + e;
+            const int64_t d_at = src_vt ? dst_rows[i] * n_e + e : e * dst_n + dst_rows[i];
+            memcpy(dst + d_at * (int64_t)el, src + s_at * (int64_t)el, el);
+        }
     }
+}
 
 static void copy_v_mixed(const uint8_t *src, int64_t src_n, int32_t src_vt, uint8_t *dst, int64_t dst_n,
                          const int64_t *src_rows, const int64_t *dst_rows, int64_t count, int64_t n_e, int64_t v_el) {
     if (v_el == 2) {
-        COPY_V_TYPED(uint16_t)
+        copy_v_elems(src, src_n, src_vt, dst, dst_n, src_rows, dst_rows, count, n_e, 2);
     } else if (v_el == 4) {
-        COPY_V_TYPED(uint32_t)
+        copy_v_elems(src, src_n, src_vt, dst, dst_n, src_rows, dst_rows, count, n_e, 4);
     } else {
-        const int64_t v_row = n_e * v_el;
-        for (int64_t e = 0; e < n_e; ++e) {
-            for (int64_t i = 0; i < count; ++i) {
-                memcpy(dst + v_addr(0, dst_n, !src_vt, dst_rows[i], e, v_row, v_el),
-                       src + v_addr(0, src_n, src_vt, src_rows[i], e, v_row, v_el), (size_t)v_el);
-            }
-        }
+        copy_v_elems(src, src_n, src_vt, dst, dst_n, src_rows, dst_rows, count, n_e, (size_t)v_el);
     }
 }
-#undef COPY_V_TYPED
 
 /* Rows that are consecutive on both sides move as one memcpy (a freeze of a contiguous range, a thaw
  * into home cells): fewer, larger copies. The bytes written are the same as row by row. */
