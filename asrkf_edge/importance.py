@@ -110,6 +110,8 @@ def _sum_rows(p: np.ndarray, base: int, n_r: int, out: np.ndarray) -> None:
         out[base + i // n_r] += p[i]
 
 
+_KEY_BLOCK = 64  # key rows decoded from float16 at a time (64 x 128 x 4 bytes: 32 KB)
+
 # 2**112: rescales a float16's exponent and mantissa bits, shifted into a float32, to the float16's value
 _F16_RESCALE = np.float32(2.0**112)
 
@@ -141,7 +143,9 @@ def _head_softmax(q: np.ndarray, qpos: np.ndarray, keys: np.ndarray, kpos: np.nd
                   layer: int, key_layer: int, kh: int) -> np.ndarray:
     """Causal softmax of one layer's KV head's ``group`` query heads (query layer ``layer``, key layer
     ``key_layer``) over the keys: [group * R, N], row ``g * R + r`` for query head ``kh * group + g`` and query
-    row ``r``. Each key row is decoded once."""
+    row ``r``. Each key row is decoded once, ``_KEY_BLOCK`` rows at a time into a buffer that stays in L1: decoded
+    all at once, the keys of one head took a fresh N x d float32 array (8 MB at 16k keys of 128), written and read
+    back from memory, in every one of the (layer, KV head) tasks."""
     n_r, n_h, d = q.shape[1], q.shape[2], q.shape[3]
     group = n_h // keys.shape[2]
     n, m = len(kpos), group * n_r
@@ -149,16 +153,18 @@ def _head_softmax(q: np.ndarray, qpos: np.ndarray, keys: np.ndarray, kpos: np.nd
     for i in range(m):
         for e in range(d):
             qs[i, e] = q[layer, i % n_r, kh * group + i // n_r, e] * scale
-    bits = np.empty((n, d), np.uint32)
-    f16_to_f32(keys, key_layer, kpos, kh, bits)
+    bits = np.empty((_KEY_BLOCK, d), np.uint32)
     k = bits.view(np.float32)
     logit = np.empty((m, n), np.float32)
-    for j in range(n):
-        for i in range(m):
-            acc = np.float32(0.0)
-            for e in range(d):
-                acc += qs[i, e] * k[j, e]
-            logit[i, j] = acc
+    for j0 in range(0, n, _KEY_BLOCK):
+        nb = min(_KEY_BLOCK, n - j0)
+        f16_to_f32(keys, key_layer, kpos[j0 : j0 + nb], kh, bits[:nb])
+        for jj in range(nb):
+            for i in range(m):
+                acc = np.float32(0.0)
+                for e in range(d):
+                    acc += qs[i, e] * k[jj, e]
+                logit[i, j0 + jj] = acc
     for i in range(m):
         r = i % n_r
         top = np.float32(-np.inf)

@@ -31,15 +31,15 @@ TEXT = "The grass is green. The sky is blue. The pass key is 4242. Remember it. 
 def test_kernels_match_numpy_references() -> None:
     rng = np.random.default_rng(1)
     q = rng.standard_normal((3, 5, 6, 16)).astype(np.float32)
-    keys = rng.standard_normal((3, 150, 2, 16)).astype(np.float16).view(np.uint16)  # a mirror: f16 bits by position
-    kpos = rng.permutation(np.arange(100, 140)).astype(np.int64)
-    qpos = np.arange(130, 135, dtype=np.int64)  # some keys lie in each query's future
+    keys = rng.standard_normal((3, 300, 2, 16)).astype(np.float16).view(np.uint16)  # a mirror: f16 bits by position
+    kpos = rng.permutation(np.arange(100, 240)).astype(np.int64)  # two blocks of decoded keys and part of a third
+    qpos = np.arange(200, 205, dtype=np.int64)  # some keys lie in each query's future
     want = attention_mass_reference(q, qpos, keys, kpos, 0.25)
     got = attention_mass(q, qpos, keys, kpos, 0.25)
     assert np.abs(got - want).max() < 1e-5
     assert np.abs(attention_mass(q, qpos, keys, kpos, 0.25, parallel=True) - want).max() < 1e-5
     assert np.allclose(got.sum(axis=1), 1.0, atol=1e-5)
-    assert got[0, kpos > 130].max() == 0.0  # causal
+    assert got[0, kpos > 200].max() == 0.0  # causal
     picks = np.array([2, 0])  # query layers scored against these key layers, read in place
     ref = attention_mass_reference(q[:2], qpos, keys[picks], kpos, 0.25)
     for parallel in (False, True):
@@ -57,9 +57,9 @@ def test_kernels_match_numpy_references() -> None:
     want = every.view(np.float16).astype(np.float32).reshape(1024, 64)[order]
     assert np.array_equal(bits.view(np.float32), want, equal_nan=True)
 
-    mass = rng.random((5, 40)).astype(np.float32)
-    cells = np.where(rng.random(40) < 0.2, -1, kpos)
-    a, b = np.full(200, 0.01, np.float32), np.full(200, 0.01, np.float32)
+    mass = rng.random((5, 140)).astype(np.float32)
+    cells = np.where(rng.random(140) < 0.2, -1, kpos)
+    a, b = np.full(300, 0.01, np.float32), np.full(300, 0.01, np.float32)
     fold(a, mass, cells, qpos, 0.9, 0.1)
     fold_reference(b, mass, cells, qpos, 0.9, 0.1)
     assert np.abs(a - b).max() < 1e-6
