@@ -31,10 +31,16 @@ def blob_side(buf: np.ndarray, layout: Layout, n: int) -> Side:
     return Side(buf, k_off, v_off, n, layout.v_trans)
 
 
-def empty_blob(layout: Layout, pos: np.ndarray, seq: int) -> np.ndarray:
-    """A state blob with cells at ``pos`` for sequence ``seq`` and zero K/V (all headers filled in)."""
+def empty_blob(layout: Layout, pos: np.ndarray, seq: int, buf: np.ndarray | None = None, zero: bool = True) -> np.ndarray:
+    """A state blob with cells at ``pos`` for sequence ``seq``, all headers filled in, in ``buf`` (reused memory) or
+    a new array; K/V zero unless ``zero`` is False, for a caller that writes every cell's rows next."""
     n = len(pos)
-    raw = np.zeros(layout.blob_size(n), dtype=np.uint8)
+    if buf is None:
+        raw = np.zeros(layout.blob_size(n), dtype=np.uint8)
+    else:
+        raw = buf[: layout.blob_size(n)]
+        if zero:
+            raw[:] = 0
     hdr = blobfmt.header(layout, pos, seq)
     raw[: len(hdr)] = np.frombuffer(hdr, np.uint8)
     side = blob_side(raw, layout, n)

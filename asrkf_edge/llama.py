@@ -192,13 +192,14 @@ class Context:
         self.mem = L.llama_get_memory(ptr)
         self._batch = L.llama_batch_init(self.n_batch, 0, 1)
         self._n_vocab = model.n_vocab
-        self._stage: np.ndarray | None = None  # reused host memory for state copies (pinned with a GPU)
-        self._stage_refs = 0
         self._pinned = model.n_gpu_layers != 0 and os.environ.get("ASRKF_EDGE_STAGING", "1") != "0"
         self._reuse = os.environ.get("ASRKF_EDGE_STAGING", "1") != "0"
+        self._stage = _Reused(self._pinned)  # state copies out (pinned with a GPU)
+        self._blob = _Reused(False)  # blobs built for state_set (pinned measured slower there: docs/gpu.md)
 
     def close(self) -> None:
-        self._stage = None  # views handed out keep their memory alive
+        self._stage.drop()  # views handed out keep their memory alive
+        self._blob.drop()
         if self.ptr:
             L.llama_batch_free(self._batch)
             L.llama_free(self.ptr)
@@ -250,15 +251,15 @@ class Context:
     def staging(self, nbytes: int) -> np.ndarray:
         """Host memory of ``nbytes`` for a state copy: page-locked when layers are on a GPU, and reused
         (no fresh pages to fault in) unless a view returned earlier is still alive somewhere."""
-        if not self._reuse:
-            return host_array(nbytes, self._pinned)
-        if self._stage is None or self._stage.nbytes < nbytes or sys.getrefcount(self._stage) > self._stage_refs:
-            old = 0 if self._stage is None else self._stage.nbytes
-            cap = max(nbytes, 1 << 20, 2 * old if nbytes > old else old)
-            self._stage = None
-            self._stage = host_array(cap, self._pinned)
-            self._stage_refs = sys.getrefcount(self._stage)
-        return self._stage[:nbytes]
+        return self._stage.get(nbytes) if self._reuse else host_array(nbytes, self._pinned)
+
+    def blob_buffer(self, nbytes: int) -> np.ndarray:
+        """Reused ordinary memory of ``nbytes`` to build a blob for :meth:`state_set` in (not zeroed). A fresh
+        zeroed array per thaw faulted its pages in while the rows were copied, and with the layers on a GPU those
+        faults, beside the host threads that score, slowed llama.cpp's own copies (docs/gpu.md, seventh session)."""
+        if not self._reuse or nbytes > _BLOB_REUSE_MAX:  # a resume or a turn's reselection: once, not kept
+            return np.empty(nbytes, np.uint8)
+        return self._blob.get(nbytes)
 
     def state_get(self, seq: int) -> np.ndarray:
         """The serialized KV of sequence ``seq`` (cells in cell order), as a uint8 array.
@@ -405,6 +406,30 @@ def host_array(nbytes: int, pinned: bool) -> np.ndarray:
     raw = (ctypes.c_uint8 * nbytes).from_address(lib.ggml_backend_buffer_get_base(buf))
     raw.owner = _Free(buf)  # frees the ggml buffer when the ctypes object (the array's base) dies
     return np.frombuffer(raw, np.uint8)
+
+
+_BLOB_REUSE_MAX = 32 << 20  # a decode-time thaw (64 tokens of the 8B shape: 8.4 MB) fits
+
+class _Reused:
+    """One host buffer handed out again and again (its pages stay faulted in), grown by doubling; a new one is
+    made only while a view of the last is still alive somewhere (its reference count says so)."""
+
+    def __init__(self, pinned: bool) -> None:
+        self.pinned = pinned
+        self._buf: np.ndarray | None = None
+        self._refs = 0
+
+    def get(self, nbytes: int) -> np.ndarray:
+        if self._buf is None or self._buf.nbytes < nbytes or sys.getrefcount(self._buf) > self._refs:
+            old = 0 if self._buf is None else self._buf.nbytes
+            cap = max(nbytes, 1 << 20, 2 * old if nbytes > old else old)
+            self._buf = None
+            self._buf = host_array(cap, self.pinned)
+            self._refs = sys.getrefcount(self._buf)
+        return self._buf[:nbytes]
+
+    def drop(self) -> None:
+        self._buf = None
 
 
 class _Free:

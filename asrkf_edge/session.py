@@ -237,7 +237,7 @@ class Session:
         order = self.cells.plan_restore(targets) if len(targets) else np.full(pad, -1, np.int64)
         n, real = len(order), order >= 0
         pos = np.where(real, positions[np.maximum(order, 0)] if len(positions) else 0, DUMMY_POS + np.arange(n))
-        raw = empty_blob(layout, pos, SCRATCH_SEQ)
+        raw = empty_blob(layout, pos, SCRATCH_SEQ, self.ctx.blob_buffer(layout.blob_size(n)), zero=not real.all())
         if real.any():
             dst = blob_side(raw, layout, n)
             slot = np.empty(len(positions), np.int64)

@@ -7,13 +7,14 @@ import pytest
 
 from asrkf_edge import blob as blobfmt
 from asrkf_edge.cells import CellMap
-from asrkf_edge.kvcopy import blob_side, copy_rows, native_available, segment_side
+from asrkf_edge.kvcopy import blob_side, copy_rows, empty_blob, native_available, segment_side
 from asrkf_edge.llama import SCRATCH_SEQ
 
 
 @pytest.mark.parametrize("flash_attn", [False, True])
 def test_blob_rebuilt_byte_for_byte(tiny, flash_attn):
-    """Parse a real blob, copy its rows into a fresh one: identical bytes, V transposed or not."""
+    """Parse a real blob, copy its rows into a new one, also one built in reused memory: identical bytes, V
+    transposed or not."""
     from asrkf_edge.session import Session
 
     with Session(tiny.model, 256, flash_attn=flash_attn) as s:
@@ -24,16 +25,14 @@ def test_blob_rebuilt_byte_for_byte(tiny, flash_attn):
     assert p.layout.v_trans == (not flash_attn)
     assert p.pos.tolist() == list(range(3, 11))
     n = len(p.pos)
+    fresh = empty_blob(p.layout, p.pos, SCRATCH_SEQ)
+    dirty = lambda: np.full(p.layout.blob_size(n) + 100, 0xAB, np.uint8)  # noqa: E731  (a reused buffer's old bytes)
+    assert empty_blob(p.layout, p.pos, SCRATCH_SEQ, dirty()).tobytes() == fresh.tobytes()
     for native in ([False, True] if native_available() else [False]):
-        out = np.zeros(p.layout.blob_size(n), np.uint8)
-        hdr = blobfmt.header(p.layout, p.pos, SCRATCH_SEQ)
-        out[: len(hdr)] = np.frombuffer(hdr, np.uint8)
-        dst = blob_side(out, p.layout, n)
-        for layer in range(p.layout.n_layer):
-            out[dst.k_off[layer] - 12 : dst.k_off[layer]] = np.frombuffer(blobfmt.k_header(p.layout), np.uint8)
-            out[dst.v_off[layer] - 12 : dst.v_off[layer]] = np.frombuffer(blobfmt.v_header(p.layout), np.uint8)
-        copy_rows(blob_side(raw, p.layout, n), dst, np.arange(n), np.arange(n), p.layout, native=native)
-        assert out.tobytes() == raw.tobytes()
+        for buf in (None, dirty()):  # every cell's rows written: a reused buffer needs no clearing
+            out = empty_blob(p.layout, p.pos, SCRATCH_SEQ, buf, zero=buf is None)
+            copy_rows(blob_side(raw, p.layout, n), blob_side(out, p.layout, n), np.arange(n), np.arange(n), p.layout, native=native)
+            assert out.tobytes() == raw.tobytes()
 
 
 @pytest.mark.skipif(not native_available(), reason="native piece not built")
