@@ -104,8 +104,8 @@ class AsrKf(ScoringPolicy):
     def __post_init__(self) -> None:
         if not self.threshold > 0:
             raise ValueError(f"threshold must be positive, got {self.threshold}")
-        if self.reeval_every < 1 or self.window < 1 or self.pin < 0:
-            raise ValueError("reeval_every and window must be >= 1, pin >= 0")
+        if self.reeval_every < 1 or self.relevance_rows < 1 or self.window < 1 or self.pin < 0:
+            raise ValueError("reeval_every, relevance_rows and window must be >= 1, pin >= 0")
         if not 0 <= self.reread <= self.recent or self.page < 1 or self.pool < 1:
             raise ValueError("reread must lie within 0..recent; page and pool must be >= 1")
         self._ledger = Ledger(self.schedule)
