@@ -255,8 +255,8 @@ class Context:
 
     def blob_buffer(self, nbytes: int) -> np.ndarray:
         """Reused ordinary memory of ``nbytes`` to build a blob for :meth:`state_set` in (not zeroed). A fresh
-        zeroed array per thaw faulted its pages in while the rows were copied, and with the layers on a GPU those
-        faults, beside the host threads that score, slowed llama.cpp's own copies (docs/gpu.md, seventh session)."""
+        zeroed array per thaw faulted its pages in while the rows were copied: on the CPU, 400-token thaws went
+        from 2.2 to 3.3-3.7 GB/s without them (docs/RESULTS.md, seventh session)."""
         if not self._reuse or nbytes > _BLOB_REUSE_MAX:  # a resume or a turn's reselection: once, not kept
             return np.empty(nbytes, np.uint8)
         return self._blob.get(nbytes)
@@ -409,6 +409,7 @@ def host_array(nbytes: int, pinned: bool) -> np.ndarray:
 
 
 _BLOB_REUSE_MAX = 32 << 20  # a decode-time thaw (64 tokens of the 8B shape: 8.4 MB) fits
+
 
 class _Reused:
     """One host buffer handed out again and again (its pages stay faulted in), grown by doubling; a new one is

@@ -44,7 +44,7 @@ class AsrKf(ScoringPolicy):
     over every active and expired key) cost 1.3 ms a token at 32k on an H200 (default shape, 23 ms a call), and
     every 32nd step gave mean KLD 0.0781 / 0.0464 against 0.0785 / 0.0443 at budget 0.35 / 0.5 on the bench's text
     and 0.0808 / 0.0316 against 0.0918 / 0.0321 on another (benchmarks/kld_variants.py, context 2000, 128 tokens).
-    relevance_rows: newest query rows that judge expired tokens (2 instead of 8: KLD 0.0794 / 0.0445).
+    relevance_rows: newest query rows that judge expired tokens (8; 2 gave KLD 0.0794 / 0.0445 at 0.35 / 0.5).
     thaw_relevance: a frozen token the newest queries would give >= this x the uniform share comes back.
     entropy: spike rule. recover_tokens, recover_span: level-1 thaw size and neighbours taken with each
     relevant token. recover_recent: level-2 window. escalate_within: steps in which a new spike climbs
