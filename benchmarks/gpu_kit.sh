@@ -1,8 +1,9 @@
 #!/bin/bash
-# Pack what a bare `device` H200 needs into .gpu/kit (git-ignored; 47 MB, under the 64 MiB a call may carry):
+# Pack what a bare `device` H200 needs into .gpu/kit (git-ignored; 45 MB, under the 64 MiB a call may carry):
 # llama-cpp-python's sdist trimmed to the CUDA and CPU backends (5 MB), and Numba, llvmlite (stripped), xxhash,
 # gguf, click, diskcache for the device's Python 3.12 (its NumPy 2.5 is used), plus scikit-build-core to build.
-# Then, in one `run` with carry [".gpu/kit", "benchmarks"]: `bash benchmarks/gpu_build.sh` (about 5 minutes).
+# Then, in one `run` with carry [".gpu/kit"] (tracked files travel anyway): `bash benchmarks/gpu_build.sh` (about 5
+# minutes).
 set -e
 VER=0.3.36
 R=$(git rev-parse --show-toplevel)

@@ -26,7 +26,10 @@ def test_blob_rebuilt_byte_for_byte(tiny, flash_attn):
     assert p.pos.tolist() == list(range(3, 11))
     n = len(p.pos)
     fresh = empty_blob(p.layout, p.pos, SCRATCH_SEQ)
-    dirty = lambda: np.full(p.layout.blob_size(n) + 100, 0xAB, np.uint8)  # noqa: E731  (a reused buffer's old bytes)
+
+    def dirty() -> np.ndarray:  # a reused buffer, longer than the blob, holding old bytes
+        return np.full(p.layout.blob_size(n) + 100, 0xAB, np.uint8)
+
     assert empty_blob(p.layout, p.pos, SCRATCH_SEQ, dirty()).tobytes() == fresh.tobytes()
     for native in ([False, True] if native_available() else [False]):
         for buf in (None, dirty()):  # every cell's rows written: a reused buffer needs no clearing
