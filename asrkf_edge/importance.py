@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import cache
+from typing import TypeVar
 
 import numba
 import numpy as np
@@ -19,6 +20,8 @@ import numpy as np
 from .blob import Parsed, k_as_f16
 from .capture import Capture, CaptureSpec
 from .llama import Model, cuda_graphs
+
+T = TypeVar("T")
 
 _JIT = {"cache": True, "nogil": True, "fastmath": False}
 
@@ -317,9 +320,12 @@ class Importance:
     for the scored layers' queries (:attr:`Capture.split`), copied only on observation steps, so that every decode
     is cut into the same graph views and a CUDA backend keeps its graphs; an observed decode then has those
     layers' queries only, and its keys are read back like an unobserved one's.
-    ``background`` (on when the layers are on a GPU): the host attention of an observation runs on a worker
-    thread while llama.cpp decodes the next token (ctypes releases the Python lock); the worker reads the mirror
-    and writes the scores only, and every reader of either waits for it, so the scores are the inline fold's.
+    ``background`` (on when the layers are on a GPU): the host attention of an observation (and of a policy's
+    :meth:`mass_job`) runs on a worker thread while llama.cpp decodes the next tokens (ctypes releases the Python
+    lock). A job reads mirror rows that were known when it was queued and writes the scores of positions before
+    its queries; every reader of the scores waits for all jobs, so the scores are the inline fold's. A decode of
+    new positions does not wait: the fold then has until the next reader (the next observation, 8 decodes on) to
+    finish, where it had one decode before (each decode waited for the fold queued after the one before it).
     """
 
     def __init__(self, model: Model, layers: tuple[int, ...], window: int, flash_attn: bool,
@@ -342,7 +348,8 @@ class Importance:
         self._scores = np.zeros(1024, np.float32)
         self.background = self.parallel  # fold on a worker thread while the GPU decodes the next token
         self.split = self.parallel and flash_attn and self.sparse and self.stride > 1 and cuda_graphs()
-        self._pending: Future[None] | None = None
+        self._pending: list[Future[object]] = []  # jobs on the worker thread, oldest first
+        self._upto = 0  # the pending jobs read keys and write scores of positions below this
         self._kv = model.n_head_kv * model.head_dim
         self.keys = np.zeros((len(layers), 1024 if self.mirror_keys else 0, self._kv), np.float16)
         self.known = np.zeros(1024 if self.mirror_keys else 0, bool)  # which positions the mirror holds
@@ -374,8 +381,8 @@ class Importance:
         self._grow(n)
 
     def _grow(self, n: int) -> None:
-        self._wait()
         if n > len(self._scores):
+            self._wait()  # the jobs hold the arrays about to be replaced
             cap = max(n, 2 * len(self._scores))
             self._scores = np.concatenate([self._scores, np.zeros(cap - len(self._scores), np.float32)])
             if self.mirror_keys:
@@ -390,9 +397,11 @@ class Importance:
         these positions were scored and their queries folded when first read."""
         cap = self.capture
         assert cap is not None
+        if pos0 < self._upto:  # positions read again that a job reads or scores
+            self._wait()
         self._grow(pos0 + n)
         if fold_scores:
-            self.scores[pos0 : pos0 + n] = 1.0 / (pos0 + n)
+            self._scores[pos0 : pos0 + n] = 1.0 / (pos0 + n)
         if not cap.enabled:  # not observed: its keys are read back when needed
             if self.mirror_keys:
                 self.known[pos0 : pos0 + n] = False
@@ -427,19 +436,29 @@ class Importance:
             q = (q if q is not None else self.queries())[:, -rows:]
             if self.background:
                 self.ensure_keys(kpos)  # llama.cpp calls stay on this thread
-                self._pending = _worker().submit(self._fold_from_mirror, q, qpos, kpos, gamma, weight)
+                self._queue(self._fold_from_mirror, q, qpos, kpos, self.mirror(), gamma, weight)
                 return
             mass = self.mass(q, qpos, kpos, self.fold)
         fold(self._scores, np.ascontiguousarray(mass, np.float32), kpos.astype(np.int64), qpos, gamma, weight)
 
-    def _fold_from_mirror(self, q: np.ndarray, qpos: np.ndarray, kpos: np.ndarray, gamma: float, weight: float) -> None:
-        fold(self._scores, np.ascontiguousarray(self._mass(q, qpos, kpos, self.fold), np.float32), kpos, qpos, gamma, weight)
+    def _fold_from_mirror(self, q: np.ndarray, qpos: np.ndarray, kpos: np.ndarray, keys: np.ndarray, gamma: float,
+                          weight: float) -> None:
+        fold(self._scores, np.ascontiguousarray(self._mass(q, qpos, kpos, self.fold, keys), np.float32), kpos, qpos,
+             gamma, weight)
+
+    def _queue(self, job: Callable[..., T], q: np.ndarray, qpos: np.ndarray, kpos: np.ndarray, *args: object) -> Future[T]:
+        """Run ``job(q, qpos, kpos, *args)`` on the worker thread, after the jobs queued before it."""
+        done = _worker().submit(job, q, qpos, kpos, *args)
+        self._pending.append(done)
+        self._upto = max(self._upto, int(qpos.max(initial=-1)) + 1, int(kpos.max(initial=-1)) + 1)
+        return done
 
     def _wait(self) -> None:
-        """Finish the fold running on the worker thread (every reader of scores or keys waits for it)."""
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            pending.result()
+        """Finish the jobs on the worker thread (every reader of the scores waits for them, and so does any
+        kernel run here: Numba's thread pool takes one parallel kernel at a time)."""
+        pending, self._pending, self._upto = self._pending, [], 0
+        for done in pending:
+            done.result()
 
     @property
     def scores(self) -> np.ndarray:
@@ -451,7 +470,7 @@ class Importance:
         """Fill the mirror from KV rows copied out of the cache (a freeze or a read-back)."""
         if not self.mirror_keys:
             return
-        self._grow(int(pos.max()) + 1)  # waits for the fold: it reads the mirror
+        self._grow(int(pos.max()) + 1)
         miss = np.flatnonzero(~self.known[pos])
         if not len(miss):
             return
@@ -460,8 +479,9 @@ class Importance:
         self.known[pos[miss]] = True
 
     def ensure_keys(self, positions: np.ndarray) -> None:
-        """Read back the keys of these positions that the mirror lacks (decoded while not captured)."""
-        self._wait()
+        """Read back the keys of these positions that the mirror lacks (decoded while not captured). It need not
+        wait for the jobs: they read rows that were known when they were queued, and only unknown rows are
+        written (:meth:`on_copy`)."""
         missing = positions[~self.known[positions]]
         if len(missing):
             if self.fetch is None:
@@ -477,7 +497,8 @@ class Importance:
         """Per query head of the scored layers, the attention rows ``q`` give the mirrored keys at ``kpos``,
         summed over the rows: [L * H, len(kpos)]."""
         kpos = kpos.astype(np.int64)
-        self.ensure_keys(kpos)  # waits for the fold: one parallel kernel at a time
+        self._wait()
+        self.ensure_keys(kpos)
         return head_scores(q, qpos, self.mirror(), kpos, self.scale, self.parallel)
 
     def of(self, positions: np.ndarray) -> np.ndarray:
@@ -519,11 +540,26 @@ class Importance:
         """Attention mass [rows, len(kpos)] that queries ``q`` give the mirrored keys at ``kpos``, averaged over
         the scored layers (or those of ``layers``, indices into them) and heads."""
         kpos = kpos.astype(np.int64)
+        self._wait()
         self.ensure_keys(kpos)
         return self._mass(q, qpos, kpos, layers)
 
-    def _mass(self, q: np.ndarray, qpos: np.ndarray, kpos: np.ndarray, layers: tuple[int, ...] | None) -> np.ndarray:
+    def mass_job(self, q: np.ndarray, qpos: np.ndarray, kpos: np.ndarray,
+                 layers: tuple[int, ...] | None = None) -> Future[np.ndarray]:
+        """:meth:`mass`, on the worker thread after the fold when the tracker folds in the background (its result
+        is then ready a few decodes later), else here and now. The keys it needs are read back first, here."""
+        kpos = kpos.astype(np.int64)
+        if not self.background:
+            done: Future[np.ndarray] = Future()
+            done.set_result(self.mass(q, qpos, kpos, layers))
+            return done
+        self.ensure_keys(kpos)
+        return self._queue(self._mass, np.array(q), qpos.copy(), kpos, layers, self.mirror())
+
+    def _mass(self, q: np.ndarray, qpos: np.ndarray, kpos: np.ndarray, layers: tuple[int, ...] | None,
+              keys: np.ndarray | None = None) -> np.ndarray:
+        """``keys``: the mirror as a queued job found it (a later growth replaces the array, not the rows)."""
         picks = None
         if layers is not None and len(layers) < len(self.layers):
             q, picks = q[list(layers)], np.asarray(layers, np.int64)
-        return attention_mass(q, qpos, self.mirror(), kpos, self.scale, self.parallel, picks)
+        return attention_mass(q, qpos, self.mirror() if keys is None else keys, kpos, self.scale, self.parallel, picks)

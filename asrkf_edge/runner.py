@@ -227,7 +227,9 @@ class Runner:
 
     # saving and resuming
     def state(self) -> dict[str, Any]:
-        """Counters, the session (KV included), importance and the policy's runtime state."""
+        """Counters, the session (KV included), importance and the policy's runtime state (once the policy has
+        finished what it runs in the background, which may change the KV)."""
+        self.policy.finish(self)
         return {"step": self.step, "stale_logits": self.stale_logits, "policy_seconds": self.policy_seconds,
                 "observe_seconds": self.observe_seconds, "session": self.session.state(),
                 "importance": self._importance.state(self.session.n_logical) if self._importance else None,

@@ -2,12 +2,14 @@
 
 Usage: python benchmarks/kld_variants.py '[["follow", "asrkf-follow", 0.35, {}],
                                            ["again 10%", "asrkf-follow", 0.35, {"redecode_mass": 0.1}]]'
-       [--context 2000] [--tokens 128] [--text FILE] [--json out.json]
+       [--context 2000] [--tokens 128] [--text FILE] [--json out.json] [--gpu-mode]
 
 The loop is `asrkf-edge bench ppl`'s (prompt read in 256-token chunks, then each next token forced), with
 policies the CLI cannot configure. Per variant: mean KLD, decode tok/s and its ratio to full's in the same
 process, recoveries, how many tokens were decoded a second time, the runs of cells thaws wrote (llama.cpp: one
-copy per run, layer and K/V), thaw and freeze ms per token.
+copy per run, layer and K/V), thaw and freeze ms per token. ``--gpu-mode``: the policies' trackers run as when the layers are on a GPU
+(background fold and re-evaluation, split capture; benchmarks/gpu_mode_on_cpu.py), to see what that path changes in
+quality.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+
+from gpu_mode_on_cpu import gpu_mode
 
 from asrkf_edge import Engine
 from asrkf_edge.bench.suites import Forced, _text_tokens, forced_decode
@@ -35,7 +39,10 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--text", default=None, help="a text file instead of the ppl suite's text")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--gpu-mode", action="store_true")
     a = ap.parse_args()
+    if a.gpu_mode:
+        gpu_mode()
     with Engine.load(flash_attn=True) as eng:
         n = a.context + a.tokens
         toks = eng.tokenize(Path(a.text).read_text(), add_bos=False)[:n] if a.text else _text_tokens(eng, n)
@@ -56,7 +63,8 @@ def main() -> None:
                   f"upload runs {r['upload_runs']}, thaw {r['thaw_ms_per_token']:.1f} "
                   f"freeze {r['freeze_ms_per_token']:.1f} ms/token", flush=True)
     if a.json:
-        Path(a.json).write_text(json.dumps({"context": a.context, "tokens": a.tokens, "text": a.text, "rows": rows}, indent=1))
+        Path(a.json).write_text(json.dumps({"context": a.context, "tokens": a.tokens, "text": a.text,
+                                            "gpu_mode": a.gpu_mode, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +79,14 @@ def test_streaming_drops_and_asrkf_keeps_everything(tiny) -> None:
     assert dropped.active_tokens + dropped.dropped_tokens == dropped.logical_tokens
 
 
+def shares_job(active: np.ndarray, frozen: np.ndarray) -> Future:
+    """A finished re-evaluation job whose attention gives these uniform shares to the active and frozen tokens."""
+    shares = np.concatenate([active, frozen])
+    done: Future = Future()
+    done.set_result((shares / len(shares))[None, :])
+    return done
+
+
 def test_expired_tokens_are_judged_where_they_lie(tiny, monkeypatch) -> None:
     """Rolling re-evaluation: an expired frozen token the newest queries attend to (at the freeze bar, above
     the active tokens it would replace) comes back; one they ignore stays in the store, frozen again for
@@ -92,8 +102,9 @@ def test_expired_tokens_are_judged_where_they_lie(tiny, monkeypatch) -> None:
         ledger.until[frozen] = run.step + 1000
         ledger.until[np.concatenate([wanted, ignored])] = run.step  # their freeze runs out now
         counts = ledger.count[ignored].copy()
-        rel = lambda runner, a, f: (np.zeros(len(a)), np.where(np.isin(f, wanted), 2 * pol.threshold, 0.0))  # noqa: E731
-        monkeypatch.setattr(pol, "_relevance", rel)
+
+        rel = lambda runner, a, f: shares_job(np.zeros(len(a)), np.where(np.isin(f, wanted), 2 * pol.threshold, 0.0))  # noqa: E731
+        monkeypatch.setattr(pol, "_relevance_job", rel)
         thaws = sess.thaw_events
         pol.after_decode(run, sess.n_logical - 2, 2)
         assert not sess.store.is_frozen(wanted).any()
@@ -132,13 +143,13 @@ def test_a_full_cache_frees_whole_groups_of_cells(tiny) -> None:
 
 
 def test_the_background_fold_gives_the_inline_fold_s_scores_and_tokens(tiny) -> None:
-    """On a GPU the host attention of an observation runs on a worker thread while the next token decodes;
-    everything that reads scores or the mirror waits for it, so a generation is the same to the bit: the
-    tokens, the logits, the scores, what is frozen."""
+    """On a GPU the host attention of an observation runs on a worker thread while the next tokens decode;
+    everything that reads scores waits for it, so a generation is the same to the bit: the tokens, the logits,
+    the scores, what is frozen (re-evaluations, which land later in the background, are left out here)."""
     text = "the sky is blue and the grass is green " * 40
     seen = []
     for background in (False, True):
-        with Runner(tiny.model, AsrKf(min_cache=64), 160, flash_attn=True) as run:
+        with Runner(tiny.model, AsrKf(min_cache=64, reeval_every=10_000), 160, flash_attn=True) as run:
             imp, folds = run.importance, [0]
             imp.background = background
             inline = imp._fold_from_mirror
@@ -155,6 +166,66 @@ def test_the_background_fold_gives_the_inline_fold_s_scores_and_tokens(tiny) -> 
     assert n0 == 0 and n1 >= 10  # the worker folded every observation
     assert t0 == t1 and np.array_equal(l0, l1) and np.array_equal(s0, s1) and np.array_equal(f0, f1)
     assert len(f1) > 0
+
+
+def test_a_decode_of_new_positions_does_not_wait_for_the_background_work(tiny) -> None:
+    """Observing a new token leaves the queued work running (the fold has the decodes until the next reader
+    to finish, not one); reading a token again, whose keys or scores a job may use, waits for it, as does any
+    reader of the scores."""
+    text = "the sky is blue and the grass is green " * 40
+    with Runner(tiny.model, AsrKf(min_cache=64), 160, flash_attn=True) as run:
+        imp, sess = run.importance, run.session
+        imp.background = True
+        run.prefill(tiny.tokenize(text)[:400])
+        go = threading.Event()
+        held = lambda q, qpos, kpos: go.wait(10)  # noqa: E731
+        kpos = sess.active_positions()
+        job = imp._queue(held, np.zeros(1), np.array([run.n_logical - 1]), kpos)
+        sess.capture.enabled = False  # as on a decode step that is not observed
+        imp.observe(sess.cell_positions(), run.n_logical, 1)
+        assert not job.done()
+        threading.Timer(0.2, go.set).start()
+        imp.observe(sess.cell_positions(), run.n_logical - 1, 1, fold_scores=False)  # read again: waits
+        assert job.done() and job.result()
+        job = imp._queue(held, np.zeros(1), np.array([run.n_logical - 1]), kpos)
+        go.clear()
+        threading.Timer(0.2, go.set).start()
+        imp.of(kpos)
+        assert job.done() and job.result()
+
+
+def test_a_background_re_evaluation_lands_later_with_the_inline_judgement(tiny) -> None:
+    """With the layers on a GPU a decode step's re-evaluation queues its host attention on the worker thread and
+    lands ``reeval_lag`` steps later; its attention mass is the one the inline computation gives for the same
+    queries and keys."""
+    text = "the sky is blue and the grass is green " * 40
+    with Runner(tiny.model, AsrKf(min_cache=64, reeval_every=8, reeval_lag=4), 160, flash_attn=True) as run:
+        pol, imp = run.policy, run.importance
+        imp.background = True
+        queued, landed = [], []
+        job, judge = pol._relevance_job, pol._judge
+
+        def queue(ctx, act, cand):
+            done = job(ctx, act, cand)
+            q, qpos = imp.recent_queries(pol.relevance_rows)
+            queued.append((ctx.step, done, imp.mass(q, qpos, np.concatenate([act, cand]), imp.fold)))
+            return done
+
+        def land(ctx):
+            landed.append((ctx.step, pol._judging.at, pol._judging.job))
+            judge(ctx)
+
+        pol._relevance_job, pol._judge = queue, land
+        run.prefill(tiny.tokenize(text)[:400])
+        greedy(run, 40)
+    at = {id(j): (step, at) for step, at, j in landed}
+    delays = []
+    for step, done, inline in queued:
+        assert np.array_equal(done.result(), inline)
+        now, due = at[id(done)]
+        delays.append(now - step)  # a prompt chunk's lands at once, a decode step's at its due step
+        assert now - step == 0 or now == due == step + 4
+    assert 4 in delays and set(delays) <= {0, 4}, delays
 
 
 def test_policy_thaws_land_in_the_first_free_cells_and_explicit_thaws_go_home(tiny) -> None:
@@ -194,8 +265,8 @@ def test_an_expired_token_comes_back_only_where_it_beats_an_active_one(tiny, mon
         free = max(0, run.budget - len(sess.active_positions()))
         pol._ledger.until[frozen] = run.step  # every freeze runs out now
         for active_rel, most in ((10.0, free), (0.0, pol.recover_tokens)):
-            rel = lambda runner, a, f, v=active_rel: (np.full(len(a), v * pol.threshold), np.full(len(f), 2 * pol.threshold))  # noqa: E731
-            monkeypatch.setattr(pol, "_relevance", rel)
+            rel = lambda runner, a, f, v=active_rel: shares_job(np.full(len(a), v * pol.threshold), np.full(len(f), 2 * pol.threshold))  # noqa: E731
+            monkeypatch.setattr(pol, "_relevance_job", rel)
             before = sess.store.is_frozen(frozen)
             pol.after_decode(run, sess.n_logical - 2, 2)
             back = int((before & ~sess.store.is_frozen(frozen)).sum())

@@ -13,6 +13,7 @@ itself brings frozen context back: on an entropy spike whose query would put rea
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -27,6 +28,17 @@ from .schedule import Ledger, Schedule
 from .selection import Combine, choose, combine, pool, winners
 
 Trigger = Literal["none", "entropy", "mass", "entropy-mass"]
+
+
+@dataclass
+class _Judging:
+    """A re-evaluation under way: the attention mass being computed, what it judges, the step it lands at."""
+
+    job: Future[np.ndarray]
+    act: np.ndarray
+    cand: np.ndarray
+    due: np.ndarray
+    at: int
 
 
 @dataclass
@@ -45,6 +57,10 @@ class AsrKf(ScoringPolicy):
     every 32nd step gave mean KLD 0.0781 / 0.0464 against 0.0785 / 0.0443 at budget 0.35 / 0.5 on the bench's text
     and 0.0808 / 0.0316 against 0.0918 / 0.0321 on another (benchmarks/kld_variants.py, context 2000, 128 tokens).
     relevance_rows: newest query rows that judge expired tokens (8; 2 gave KLD 0.0794 / 0.0445 at 0.35 / 0.5).
+    reeval_lag: with the layers on a GPU, decode steps from a re-evaluation's queries to its landing, its host
+    attention computed beside the decodes in between. 8: on five licence texts (benchmarks/kld_variants.py
+    --gpu-mode --text ..., context 2000, 128 tokens, budget 0.35) mean KLD 0.0641 against 0.0649 computed at once,
+    0.0690 at 16 and 0.0687 at the next step: single texts moved by up to 0.02 either way, the mean did not.
     thaw_relevance: a frozen token the newest queries would give >= this x the uniform share comes back.
     entropy: spike rule. recover_tokens, recover_span: level-1 thaw size and neighbours taken with each
     relevant token. recover_recent: level-2 window. escalate_within: steps in which a new spike climbs
@@ -72,6 +88,7 @@ class AsrKf(ScoringPolicy):
     schedule: Schedule = field(default_factory=Schedule)
     reeval_every: int = 32
     relevance_rows: int = 8
+    reeval_lag: int = 8
     thaw_relevance: float = 4.0
     entropy: EntropyRule = field(default_factory=EntropyRule)
     recover_tokens: int = 64
@@ -100,12 +117,15 @@ class AsrKf(ScoringPolicy):
     _monitor: EntropyMonitor = field(init=False, repr=False)
     _bigrams: BigramIndex = field(init=False, repr=False)
     recoveries: list[Recovery] = field(init=False, repr=False)
+    _judging: _Judging | None = field(init=False, repr=False, default=None)
 
     def __post_init__(self) -> None:
         if not self.threshold > 0:
             raise ValueError(f"threshold must be positive, got {self.threshold}")
         if self.reeval_every < 1 or self.relevance_rows < 1 or self.window < 1 or self.pin < 0:
             raise ValueError("reeval_every, relevance_rows and window must be >= 1, pin >= 0")
+        if not 0 <= self.reeval_lag < self.reeval_every:
+            raise ValueError("reeval_lag must lie within 0..reeval_every - 1")
         if not 0 <= self.reread <= self.recent or self.page < 1 or self.pool < 1:
             raise ValueError("reread must lie within 0..recent; page and pool must be >= 1")
         self._ledger = Ledger(self.schedule)
@@ -179,8 +199,14 @@ class AsrKf(ScoringPolicy):
         against the i-th weakest active), at most ``recover_tokens`` per round; the rest stay frozen for longer
         (count + 1). Thawing every expired token above the freeze bar instead swapped thousands of tokens a
         round at 16k-32k (65 ms of freeze and 56 ms of thaw per decoded token on an H200) for no answer gained.
-        With ``relevance_thaw``, any frozen token the newest queries attend to strongly comes back too."""
+        With ``relevance_thaw``, any frozen token the newest queries attend to strongly comes back too.
+
+        When the tracker works in the background (layers on a GPU), a decode step's judgement lands ``reeval_lag``
+        steps after its queries were taken (0: at the next step), its host attention computed on the worker thread
+        meanwhile (23 ms a call at 32k on an H200's host, default shape, where a token took 4.8 ms)."""
         step = ctx.step
+        if self._judging is not None and (n > 1 or step >= self._judging.at):
+            self._judge(ctx)
         if (n == 1 and step % self.reeval_every) or ctx.n_logical < self.min_cache:
             return
         self._ledger.grow(ctx.n_logical)
@@ -189,21 +215,9 @@ class AsrKf(ScoringPolicy):
         cand = frozen if self.relevance_thaw else due
         if len(cand):
             act = ctx.active()
-            rel_act, rel = self._relevance(ctx, act, cand)
-            back = np.zeros(0, np.int64)
-            if self.relevance_thaw:
-                hot = rel >= self.thaw_relevance
-                back = self._around(cand[hot][np.argsort(-rel[hot], kind="stable")], cand, self._thaw_cap(ctx))
-                self._thaw(ctx, back, self.pin)
-            is_due = np.isin(cand, due) & ~np.isin(cand, back)
-            order = np.flatnonzero(is_due)[np.argsort(-rel[is_due], kind="stable")][: self.recover_tokens]
-            movable = ~ctx.protected(act) & ~self._ledger.is_pinned(act, step)
-            above = int((rel[order] >= self.threshold).sum())  # a prefix: ``order`` is best first
-            up = order[: min(above, winners(rel[order], np.sort(rel_act[movable]), ctx.budget - len(act)))]
-            stay = np.ones(len(cand), bool)
-            stay[up] = False
-            self._ledger.frozen(cand[is_due & stay], step)
-            self._thaw(ctx, cand[up], 0, redecode=False)
+            self._judging = _Judging(self._relevance_job(ctx, act, cand), act, cand, due, step + self.reeval_lag)
+            if n > 1 or not ctx.importance.background:
+                self._judge(ctx)
         if self.fill:
             return  # freeze only when the budget needs the room: cells left empty buy nothing
         act = ctx.active()
@@ -213,6 +227,37 @@ class AsrKf(ScoringPolicy):
         if len(low):
             ctx.freeze(low)
             self._ledger.frozen(low, step)
+
+
+    def finish(self, ctx: PolicyContext) -> None:
+        if self._judging is not None:
+            self._judge(ctx)
+
+    def _judge(self, ctx: PolicyContext) -> None:
+        """Apply the pending re-evaluation to the tokens it judged that are still where they were."""
+        j, self._judging = self._judging, None
+        assert j is not None
+        rel_act, rel = self._shares(j.job.result(), len(j.act))
+        act_now = ctx.active()
+        still = np.isin(j.act, act_now)
+        act, rel_act = j.act[still], rel_act[still]
+        still = np.isin(j.cand, ctx.frozen())
+        cand, rel = j.cand[still], rel[still]
+        step = ctx.step
+        back = np.zeros(0, np.int64)
+        if self.relevance_thaw:
+            hot = rel >= self.thaw_relevance
+            back = self._around(cand[hot][np.argsort(-rel[hot], kind="stable")], cand, self._thaw_cap(ctx))
+            self._thaw(ctx, back, self.pin)
+        is_due = np.isin(cand, j.due) & ~np.isin(cand, back)
+        order = np.flatnonzero(is_due)[np.argsort(-rel[is_due], kind="stable")][: self.recover_tokens]
+        movable = ~ctx.protected(act) & ~self._ledger.is_pinned(act, step)
+        above = int((rel[order] >= self.threshold).sum())  # a prefix: ``order`` is best first
+        up = order[: min(above, winners(rel[order], np.sort(rel_act[movable]), ctx.budget - len(act_now)))]
+        stay = np.ones(len(cand), bool)
+        stay[up] = False
+        self._ledger.frozen(cand[is_due & stay], step)
+        self._thaw(ctx, cand[up], 0, redecode=False)
 
     # recovery during generation
     def after_logits(self, ctx: PolicyContext) -> None:
@@ -344,11 +389,19 @@ class AsrKf(ScoringPolicy):
     def _relevance(self, ctx: PolicyContext, act: np.ndarray, frozen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Most attention any of the newest queries would give each active and each frozen token, in uniform
         shares, normalised jointly (keys from the mirror; the decayed score's layers)."""
+        return self._shares(self._relevance_job(ctx, act, frozen).result(), len(act))
+
+    def _relevance_job(self, ctx: PolicyContext, act: np.ndarray, frozen: np.ndarray) -> Future[np.ndarray]:
+        """The attention mass behind :meth:`_relevance`, computed in the background where the tracker does."""
         imp = ctx.importance
         q, qpos = imp.recent_queries(self.relevance_rows)
-        kpos = np.concatenate([act, frozen])
-        mass = imp.mass(q, qpos, kpos, imp.fold).max(axis=0) * len(kpos)
-        return mass[: len(act)], mass[len(act) :]
+        return imp.mass_job(q, qpos, np.concatenate([act, frozen]), imp.fold)
+
+    @staticmethod
+    def _shares(mass: np.ndarray, n_act: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per key, the most any query row gives it, in uniform shares: the first ``n_act`` keys', the rest's."""
+        most = mass.max(axis=0) * mass.shape[1]
+        return most[:n_act], most[n_act:]
 
     def _around(self, ranked: np.ndarray, frozen: np.ndarray, limit: int) -> np.ndarray:
         """Frozen ranges of ``recover_span`` tokens each side of the best-ranked positions, at most ``limit``

@@ -142,6 +142,9 @@ class Policy:
     def on_evict(self, ctx: PolicyContext, positions: np.ndarray) -> None:
         """Called with the positions about to leave the cache because it is full."""
 
+    def finish(self, ctx: PolicyContext) -> None:
+        """Complete what the policy left running in the background (before its runner's state is saved)."""
+
     def config(self) -> dict[str, Any]:
         """The settings (init fields) as JSON values: nested dataclasses as dicts, tuples as lists."""
         out: dict[str, Any] = {}
