@@ -174,15 +174,39 @@ def _head_softmax(q: np.ndarray, qpos: np.ndarray, keys: np.ndarray, kpos: np.nd
         for j in range(n):
             if kpos[j] <= qpos[r] and logit[i, j] > top:
                 top = logit[i, j]
+        exp_shifted(logit[i], top)
         total = np.float32(0.0)
         for j in range(n):
-            x = np.exp(logit[i, j] - top) if kpos[j] <= qpos[r] else np.float32(0.0)
-            logit[i, j] = x
-            total += x
+            if kpos[j] > qpos[r]:
+                logit[i, j] = np.float32(0.0)
+            total += logit[i, j]
         inv = np.float32(1.0) / total
         for j in range(n):
             logit[i, j] *= inv
     return logit
+
+
+_LOG2E, _LN2_HI, _LN2_LO = np.float32(1.44269504), np.float32(0.693359375), np.float32(-2.12194440e-4)
+_EXP_POLY = tuple(np.float32(c) for c in (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2,
+                                          1.6666665459e-1, 5.0000001201e-1))
+
+
+@numba.njit(**{**_JIT, "fastmath": {"contract"}})
+def exp_shifted(x: np.ndarray, shift: np.float32) -> None:
+    """``x <- exp(x - shift)`` in place, for ``x <= shift`` (a softmax row less its top): Cephes' expf, reduced by
+    multiples of ln 2 and a degree-6 polynomial, with neither a call nor a branch per element, so that LLVM
+    vectorizes it. libm's expf, a call per element, took 8.7 of a re-evaluation's ~25 ms (8 query rows, 8,000
+    keys of the default model; this 2-core EPYC), this loop 0.8. Within 2e-7 relative of float64 exp down to an
+    exponent of -87; below it gives 2**-125.5 or so where exp gives less (a share of 1e-38 in a sum of at least 1)."""
+    c5, c4, c3, c2, c1, c0 = _EXP_POLY
+    bits = x.view(np.int32)
+    for j in range(x.shape[0]):
+        v = max(x[j] - shift, np.float32(-87.0))
+        k = np.floor(v * _LOG2E + np.float32(0.5))
+        r = v - k * _LN2_HI - k * _LN2_LO
+        p = ((((c5 * r + c4) * r + c3) * r + c2) * r + c1) * r + c0
+        x[j] = p * r * r + r + np.float32(1.0)
+        bits[j] += np.int32(k) << np.int32(23)  # times 2**k: k added to the exponent
 
 
 def _softmax_reference(q: np.ndarray, qpos: np.ndarray, keys: np.ndarray, kpos: np.ndarray, scale: float) -> np.ndarray:
