@@ -52,11 +52,12 @@ class AsrKf(ScoringPolicy):
     threshold: freeze when decayed attention < threshold x the uniform share 1/logical tokens (a fixed bar:
     measured against the active count it would rise as tokens leave, and freeze nearly everything).
     schedule: freeze duration law (base x sqrt(count) decode steps).
-    reeval_every: decode steps between re-evaluations. 32: at 16 the re-evaluation's host attention (8 query rows
-    over every active and expired key) cost 1.3 ms a token at 32k on an H200 (default shape, 23 ms a call), and
-    every 32nd step gave mean KLD 0.0781 / 0.0464 against 0.0785 / 0.0443 at budget 0.35 / 0.5 on the bench's text
-    and 0.0808 / 0.0316 against 0.0918 / 0.0321 on another (benchmarks/kld_variants.py, context 2000, 128 tokens).
-    relevance_rows: newest query rows that judge expired tokens (8; 2 gave KLD 0.0794 / 0.0445 at 0.35 / 0.5).
+    reeval_every: decode steps between re-evaluations. 64: the re-evaluation's host attention (8 query rows over
+    every active and expired key) cost 23 ms a call at 32k on an H200's host (default shape) and 14-18 ms at 8k on
+    2 CPU cores; mean KLD over six texts (the bench's and five licences; benchmarks/kld_variants.py [--text ...],
+    context 2000, 128 tokens) 0.0673 / 0.0348 at budget 0.35 / 0.5 against 0.0671 / 0.0352 every 32nd step (every
+    16th, on two texts: no better than 32nd).
+    relevance_rows: newest query rows that judge expired tokens (8; 2 gave mean KLD 0.0694 / 0.0380 over the six).
     reeval_lag: with the layers on a GPU, decode steps from a re-evaluation's queries to its landing, its host
     attention computed beside the decodes in between. 8: on five licence texts (benchmarks/kld_variants.py
     --gpu-mode --text ..., context 2000, 128 tokens, budget 0.35) mean KLD 0.0641 against 0.0649 computed at once,
@@ -86,7 +87,7 @@ class AsrKf(ScoringPolicy):
     budget: float | None = 0.4
     threshold: float = 0.5
     schedule: Schedule = field(default_factory=Schedule)
-    reeval_every: int = 32
+    reeval_every: int = 64
     relevance_rows: int = 8
     reeval_lag: int = 8
     thaw_relevance: float = 4.0
