@@ -229,7 +229,6 @@ class AsrKf(ScoringPolicy):
             ctx.freeze(low)
             self._ledger.frozen(low, step)
 
-
     def finish(self, ctx: PolicyContext) -> None:
         if self._judging is not None:
             self._judge(ctx)
