@@ -65,6 +65,8 @@ def test_budget_is_a_fraction_of_the_prompt_or_a_token_count() -> None:
         make_policy("lru")
     with pytest.raises(ValueError, match="threshold"):
         AsrKf(threshold=0)
+    with pytest.raises(ValueError, match="reeval_lag"):
+        AsrKf(reeval_lag=64)  # it would land after the next re-evaluation is taken
 
 
 def test_streaming_drops_and_asrkf_keeps_everything(tiny) -> None:
