@@ -7,9 +7,9 @@ Usage: python benchmarks/kld_variants.py '[["follow", "asrkf-follow", 0.35, {}],
 The loop is `asrkf-edge bench ppl`'s (prompt read in 256-token chunks, then each next token forced), with
 policies the CLI cannot configure. Per variant: mean KLD, decode tok/s and its ratio to full's in the same
 process, recoveries, how many tokens were decoded a second time, the runs of cells thaws wrote (llama.cpp: one
-copy per run, layer and K/V), thaw and freeze ms per token. ``--gpu-mode``: the policies' trackers run as when the layers are on a GPU
-(background fold and re-evaluation, split capture; benchmarks/gpu_mode_on_cpu.py), to see what that path changes in
-quality.
+copy per run, layer and K/V), thaw and freeze ms per token. ``--gpu-mode``: the policies' trackers run as when
+the layers are on a GPU (background fold and re-evaluation, split capture; benchmarks/gpu_mode_on_cpu.py), to see
+what that path changes in quality.
 """
 
 from __future__ import annotations

@@ -104,7 +104,6 @@ def test_expired_tokens_are_judged_where_they_lie(tiny, monkeypatch) -> None:
         ledger.until[frozen] = run.step + 1000
         ledger.until[np.concatenate([wanted, ignored])] = run.step  # their freeze runs out now
         counts = ledger.count[ignored].copy()
-
         rel = lambda runner, a, f: shares_job(np.zeros(len(a)), np.where(np.isin(f, wanted), 2 * pol.threshold, 0.0))  # noqa: E731
         monkeypatch.setattr(pol, "_relevance_job", rel)
         thaws = sess.thaw_events
