@@ -9,6 +9,7 @@ the captured post-RoPE queries and a mirror of the keys (the same f16 rows the c
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import cache
@@ -41,36 +42,74 @@ def attention_mass(q: np.ndarray, qpos: np.ndarray, keys: np.ndarray, kpos: np.n
     ``parallel`` spreads (layer, KV head) pairs over Numba's threads: worth it only when llama.cpp's own
     threads are idle (layers on a GPU); on a CPU backend the two thread pools fight and serial is faster.
     """
-    args = (np.ascontiguousarray(q, np.float32), qpos, keys, kpos, np.float32(scale), _key_layers(q, layers))
-    return _mass_parallel(*args) if parallel else _mass_serial(*args)
+    q, lay = np.ascontiguousarray(q, np.float32), _key_layers(q, layers)
+    m, n = (q.shape[2] // keys.shape[2]) * q.shape[1], len(kpos)
+    if not parallel:
+        return _mass_serial(q, qpos, keys, kpos, np.float32(scale), lay, _workspace(m * n))
+    g = _groups(len(lay) * keys.shape[2])
+    return _mass_parallel(q, qpos, keys, kpos, np.float32(scale), lay, _workspace(g * (m + q.shape[1]) * n), g)
 
 
 def _key_layers(q: np.ndarray, layers: np.ndarray | None) -> np.ndarray:
     return np.arange(q.shape[0], dtype=np.int64) if layers is None else np.asarray(layers, np.int64)
 
 
+def _groups(tasks: int) -> int:
+    """Groups the parallel kernels split their (layer, KV head) tasks into: one per Numba thread."""
+    return max(1, min(tasks, numba.get_num_threads()))
+
+
+_WORK = threading.local()
+_WORK_KEPT = 128 << 20  # bytes of scratch a thread keeps between calls; a larger need is met once and let go
+
+
+def _workspace(size: int) -> np.ndarray:
+    """Float32 scratch of ``size`` elements, the calling thread's own and reused from call to call. The kernels took
+    fresh arrays per call and per (layer, KV head) task, each a run of first-touch page faults (the seventh session
+    saw such faults double a decode on an H200's host): the parallel re-evaluation (8 rows, 32k keys, default
+    shape) took 1,980 minor faults a call, the 8B shape's at 16k 680; now none (benchmarks/scoring_speed.py's shapes,
+    2-core EPYC)."""
+    if size * 4 > _WORK_KEPT:
+        return np.empty(size, np.float32)
+    buf = getattr(_WORK, "buf", None)
+    if buf is None or len(buf) < size:
+        buf = _WORK.buf = np.empty(max(size, 2 * (0 if buf is None else len(buf))), np.float32)
+    return buf
+
+
 @numba.njit(**_JIT)
 def _mass_serial(q: np.ndarray, qpos: np.ndarray, keys: np.ndarray, kpos: np.ndarray, scale: np.float32,
-                 layers: np.ndarray) -> np.ndarray:
+                 layers: np.ndarray, work: np.ndarray) -> np.ndarray:
     n_l, n_kv, n_r = q.shape[0], keys.shape[2], q.shape[1]
     out = np.zeros((n_r, len(kpos)), np.float32)
     for t in range(n_l * n_kv):
-        p = _head_softmax(q, qpos, keys, kpos, scale, t // n_kv, layers[t // n_kv], t % n_kv)
+        p = _head_softmax(q, qpos, keys, kpos, scale, t // n_kv, layers[t // n_kv], t % n_kv, work)
         for i in range(p.shape[0]):
             out[i % n_r] += p[i]
-    return out / (n_l * q.shape[2])
+    out /= n_l * q.shape[2]
+    return out
 
 
 @numba.njit(parallel=True, **_JIT)
 def _mass_parallel(q: np.ndarray, qpos: np.ndarray, keys: np.ndarray, kpos: np.ndarray, scale: np.float32,
-                   layers: np.ndarray) -> np.ndarray:
-    n_l, n_kv, n_r = q.shape[0], keys.shape[2], q.shape[1]
-    parts = np.zeros((n_l * n_kv, n_r, len(kpos)), np.float32)
-    for t in numba.prange(n_l * n_kv):
-        p = _head_softmax(q, qpos, keys, kpos, scale, t // n_kv, layers[t // n_kv], t % n_kv)
-        for i in range(p.shape[0]):
-            parts[t, i % n_r] += p[i]
-    return parts.sum(axis=0) / (n_l * q.shape[2])
+                   layers: np.ndarray, work: np.ndarray, groups: int) -> np.ndarray:
+    """Group g takes tasks g, g + groups, ... in its own slice of ``work``: softmax rows, then its partial sum."""
+    n_l, n_kv, n_r, n = q.shape[0], keys.shape[2], q.shape[1], len(kpos)
+    m = (q.shape[2] // n_kv) * n_r
+    span = (m + n_r) * n
+    for g in numba.prange(groups):
+        mine = work[g * span : (g + 1) * span]
+        part = mine[m * n :].reshape((n_r, n))
+        part[:] = 0.0
+        for t in range(g, n_l * n_kv, groups):
+            p = _head_softmax(q, qpos, keys, kpos, scale, t // n_kv, layers[t // n_kv], t % n_kv, mine)
+            for i in range(p.shape[0]):
+                part[i % n_r] += p[i]
+    out = np.zeros((n_r, n), np.float32)
+    for g in range(groups):
+        out += work[g * span + m * n : (g + 1) * span].reshape((n_r, n))
+    out /= n_l * q.shape[2]
+    return out
 
 
 def head_scores(q: np.ndarray, qpos: np.ndarray, keys: np.ndarray, kpos: np.ndarray, scale: float,
@@ -80,29 +119,36 @@ def head_scores(q: np.ndarray, qpos: np.ndarray, keys: np.ndarray, kpos: np.ndar
     The observation-window score of SnapKV, kept per head so that heads can be pooled and combined as a
     policy chooses. Arguments as for :func:`attention_mass`.
     """
-    args = (np.ascontiguousarray(q, np.float32), qpos, keys, kpos, np.float32(scale), _key_layers(q, None))
-    return _heads_parallel(*args) if parallel else _heads_serial(*args)
+    q, lay = np.ascontiguousarray(q, np.float32), _key_layers(q, None)
+    m, n = (q.shape[2] // keys.shape[2]) * q.shape[1], len(kpos)
+    if not parallel:
+        return _heads_serial(q, qpos, keys, kpos, np.float32(scale), lay, _workspace(m * n))
+    g = _groups(len(lay) * keys.shape[2])
+    return _heads_parallel(q, qpos, keys, kpos, np.float32(scale), lay, _workspace(g * m * n), g)
 
 
 @numba.njit(**_JIT)
 def _heads_serial(q: np.ndarray, qpos: np.ndarray, keys: np.ndarray, kpos: np.ndarray, scale: np.float32,
-                  layers: np.ndarray) -> np.ndarray:
+                  layers: np.ndarray, work: np.ndarray) -> np.ndarray:
     n_l, n_kv, n_r, n_h = q.shape[0], keys.shape[2], q.shape[1], q.shape[2]
     out = np.zeros((n_l * n_h, len(kpos)), np.float32)
     for t in range(n_l * n_kv):
-        p = _head_softmax(q, qpos, keys, kpos, scale, t // n_kv, layers[t // n_kv], t % n_kv)
+        p = _head_softmax(q, qpos, keys, kpos, scale, t // n_kv, layers[t // n_kv], t % n_kv, work)
         _sum_rows(p, (t // n_kv) * n_h + (t % n_kv) * (n_h // n_kv), n_r, out)
     return out
 
 
 @numba.njit(parallel=True, **_JIT)
 def _heads_parallel(q: np.ndarray, qpos: np.ndarray, keys: np.ndarray, kpos: np.ndarray, scale: np.float32,
-                    layers: np.ndarray) -> np.ndarray:
+                    layers: np.ndarray, work: np.ndarray, groups: int) -> np.ndarray:
     n_l, n_kv, n_r, n_h = q.shape[0], keys.shape[2], q.shape[1], q.shape[2]
+    span = (n_h // n_kv) * n_r * len(kpos)
     out = np.zeros((n_l * n_h, len(kpos)), np.float32)
-    for t in numba.prange(n_l * n_kv):  # each (layer, KV head) writes its own rows of ``out``
-        p = _head_softmax(q, qpos, keys, kpos, scale, t // n_kv, layers[t // n_kv], t % n_kv)
-        _sum_rows(p, (t // n_kv) * n_h + (t % n_kv) * (n_h // n_kv), n_r, out)
+    for g in numba.prange(groups):  # each (layer, KV head) writes its own rows of ``out``
+        for t in range(g, n_l * n_kv, groups):
+            p = _head_softmax(q, qpos, keys, kpos, scale, t // n_kv, layers[t // n_kv], t % n_kv,
+                              work[g * span : (g + 1) * span])
+            _sum_rows(p, (t // n_kv) * n_h + (t % n_kv) * (n_h // n_kv), n_r, out)
     return out
 
 
@@ -143,12 +189,13 @@ def f16_to_f32(keys: np.ndarray, layer: int, kpos: np.ndarray, kh: int, bits: np
 # reassociation lets LLVM vectorize the dot products (the NumPy twin agrees to ~1e-9)
 @numba.njit(**{**_JIT, "fastmath": {"reassoc", "contract"}})
 def _head_softmax(q: np.ndarray, qpos: np.ndarray, keys: np.ndarray, kpos: np.ndarray, scale: np.float32,
-                  layer: int, key_layer: int, kh: int) -> np.ndarray:
+                  layer: int, key_layer: int, kh: int, work: np.ndarray) -> np.ndarray:
     """Causal softmax of one layer's KV head's ``group`` query heads (query layer ``layer``, key layer
     ``key_layer``) over the keys: [group * R, N], row ``g * R + r`` for query head ``kh * group + g`` and query
-    row ``r``. Each key row is decoded once, ``_KEY_BLOCK`` rows at a time into a buffer that stays in L1: decoded
-    all at once, the keys of one head took a fresh N x d float32 array (8 MB at 16k keys of 128), written and read
-    back from memory, in every one of the (layer, KV head) tasks."""
+    row ``r``, written into the front of ``work`` (the caller's scratch, at least group * R * N). Each key row is
+    decoded once, ``_KEY_BLOCK`` rows at a time into a buffer that stays in L1: decoded all at once, the keys of one
+    head took a fresh N x d float32 array (8 MB at 16k keys of 128), written and read back from memory, in every
+    one of the (layer, KV head) tasks."""
     n_r, n_h, d = q.shape[1], q.shape[2], q.shape[3]
     group = n_h // keys.shape[2]
     n, m = len(kpos), group * n_r
@@ -158,7 +205,7 @@ def _head_softmax(q: np.ndarray, qpos: np.ndarray, keys: np.ndarray, kpos: np.nd
             qs[i, e] = q[layer, i % n_r, kh * group + i // n_r, e] * scale
     bits = np.empty((_KEY_BLOCK, d), np.uint32)
     k = bits.view(np.float32)
-    logit = np.empty((m, n), np.float32)
+    logit = work[: m * n].reshape((m, n))
     for j0 in range(0, n, _KEY_BLOCK):
         nb = min(_KEY_BLOCK, n - j0)
         f16_to_f32(keys, key_layer, kpos[j0 : j0 + nb], kh, bits[:nb])

@@ -29,6 +29,22 @@ from asrkf_edge.session import Session
 TEXT = "The grass is green. The sky is blue. The pass key is 4242. Remember it. Here we go, there and back again. "
 
 
+def test_kernels_reuse_their_scratch_without_touching_earlier_results() -> None:
+    """The kernels write softmax rows into a per-thread scratch kept between calls: a result handed out must not
+    change when the next call (smaller or larger, serial or parallel) reuses that scratch."""
+    rng = np.random.default_rng(2)
+    keys = rng.standard_normal((2, 400, 2, 16)).astype(np.float16).view(np.uint16)
+    calls = [(rng.standard_normal((2, r, 4, 16)).astype(np.float32), np.arange(n, dtype=np.int64))
+             for r, n in ((3, 390), (1, 50), (6, 400))]
+    for parallel in (False, True):
+        got = [(attention_mass(q, np.full(len(q[0]), 399), keys, kpos, 0.25, parallel),
+                head_scores(q, np.full(len(q[0]), 399), keys, kpos, 0.25, parallel)) for q, kpos in calls]
+        for (q, kpos), (mass, heads) in zip(calls, got, strict=True):
+            qpos = np.full(len(q[0]), 399)
+            assert np.abs(mass - attention_mass_reference(q, qpos, keys, kpos, 0.25)).max() < 1e-5
+            assert np.abs(heads - head_scores_reference(q, qpos, keys, kpos, 0.25)).max() < 1e-5
+
+
 def test_kernels_match_numpy_references() -> None:
     rng = np.random.default_rng(1)
     q = rng.standard_normal((3, 5, 6, 16)).astype(np.float32)
