@@ -6,11 +6,11 @@ from . import asrkf, dropping, oracle, quantized  # noqa: F401  (registration or
 from .asrkf import AsrKf, AsrKfFollow, AsrKfQ8
 from .base import Full, Policy, PolicyContext, ScoringPolicy, default_layers, make_policy, policy_class, policy_names
 from .dropping import H2O, ContextShift, Streaming
-from .oracle import Oracle
+from .oracle import Oracle, OracleNext
 from .quantized import Q4Cache, Q8Cache
 from .recovery import EntropyRule, Recovery
 from .schedule import Schedule
 
-__all__ = ["H2O", "AsrKf", "AsrKfFollow", "AsrKfQ8", "ContextShift", "EntropyRule", "Full", "Oracle", "Policy", "PolicyContext",
-           "Q4Cache", "Q8Cache", "Recovery", "Schedule", "ScoringPolicy", "Streaming", "default_layers", "make_policy", "policy_class",
-           "policy_names"]
+__all__ = ["H2O", "AsrKf", "AsrKfFollow", "AsrKfQ8", "ContextShift", "EntropyRule", "Full", "Oracle", "OracleNext", "Policy",
+           "PolicyContext", "Q4Cache", "Q8Cache", "Recovery", "Schedule", "ScoringPolicy", "Streaming", "default_layers", "make_policy",
+           "policy_class", "policy_names"]

@@ -1,7 +1,9 @@
-"""The bench's ceiling for any selection shared by every layer: at every step, the exact attention of the
-current query over all logical tokens (every layer's mirrored keys) picks the active set, and the token is
-decoded again with it. Too slow for use (a selection and a re-decode per token); it says how much of a miss
-is the selection and how much the budget."""
+"""The bench's ceilings for any selection shared by every layer: at every step, the exact attention of a query
+over all logical tokens (every layer's mirrored keys) picks the active set. ``oracle`` picks it for the current
+token's own query and decodes the token again with it; ``oracle-next`` picks it with the current query for the
+token that comes next and never decodes twice: the most a policy can get without a second decode. Too slow for
+use (a selection, and for ``oracle`` a re-decode, per token); they say how much of a miss is the selection, how
+much the budget and how much the lag of a query behind the token it chooses for."""
 
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ class Oracle(AsrKf):
 
     name: ClassVar[str] = "oracle"
     bench_only: ClassVar[bool] = True
+    again: ClassVar[bool] = True  # decode the token again with the set chosen for it
 
     obs_window: int = 1
     observe_every: int = 1
@@ -37,7 +40,8 @@ class Oracle(AsrKf):
             super().after_decode(ctx, pos0, n)
 
     def after_logits(self, ctx: PolicyContext) -> None:
-        """Select for the current query, and decode the token again if the set changed (no recovery needed)."""
+        """Select by the current query; decode the token again if the set changed (``again``), or leave the set
+        for the next token."""
         imp = ctx.importance
         q, qpos = imp.recent_queries(1)
         n = ctx.n_logical
@@ -50,4 +54,13 @@ class Oracle(AsrKf):
             ctx.freeze(out)
         if len(back):
             ctx.thaw(back, redecode=False)
-            ctx.reread(1)
+            if self.again:
+                ctx.reread(1)
+
+
+@dataclass
+class OracleNext(Oracle):
+    """The oracle one step late: the current query picks the set the next token is decoded with."""
+
+    name: ClassVar[str] = "oracle-next"
+    again: ClassVar[bool] = False
