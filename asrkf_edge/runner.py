@@ -54,9 +54,17 @@ class Runner:
         self._quiet = False  # re-reading at the policy's request: its after_decode is not called
         self.policy_seconds = 0.0  # in the policy's hooks and evictions, freezes and thaws included
         self.observe_seconds = 0.0  # folding captured attention into importance
-        self._importance: Importance | None = None
+        self._prompt_from: int | None = None  # logical tokens before the prompt being read
         quantized = policy.cache_type != GGML_F16
-        flash_attn = flash_attn or quantized  # llama.cpp refuses a quantized V cache without flash attention
+        # llama.cpp refuses a quantized V cache without flash attention
+        self._args = (model, cells, flash_attn or quantized, n_batch, store_dir)
+        self._start()
+
+    def _start(self) -> None:
+        """A fresh session and importance tracker for the policy: at the start, and for a prompt read again."""
+        model, cells, flash_attn, n_batch, store_dir = self._args
+        policy = self.policy
+        self._importance: Importance | None = None
         if policy.attention is not None or policy.reversible:
             layers = policy.capture_layers(model.n_layer)
             self._importance = Importance(model, layers, policy.window, flash_attn, decay=policy.attention == "ema",
@@ -88,16 +96,31 @@ class Runner:
     def prefill(self, tokens: Sequence[int], final: bool = True) -> None:
         """Read the prompt (in chunks, evicting as the policy says); logits of its last token are ready.
 
-        ``final=False``: more of the same prompt follows (the policy's end-of-prompt step waits for it)."""
-        if self._importance is not None:  # room for the prompt and a reply (growing a 30-layer mirror copies it)
-            self._importance.reserve(self.session.n_logical + len(tokens) + 1024)
+        ``final=False``: more of the same prompt follows (the policy's end-of-prompt step waits for it). A prompt
+        read into an empty session is read a second time, from a fresh session, when the policy asks for it
+        (:meth:`~asrkf_edge.policies.Policy.read_again`)."""
+        if self._prompt_from is None:
+            self._prompt_from = self.session.n_logical
+        self._reserve(len(tokens))
         self.session.eval(tokens)
         if not final:
             return
+        fresh, self._prompt_from = self._prompt_from == 0, None
+        if fresh and self.policy.read_again(self):
+            first, prompt = self.session, list(self.session.tokens)
+            first.close()
+            self._start()
+            self.session.add_counts(first)
+            self._reserve(len(prompt))
+            self.session.eval(prompt)
         t0 = time.perf_counter()
         self.policy.after_prompt(self)
         self.policy_seconds += time.perf_counter() - t0
         self._settle()
+
+    def _reserve(self, n: int) -> None:
+        if self._importance is not None:  # room for the prompt and a reply (growing a 30-layer mirror copies it)
+            self._importance.reserve(self.session.n_logical + n + 1024)
 
     def decode(self, token: int) -> None:
         """Append one generated token; logits of the next one are ready."""

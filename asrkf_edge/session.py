@@ -207,6 +207,17 @@ class Session:
             upload_runs=self.upload_runs,
         )
 
+    def add_counts(self, other: Session) -> None:
+        """Count ``other``'s copies and decodes as this session's (a prompt read again into a fresh session)."""
+        self.freeze_events += other.freeze_events
+        self.thaw_events += other.thaw_events
+        self.upload_runs += other.upload_runs
+        self.freeze_seconds += other.freeze_seconds
+        self.thaw_seconds += other.thaw_seconds
+        self.active_peak = max(self.active_peak, other.active_peak)
+        self._active_sum += other._active_sum
+        self._decodes += other._decodes
+
     # llama.cpp memory calls, each with its cell-map update
     def _decode(self, chunk: list[int], pos0: int, all_logits: bool) -> None:
         self.ctx.decode(chunk, pos0, all_logits=all_logits)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from scoring import greedy
 
+from asrkf_edge import Engine
 from asrkf_edge.bench.tasks import needle, needle_multiturn, passkey
 from asrkf_edge.generate import generate_step
 from asrkf_edge.llama import Sampler
@@ -508,6 +509,21 @@ def test_the_question_turn_reselects_what_it_needs(real) -> None:
     token, frozen ones included, by the question's own attention."""
     assert "silver heron" not in _follow_up(real, AsrKf(question=False)).lower()
     assert "silver heron" in _follow_up(real, AsrKf()).lower()
+
+
+@pytest.mark.real
+def test_reading_the_prompt_twice_keeps_what_its_question_needs(real) -> None:
+    """The bench's 1k needle case 4 (flash attention on, as the bench runs): asrkf, reading the prompt once under
+    a 0.35 budget, names the wrong thing; asrkf-twice reads it again keeping the tokens the first read's question
+    chose, so the text after the fact is computed with the fact in view, and answers."""
+    eng = Engine(real.model, flash_attn=True)
+    case = needle(eng, 1000, 0.5, 4)
+    once = eng.generate(case.prompt, 24, policy="asrkf", budget=0.35, chat=False)
+    twice = eng.generate(case.prompt, 24, policy="asrkf-twice", budget=0.35, chat=False)
+    assert not case.correct(once.text) and case.correct(twice.text)
+    st = twice.stats.kv
+    assert st.frozen_tokens > 0 and st.active_tokens_peak <= st.budget_tokens  # the second read kept to the budget
+    assert st.active_tokens + st.frozen_tokens == st.logical_tokens == twice.stats.prompt_tokens + twice.stats.generated_tokens
 
 
 @pytest.mark.real

@@ -130,6 +130,11 @@ class Policy:
     def after_decode(self, ctx: PolicyContext, pos0: int, n: int) -> None:
         """Called after every decode (prefill chunks included), attention already folded in."""
 
+    def read_again(self, ctx: PolicyContext) -> bool:
+        """Called when a prompt read into an empty session is complete, before :meth:`after_prompt`: True has the
+        runner read it again into a fresh session (the policy keeps what it learned from this read)."""
+        return False
+
     def after_prompt(self, ctx: PolicyContext) -> None:
         """Called when a whole prompt (or a chat turn's new text) has been read, before its logits are used."""
 
