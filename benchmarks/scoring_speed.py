@@ -5,12 +5,14 @@ Usage: python benchmarks/scoring_speed.py [--keys 2800] [--positions 8000] [--ro
 Shapes: the default model (30 layers, 3 KV heads of 64, 9 query heads) and LLaMA-3-8B (32 layers, 8 KV heads of
 128, 32 query heads), 8 of the layers scored as asrkf folds them, 1 query row (``observe``, the follow check)
 and 8 rows (the rolling re-evaluation). Prints the best of ``--rounds`` rounds of ``--calls`` calls, in ms per
-call. To compare two trees, run it with each on PYTHONPATH in turn (the kernels compile on the first call).
+call, and the minor page faults per call (fresh memory touched by the kernel). To compare two trees, run it with
+each on PYTHONPATH in turn (the kernels compile on the first call).
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import time
 
 import numpy as np
@@ -37,13 +39,15 @@ def main() -> None:
             q = rng.standard_normal((len(layers), rows, n_head, d)).astype(np.float32)
             qpos = np.full(rows, a.positions, np.int64)
             attention_mass(q, qpos, keys, kpos, 1 / np.sqrt(d), a.parallel, layers)  # compile
-            best = np.inf
+            best, faults = np.inf, resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             for _ in range(a.rounds):
                 t0 = time.perf_counter()
                 for _ in range(a.calls):
                     attention_mass(q, qpos, keys, kpos, 1 / np.sqrt(d), a.parallel, layers)
                 best = min(best, (time.perf_counter() - t0) / a.calls)
-            print(f"{name:10s} {a.keys} keys, {rows} row(s): {1e3 * best:.1f} ms per call", flush=True)
+            faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / (a.rounds * a.calls)
+            print(f"{name:10s} {a.keys} keys, {rows} row(s): {1e3 * best:.1f} ms per call, {faults:.0f} page faults",
+                  flush=True)
 
 
 if __name__ == "__main__":
