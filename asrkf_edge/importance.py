@@ -73,7 +73,8 @@ def _workspace(size: int) -> np.ndarray:
         return np.empty(size, np.float32)
     buf = getattr(_WORK, "buf", None)
     if buf is None or len(buf) < size:
-        buf = _WORK.buf = np.empty(max(size, 2 * (0 if buf is None else len(buf))), np.float32)
+        grown = 2 * (0 if buf is None else len(buf))
+        buf = _WORK.buf = np.empty(max(size, min(grown, _WORK_KEPT // 4)), np.float32)
     return buf
 
 
