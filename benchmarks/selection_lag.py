@@ -5,8 +5,8 @@ Usage: python benchmarks/selection_lag.py '[["label", "policy", budget, {overrid
 Registers two bench-only yardsticks beside the package's ``oracle`` and ``oracle-next``, then runs
 benchmarks/kld_variants.py's loop (context 2000, 128 forced tokens, mean KLD from full):
 
-- ``oracle-hold``: every ``every`` steps the newest query's exact attention (all layers, or asrkf's scored layers
-  with ``fold_only``) re-chooses the whole set, which then serves the next ``every`` tokens (no second decode).
+- ``oracle-hold``: every ``every`` steps the newest query's exact attention (all layers) re-chooses the whole set,
+  which then serves the next ``every`` tokens (no second decode; ``every`` 1 is ``oracle-next``).
 - ``oracle-layers``: the oracle with its ``layers`` only, e.g. the first third of the model (what a decode stopped
   early could see of the token's own query).
 
@@ -19,35 +19,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import numpy as np
 from kld_variants import main
 
-from asrkf_edge.policies import Oracle
+from asrkf_edge.policies import Oracle, OracleNext
 from asrkf_edge.policies.base import PolicyContext
-from asrkf_edge.policies.selection import choose
 
 
 @dataclass
-class OracleHold(Oracle):
-    """Every ``every`` steps the newest query's attention re-chooses the set for the tokens that follow."""
+class OracleHold(OracleNext):
+    """oracle-next re-choosing only every ``every`` steps: the set serves the ``every`` tokens that follow."""
 
     name: ClassVar[str] = "oracle-hold"
     every: int = 8
-    fold_only: bool = False
 
     def after_logits(self, ctx: PolicyContext) -> None:
-        if ctx.step % self.every:
-            return
-        imp = ctx.importance
-        q, qpos = imp.recent_queries(1)
-        kpos = np.arange(ctx.n_logical, dtype=np.int64)
-        score = (imp.mass(q, qpos, kpos, imp.fold) if self.fold_only else imp.mass(q, qpos, kpos))[0]
-        keep = choose(score, ctx.protected(kpos), ctx.budget - 1)
-        act, frozen = ctx.active(), ctx.frozen()
-        if len(out := act[~keep[act]]):
-            ctx.freeze(out)
-        if len(back := frozen[keep[frozen]]):
-            ctx.thaw(back, redecode=False)
+        if ctx.step % self.every == 0:
+            super().after_logits(ctx)
 
 
 @dataclass
