@@ -55,19 +55,29 @@ class CellMap:
 
     def seq_rm(self, seq: int, p0: int = -1, p1: int = -1) -> np.ndarray:
         """Drop ``seq`` from cells with positions in [p0, p1); returns the cells that became free."""
-        bit = np.uint8(1 << seq)
-        hit = (self.seqs & bit) != 0
+        hit = (self.seqs & np.uint8(1 << seq)) != 0
         if p0 >= 0:
             hit &= self.pos >= p0
         if p1 >= 0:
             hit &= self.pos < p1
-        idx = np.flatnonzero(hit)
-        self.seqs[idx] &= ~bit
+        return self._drop(seq, np.flatnonzero(hit))
+
+    def seq_rm_at(self, seq: int, positions: np.ndarray) -> np.ndarray:
+        """:meth:`seq_rm` of every run of these positions at once (the search start moves to the lowest freed cell
+        either way); returns the cells that became free."""
+        return self._drop(seq, np.flatnonzero(((self.seqs & np.uint8(1 << seq)) != 0) & np.isin(self.pos, positions)))
+
+    def _drop(self, seq: int, idx: np.ndarray) -> np.ndarray:
+        self.seqs[idx] &= ~np.uint8(1 << seq)
         freed = idx[self.seqs[idx] == 0]
         self.pos[freed] = -1
         if len(freed) and freed[0] < self.head:
             self.head = int(freed[0])
         return freed
+
+    def seq_cp_at(self, src: int, dst: int, positions: np.ndarray) -> None:
+        """:meth:`seq_cp` of every run of these positions at once."""
+        self.seqs[((self.seqs & np.uint8(1 << src)) != 0) & np.isin(self.pos, positions)] |= np.uint8(1 << dst)
 
     def seq_cp(self, src: int, dst: int, p0: int, p1: int) -> None:
         hit = ((self.seqs & np.uint8(1 << src)) != 0) & (self.pos >= p0) & (self.pos < p1)

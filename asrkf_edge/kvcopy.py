@@ -1,4 +1,4 @@
-"""Copy KV rows between llama.cpp state blobs and store segments: native C when built, NumPy otherwise.
+"""Copy KV rows between llama.cpp state blobs and the store's slots: native C when built, NumPy otherwise.
 
 Both paths give identical bytes (tested). ``ASRKF_EDGE_NATIVE=0`` forces the NumPy path.
 """
@@ -17,18 +17,21 @@ from .blob import Layout
 
 @dataclass(frozen=True)
 class Side:
-    """One buffer holding ``n`` rows of KV: per-layer byte offsets of K rows and of V, and V's layout."""
+    """One buffer holding ``n`` rows of KV: per-layer byte offsets of K rows and of V, the bytes from one row of
+    a layer to the next (a blob packs rows; the store's slots hold one token each), and V's layout."""
 
     buf: np.ndarray  # uint8, flat
     k_off: np.ndarray  # int64 [n_layer]
     v_off: np.ndarray  # int64 [n_layer]
     n: int
     v_trans: bool
+    k_stride: int
+    v_stride: int  # unused when V is transposed
 
 
 def blob_side(buf: np.ndarray, layout: Layout, n: int) -> Side:
     k_off, v_off = layout.offsets(n)
-    return Side(buf, k_off, v_off, n, layout.v_trans)
+    return Side(buf, k_off, v_off, n, layout.v_trans, layout.k_row, layout.v_row)
 
 
 def empty_blob(layout: Layout, pos: np.ndarray, seq: int, buf: np.ndarray | None = None, zero: bool = True) -> np.ndarray:
@@ -52,20 +55,29 @@ def empty_blob(layout: Layout, pos: np.ndarray, seq: int, buf: np.ndarray | None
 
 
 def segment_side(buf: np.ndarray, layout: Layout, n: int) -> Side:
-    """Store segments hold ``[n_layer, n, k_row]`` K then ``[n_layer, n, v_row]`` V, V never transposed."""
+    """The segments of stores saved before slots (chat format 2): ``[n_layer, n, k_row]`` K then
+    ``[n_layer, n, v_row]`` V, V never transposed."""
     k_off = np.arange(layout.n_layer, dtype=np.int64) * n * layout.k_row
     v_off = layout.n_layer * n * layout.k_row + np.arange(layout.n_layer, dtype=np.int64) * n * layout.v_row
-    return Side(buf, k_off, v_off, n, False)
+    return Side(buf, k_off, v_off, n, False, layout.k_row, layout.v_row)
+
+
+def slot_side(buf: np.ndarray, layout: Layout, slot_bytes: int) -> Side:
+    """The store's slots: one token per ``slot_bytes``, its K rows of every layer then its V rows."""
+    k_off = np.arange(layout.n_layer, dtype=np.int64) * layout.k_row
+    v_off = layout.n_layer * layout.k_row + np.arange(layout.n_layer, dtype=np.int64) * layout.v_row
+    return Side(buf, k_off, v_off, len(buf) // slot_bytes, False, slot_bytes, slot_bytes)
 
 
 def _load_native() -> ctypes.CDLL | None:
     lib = native.load()
     if lib is None:
         return None
-    fn = lib.asrkf_copy_rows
-    p, i64 = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [p, p, p, i64, ctypes.c_int32, p, p, p, i64, ctypes.c_int32, p, p, i64,
-                   ctypes.c_int32, i64, i64, i64]
+    fn = getattr(lib, "asrkf_copy_rows_strided", None)  # a library built before strides: the NumPy path
+    if fn is None:
+        return None
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
+    fn.argtypes = [p, p, p, i64, i64, i64, i32, p, p, p, i64, i64, i64, i32, p, p, i64, i32, i64, i64, i64]
     fn.restype = None
     pop = getattr(lib, "asrkf_populate", None)  # absent from a library built before it existed
     if pop is not None:
@@ -81,22 +93,31 @@ def native_available() -> bool:
     return _lib is not None
 
 
+def _rows(buf: np.ndarray, off: int, n: int, stride: int, shape: tuple[int, ...], strides: tuple[int, ...]) -> np.ndarray:
+    """A writable view of ``n`` rows from byte ``off``, ``stride`` bytes apart, each of ``shape``."""
+    if n == 0:
+        return np.zeros((0, *shape), np.uint8)
+    return np.lib.stride_tricks.as_strided(buf[off:], (n, *shape), (stride, *strides))
+
+
+def k_view(s: Side, layout: Layout, layer: int) -> np.ndarray:
+    """K of one layer as [n, k_row] bytes."""
+    return _rows(s.buf, int(s.k_off[layer]), s.n, s.k_stride, (layout.k_row,), (1,))
+
+
 def _v_view(s: Side, layout: Layout, layer: int) -> np.ndarray:
     """V of one layer as [n, n_embd_v, v_el] bytes (a strided view when transposed)."""
     el = layout.v_el or layout.v_row
     n_e = layout.v_row // el
-    flat = s.buf[s.v_off[layer] : s.v_off[layer] + s.n * layout.v_row]
     if s.v_trans:
+        flat = s.buf[s.v_off[layer] : s.v_off[layer] + s.n * layout.v_row]
         return flat.reshape(n_e, s.n, el).transpose(1, 0, 2)
-    return flat.reshape(s.n, n_e, el)
+    return _rows(s.buf, int(s.v_off[layer]), s.n, s.v_stride, (n_e, el), (el, 1))
 
 
 def _copy_rows_numpy(src: Side, dst: Side, src_rows: np.ndarray, dst_rows: np.ndarray, layout: Layout) -> None:
-    kr = layout.k_row
     for layer in range(layout.n_layer):
-        sk = src.buf[src.k_off[layer] : src.k_off[layer] + src.n * kr].reshape(src.n, kr)
-        dk = dst.buf[dst.k_off[layer] : dst.k_off[layer] + dst.n * kr].reshape(dst.n, kr)
-        dk[dst_rows] = sk[src_rows]
+        k_view(dst, layout, layer)[dst_rows] = k_view(src, layout, layer)[src_rows]
         _v_view(dst, layout, layer)[dst_rows] = _v_view(src, layout, layer)[src_rows]
 
 
@@ -118,18 +139,17 @@ def copy_rows(src: Side, dst: Side, src_rows: np.ndarray, dst_rows: np.ndarray, 
     ptr = lambda a: a.ctypes.data  # noqa: E731
     moved = len(src_rows) * layout.bytes_per_cell
     if moved >= _POPULATE_MIN and hasattr(_lib, "asrkf_populate"):
-        # Only a buffer this call mostly covers. A freeze is written as 16-token segments, one call each: faulting
-        # in the whole blob every time walked a 128 MB pinned blob 64 times per 1,024-token freeze of the 8B
-        # shape (pinned memory has 4 KB pages), and that freeze fell from 3.65 to 1.16 GB/s on an H200 with the
-        # pinned staging only; with this rule it was 2.84 against 9a2ac0f's 3.23 in one call (docs/gpu.md). Neutral on
-        # the CPU (1.62-1.88 GB/s either way, noise).
+        # Only a buffer this call mostly covers: faulting in a whole large buffer per call (a store arena, a 128 MB
+        # pinned blob walked 64 times per 1,024-token freeze of the 8B shape when freezes were written 16 tokens a
+        # call) took a freeze from 3.65 to 1.16 GB/s on an H200; with this rule 2.84 against 3.23 (docs/gpu.md).
+        # Neutral on the CPU (1.62-1.88 GB/s either way, noise).
         if dst.buf.nbytes <= 2 * moved:
             _lib.asrkf_populate(ptr(dst.buf), dst.buf.nbytes, 1)
         if src.buf.nbytes <= 2 * moved:
             _lib.asrkf_populate(ptr(src.buf), src.buf.nbytes, 0)
-    _lib.asrkf_copy_rows(
-        ptr(src.buf), ptr(src.k_off), ptr(src.v_off), src.n, int(src.v_trans),
-        ptr(dst.buf), ptr(dst.k_off), ptr(dst.v_off), dst.n, int(dst.v_trans),
+    _lib.asrkf_copy_rows_strided(
+        ptr(src.buf), ptr(src.k_off), ptr(src.v_off), src.n, src.k_stride, src.v_stride, int(src.v_trans),
+        ptr(dst.buf), ptr(dst.k_off), ptr(dst.v_off), dst.n, dst.k_stride, dst.v_stride, int(dst.v_trans),
         ptr(src_rows), ptr(dst_rows), len(src_rows),
         layout.n_layer, layout.k_row, layout.v_row, layout.v_el if (src.v_trans or dst.v_trans) else 0,
     )

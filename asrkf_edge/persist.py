@@ -5,7 +5,7 @@ Objects describe themselves with ``state()`` (nested dicts of JSON values, NumPy
 ``from_state``; this module only stores such a tree. A save directory holds ``manifest.json`` (the tree
 with arrays and files left out, plus the format name and version), ``arrays.npz`` (every array under its
 dotted key) and ``files/`` (the carried files, hard-linked when possible). :data:`VERSION` changes only
-when someone changes what the tree holds; a save of another version is refused with a clear error.
+when someone changes what the tree holds; a save of a version not in :data:`READS` is refused with a clear error.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from .store import link_or_copy
 from .version import __version__
 
 FORMAT = "asrkf-edge-chat"
-VERSION = 2  # 1: asrkf-edge before the state() refactor (files active.kv and store/, flat scalars)
+VERSION = 3  # 1: before the state() refactor (files active.kv and store/, flat scalars); 2: a store of 16-token segments
+READS = (2, 3)  # the store takes format 2's segments back into slots
 _FILE = "$file"
 
 
@@ -61,7 +62,7 @@ def read(path: Path) -> dict[str, Any]:
         raise SessionFileError(f"{path}: unreadable manifest ({e})") from e
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise SessionFileError(f"{path} is not an asrkf-edge saved chat")
-    if manifest.get("version") != VERSION:
+    if manifest.get("version") not in READS:
         raise SessionFileError(f"{path} was saved in chat format version {manifest.get('version')} "
                                f"(asrkf-edge {manifest.get('asrkf_edge')}); this asrkf-edge reads version {VERSION}")
     try:

@@ -231,6 +231,19 @@ class Session:
         self.ctx.seq_cp(src, dst, p0, p1)
         self.cells.seq_cp(src, dst, p0, p1)
 
+    def _rm_at(self, seq: int, positions: np.ndarray) -> None:
+        """:meth:`_rm` of every run of these sorted positions; the mirror updated once (a freeze of scattered tokens
+        has a run per token, and a mirror update per run cost more than llama.cpp's own call)."""
+        for a, b in runs(positions):
+            self.ctx.seq_rm(seq, a, b)
+        self.cells.seq_rm_at(seq, positions)
+
+    def _cp_at(self, src: int, dst: int, positions: np.ndarray) -> None:
+        """:meth:`_cp` of every run of these sorted positions; the mirror updated once."""
+        for a, b in runs(positions):
+            self.ctx.seq_cp(src, dst, a, b)
+        self.cells.seq_cp_at(src, dst, positions)
+
     def _add(self, seq: int, p0: int, delta: int) -> None:
         self.ctx.seq_add(seq, p0, -1, delta)
         self.cells.seq_add(seq, p0, delta)
@@ -329,7 +342,7 @@ class Session:
         if not 0 < n <= self.n_logical:
             raise ValueError(f"cannot rewind {n} of {self.n_logical} tokens")
         start = self.n_logical - n
-        if self.store is not None and self.store.locate(start, self.n_logical):
+        if self.store is not None and len(self.store.positions(start, self.n_logical)):
             raise ValueError("cannot rewind over frozen tokens; thaw them first")
         self._rm(0, start - self.shifted, -1)
         gone = self.tokens[start:]
@@ -381,8 +394,7 @@ class Session:
 
     def discard(self, positions: np.ndarray) -> None:
         """Remove active tokens for good (what the irreversible baselines do instead of freezing)."""
-        for a, b in runs(positions):
-            self._rm(0, a, b)
+        self._rm_at(0, positions)
         self.dropped += len(positions)
 
     def _shift(self, n: int) -> None:
@@ -414,8 +426,7 @@ class Session:
         """Bring frozen tokens in [p0, p1) back into the cache; returns how many came back."""
         if self.store is None:
             return 0
-        located = self.store.locate(p0, p1)
-        return self.thaw_positions(np.concatenate([self.store.segment(seg).pos[rows] for seg, rows in located.items()] or [[]]))
+        return self.thaw_positions(self.store.positions(p0, p1))
 
     def thaw_positions(self, positions: np.ndarray, packed: bool = False) -> int:
         """Bring these frozen positions back (others are ignored), making room if needed; returns the count.
@@ -439,9 +450,7 @@ class Session:
         """The KV rows of these active positions, copied out and left in place (``on_copy`` sees them).
 
         The arrays view staging memory: valid until the next copy out."""
-        spans = runs(np.unique(np.asarray(positions, np.int64)))
-        for a, b in spans:
-            self._cp(0, SCRATCH_SEQ, a, b)
+        self._cp_at(0, SCRATCH_SEQ, np.unique(np.asarray(positions, np.int64)))
         try:
             _, parsed = self._copy_out()
         finally:
@@ -462,9 +471,7 @@ class Session:
         if len(positions) == 0:
             return
         t0 = time.perf_counter()
-        spans = runs(positions)
-        for a, b in spans:
-            self._cp(0, SCRATCH_SEQ, a, b)
+        self._cp_at(0, SCRATCH_SEQ, positions)
         try:
             cells = self.cells.cells_of(SCRATCH_SEQ)
             raw, parsed = self._copy_out()
@@ -478,8 +485,7 @@ class Session:
             self._rm(SCRATCH_SEQ)
         for p, c in zip(pos.tolist(), cells[order].tolist(), strict=True):
             self._left[p] = c
-        for a, b in spans:
-            self._rm(0, a, b)
+        self._rm_at(0, positions)
         self.freeze_events += 1
         self.freeze_seconds += time.perf_counter() - t0
 
@@ -525,13 +531,8 @@ class Session:
             targets = np.concatenate([targets, evicted % self.cells.size])
         store = self.store
         assert store is not None
-        sources, releases = [], []
-        for seg, rows, idx in store.find(want):
-            sources.append((store.read(seg), rows, idx))
-            releases.append((seg.seg_id, rows))
-        self._land(store.layout, want, targets, sources)
-        for seg_id, rows in releases:
-            store.release(seg_id, rows)
+        self._land(store.layout, want, targets, store.read(want))
+        store.release(want)
         for p in want.tolist():
             self._left.pop(p, None)
         self.thaw_events += 1

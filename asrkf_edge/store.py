@@ -1,22 +1,23 @@
-"""FrozenStore: frozen KV in memory-mapped arena files, found by position, checked on every read.
+"""FrozenStore: frozen KV in memory-mapped arena files, one fixed-size slot per token, checked on every read.
 
-One segment per freeze: ``[n_layer, n, k_row]`` K rows then ``[n_layer, n, v_row]`` V rows, tokens in
-position order, so :meth:`FrozenStore.keys` can hand a scorer each layer's keys without a copy. Segments
-live in a few large arena files that stay mapped and whose space is reused when a segment is thawed
-(a new file, its page faults and a checksum of it per freeze held the copy path at about 1 GB/s). A
-segment is written, hashed (xxh3-64), and only then does the caller drop the range from the cache; a
-failed write leaves nothing behind and raises :class:`StoreError`. Every read checks the arena file's
-presence and size and the segment's hash, so a damaged or removed store is an error, never wrong KV.
+A slot holds one token's K rows of every layer, then its V rows (V never transposed), and has its own hash
+(xxh3-64). Slots live in a few large arena files that stay mapped; a thawed token's slot is reused by the next
+freeze, so the files hold what is frozen and no more. Why slots and not one record per freeze: a policy that
+follows its queries freezes and thaws a few scattered tokens every step, and records of 16 tokens stayed
+allocated while any one of them was frozen: after 512 such steps at 2k the records held 5.4x the frozen bytes
+(1.3x under asrkf's defaults), and a one-token read hashed all 16. A slot is written, hashed, and only then does
+the caller drop the token from the cache; a failed write leaves nothing behind and raises :class:`StoreError`.
+Every read checks the arena file's presence and size and each slot's hash, so a damaged or removed store is an
+error, never wrong KV.
 """
 
 from __future__ import annotations
 
-import bisect
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -25,95 +26,71 @@ import xxhash
 
 from .blob import Layout
 from .errors import StoreError
-from .kvcopy import Side, copy_rows, segment_side
+from .kvcopy import Side, copy_rows, k_view, segment_side, slot_side
 
-_ALIGN = 4096
+_SLOT_ALIGN = 64
 _MIN_ARENA = 64 << 20  # bytes of the first arena file; later ones double, up to _MAX_ARENA
 _MAX_ARENA = 1 << 30
-SEGMENT_TOKENS = 16  # most tokens one segment holds (one hash, one read)
 
 
-def digest(buf: np.ndarray) -> int:
-    """The hash segments are checked with (xxh3-64: about 13 GB/s here, against 1.7 GB/s for zlib's CRC-32)."""
+def digest(buf: np.ndarray | memoryview) -> int:
+    """The hash slots are checked with (xxh3-64: about 13 GB/s here, against 1.7 GB/s for zlib's CRC-32)."""
     return xxhash.xxh3_64_intdigest(buf)
 
 
 class Arena:
-    """One memory-mapped file holding segments; free space is a sorted list of (offset, size) extents.
+    """One memory-mapped file of ``slots`` slots and a stack of the free ones (the latest freed is reused first:
+    its pages are the most likely to be resident).
 
-    A sealed arena takes no new segments: after a save has linked its file, nothing may write it again."""
+    A sealed arena takes no new tokens: after a save has linked its file, nothing may write it again."""
 
-    def __init__(self, path: Path, size: int, create: bool = True) -> None:
-        self.path, self.size, self.sealed = path, size, not create
+    def __init__(self, arena_id: int, path: Path, slots: int, slot_bytes: int, layout: Layout, create: bool = True) -> None:
+        self.arena_id, self.path, self.slot_bytes, self.sealed = arena_id, path, slot_bytes, not create
+        self.size = slots * slot_bytes
         if create:
             with open(path, "wb+") as f:
                 if hasattr(os, "posix_fallocate"):
-                    os.posix_fallocate(f.fileno(), 0, size)  # ENOSPC here, not SIGBUS later
+                    os.posix_fallocate(f.fileno(), 0, self.size)  # ENOSPC here, not SIGBUS later
                 else:  # pragma: no cover (macOS)
-                    f.truncate(size)
-        self.mm = np.memmap(path, dtype=np.uint8, mode="r+" if create else "r", shape=(size,))
-        self.free: list[tuple[int, int]] = [(0, size)] if create else []
-        self.used = 0  # segments held
-
-    def take(self, nbytes: int) -> int | None:
-        """Offset of a fresh region of ``nbytes`` (first fit), or None when none is free."""
-        need = -(-nbytes // _ALIGN) * _ALIGN
-        for i, (off, size) in enumerate(self.free):
-            if size >= need:
-                self.free[i : i + 1] = [(off + need, size - need)] if size > need else []
-                self.used += 1
-                return off
-        return None
-
-    def give(self, off: int, nbytes: int) -> None:
-        """Return a region, merged with free neighbours."""
-        size = -(-nbytes // _ALIGN) * _ALIGN
-        self.used -= 1
-        i = bisect.bisect(self.free, (off, 0))
-        if i < len(self.free) and self.free[i][0] == off + size:
-            size += self.free.pop(i)[1]
-        if i > 0 and self.free[i - 1][0] + self.free[i - 1][1] == off:
-            off, size = self.free[i - 1][0], self.free[i - 1][1] + size
-            self.free.pop(i - 1)
-            i -= 1
-        self.free.insert(i, (off, size))
-
-    def region(self, off: int, nbytes: int) -> np.ndarray:
-        return self.mm[off : off + nbytes]
-
-
-@dataclass
-class Segment:
-    """One frozen range: where its bytes lie, its positions, tokens, hash and which rows are still frozen."""
-
-    seg_id: int
-    arena: Arena
-    offset: int
-    pos: np.ndarray  # int64 [n], increasing
-    tokens: np.ndarray  # int32 [n]
-    hash: int
-    nbytes: int
-    live: np.ndarray = field(init=False)  # bool [n]: still frozen
-
-    def __post_init__(self) -> None:
-        self.live = np.ones(len(self.pos), dtype=bool)
+                    f.truncate(self.size)
+        self.mm = np.memmap(path, dtype=np.uint8, mode="r+" if create else "r", shape=(self.size,))
+        self.side: Side = slot_side(self.mm.view(np.ndarray), layout, slot_bytes)
+        self._bytes = memoryview(self.mm.view(np.ndarray))
+        self._free = np.arange(slots - 1, -1, -1, dtype=np.int64) if create else np.zeros(0, np.int64)
+        self._top = len(self._free)
+        self.used = 0  # slots holding a frozen token
 
     @property
-    def path(self) -> Path:
-        """The arena file the segment lies in."""
-        return self.arena.path
+    def free(self) -> int:
+        return self._top
 
-    @property
-    def span(self) -> str:
-        return f"[{int(self.pos[0])}, {int(self.pos[-1]) + 1})"
+    def take(self, n: int) -> np.ndarray:
+        """Up to ``n`` free slots."""
+        k = min(n, self._top)
+        ids = self._free[self._top - k : self._top][::-1].copy()
+        self._top -= k
+        self.used += k
+        return ids
+
+    def give(self, ids: np.ndarray) -> None:
+        """Slots whose tokens left (a sealed arena only counts them: its file belongs to a save too)."""
+        self.used -= len(ids)
+        if not self.sealed:
+            self._free[self._top : self._top + len(ids)] = ids
+            self._top += len(ids)
+
+    def hash(self, slot: int, nbytes: int) -> int:
+        at = slot * self.slot_bytes
+        return digest(self._bytes[at : at + nbytes])
 
 
 class FrozenStore:
-    """Host store of frozen KV rows for one session."""
+    """Host store of frozen KV rows for one session, found by position."""
 
     def __init__(self, layout: Layout, directory: str | Path | None = None, keep: bool = False) -> None:
         self.layout = layout
         self.keep = keep
+        self.slot_bytes = -(-layout.bytes_per_cell // _SLOT_ALIGN) * _SLOT_ALIGN
         if directory is None:
             self.dir = Path(tempfile.mkdtemp(prefix="asrkf-store-"))
             self._owned = True
@@ -121,142 +98,135 @@ class FrozenStore:
             self.dir = Path(directory)
             self.dir.mkdir(parents=True, exist_ok=True)
             self._owned = False
-        self._arenas: list[Arena] = []
-        self._segments: dict[int, Segment] = {}
-        self._seg_of = np.full(0, -1, np.int64)  # position -> segment id (-1: not frozen)
-        self._row_of = np.zeros(0, np.int64)  # position -> row in its segment
+        self._arenas: dict[int, Arena] = {}
+        self._next_arena = 0
+        self._arena = np.full(0, -1, np.int64)  # position -> arena id (-1: not frozen)
+        self._slot = np.zeros(0, np.int64)  # position -> slot in its arena
+        self._hash = np.zeros(0, np.uint64)
+        self._token = np.zeros(0, np.int32)
         self._n_frozen = 0
-        self._next_id = 0
 
     # writing
-    def put(self, pos: np.ndarray, tokens: np.ndarray, src: Side, src_rows: np.ndarray) -> list[Segment]:
-        """Write rows ``src_rows`` of ``src`` (positions ``pos``, increasing) as new segments of at most
-        ``SEGMENT_TOKENS`` tokens each: every read hashes its whole segment, so a thaw of one token from a
-        prompt frozen in one piece hashed megabytes (14 ms of a 35 ms thaw at 2k, one segment per freeze)."""
-        return [self._put(pos[i : i + SEGMENT_TOKENS], tokens[i : i + SEGMENT_TOKENS], src, src_rows[i : i + SEGMENT_TOKENS])
-                for i in range(0, len(pos), SEGMENT_TOKENS)]
-
-    def _put(self, pos: np.ndarray, tokens: np.ndarray, src: Side, src_rows: np.ndarray) -> Segment:
-        n = len(pos)
-        nbytes = n * self.layout.bytes_per_cell
+    def put(self, pos: np.ndarray, tokens: np.ndarray, src: Side, src_rows: np.ndarray) -> None:
+        """Write rows ``src_rows`` of ``src`` as the frozen tokens ``pos`` (their ids ``tokens``), one slot each."""
+        pos, src_rows = np.asarray(pos, np.int64), np.asarray(src_rows, np.int64)
+        n, nbytes = len(pos), self.layout.bytes_per_cell
+        placed: list[tuple[Arena, np.ndarray, slice]] = []
+        hashes = np.zeros(n, np.uint64)
         try:
-            arena, off = self._room(nbytes)
-            mm = arena.region(off, nbytes)
-            copy_rows(src, segment_side(mm, self.layout, n), src_rows, np.arange(n), self.layout)
-            h = digest(mm)
-            if self.keep:  # a temporary store dies with its session: no msync on the freeze path
-                arena.mm.flush()
+            done = 0
+            while done < n:
+                arena = self._open_arena()
+                ids = arena.take(n - done)
+                placed.append((arena, ids, slice(done, done + len(ids))))
+                done += len(ids)
+            for arena, ids, part in placed:
+                copy_rows(src, arena.side, src_rows[part], ids, self.layout)
+                hashes[part] = [arena.hash(s, nbytes) for s in ids.tolist()]
+                if self.keep:  # a temporary store dies with its session: no msync on the freeze path
+                    arena.mm.flush()
         except OSError as e:
+            for arena, ids, _ in placed:
+                arena.give(ids)
             what = "disk full" if getattr(e, "errno", None) == 28 else e.strerror or str(e)
-            raise StoreError(
-                f"cannot freeze positions [{int(pos[0])}, {int(pos[-1]) + 1}): {what} in {self.dir}; "
-                "the range stays in the cache"
-            ) from e
-        seg = Segment(self._next_id, arena, off, np.asarray(pos, np.int64), np.asarray(tokens, np.int32), h, nbytes)
-        self._next_id += 1
-        self._add(seg)
-        return seg
+            raise StoreError(f"cannot freeze positions {_span(pos)}: {what} in {self.dir}; they stay in the cache") from e
+        self._grow(int(pos.max()) + 1 if n else 0)
+        for arena, ids, part in placed:
+            self._arena[pos[part]] = arena.arena_id
+            self._slot[pos[part]] = ids
+        self._hash[pos], self._token[pos] = hashes, tokens
+        self._n_frozen += n
 
-    def _room(self, nbytes: int) -> tuple[Arena, int]:
-        for arena in self._arenas:
-            if not arena.sealed and (off := arena.take(nbytes)) is not None:
-                return arena, off
-        size = max(min(_MAX_ARENA, 2 * self._arenas[-1].size) if self._arenas else _MIN_ARENA, -(-nbytes // _ALIGN) * _ALIGN)
-        path = self.dir / f"arena-{len(self._arenas):04d}.kv"
+    def _open_arena(self) -> Arena:
+        """An arena with a free slot: an open one, or a new file (twice the last one's size, up to 1 GiB)."""
+        for arena in self._arenas.values():
+            if not arena.sealed and arena.free:
+                return arena
+        last = max((a.size for a in self._arenas.values()), default=0)
+        size = max(min(_MAX_ARENA, 2 * last) if last else _MIN_ARENA, self.slot_bytes)
+        while (path := self.dir / f"arena-{self._next_arena:04d}.kv").exists():  # a resumed store's linked files
+            self._next_arena += 1
         try:
-            arena = Arena(path, size)
+            arena = Arena(self._next_arena, path, size // self.slot_bytes, self.slot_bytes, self.layout)
         except OSError:
             path.unlink(missing_ok=True)
             raise
-        self._arenas.append(arena)
-        off = arena.take(nbytes)
-        assert off is not None
-        return arena, off
+        self._arenas[arena.arena_id] = arena
+        self._next_arena += 1
+        return arena
 
-    def _add(self, seg: Segment) -> None:
-        self._segments[seg.seg_id] = seg
-        end = int(seg.pos[-1]) + 1
-        if end > len(self._seg_of):
-            grow = max(end, 2 * len(self._seg_of)) - len(self._seg_of)
-            self._seg_of = np.concatenate([self._seg_of, np.full(grow, -1, np.int64)])
-            self._row_of = np.concatenate([self._row_of, np.zeros(grow, np.int64)])
-        rows = np.flatnonzero(seg.live)
-        self._seg_of[seg.pos[rows]] = seg.seg_id
-        self._row_of[seg.pos[rows]] = rows
-        self._n_frozen += len(rows)
+    def _grow(self, end: int) -> None:
+        if end <= len(self._arena):
+            return
+        grow = max(end, 2 * len(self._arena)) - len(self._arena)
+        self._arena = np.concatenate([self._arena, np.full(grow, -1, np.int64)])
+        self._slot = np.concatenate([self._slot, np.zeros(grow, np.int64)])
+        self._hash = np.concatenate([self._hash, np.zeros(grow, np.uint64)])
+        self._token = np.concatenate([self._token, np.zeros(grow, np.int32)])
 
     # reading
-    def read(self, seg: Segment) -> Side:
-        """The segment's bytes, after checking that its arena file is there, whole, and that the hash matches."""
-        try:
-            size = seg.path.stat().st_size
-        except OSError as e:
-            raise StoreError(f"frozen range {seg.span}: store file {seg.path} is missing") from e
-        if size < seg.offset + seg.nbytes:
-            raise StoreError(f"frozen range {seg.span}: store file {seg.path} has {size} bytes, "
-                             f"the segment ends at {seg.offset + seg.nbytes}")
-        mm = seg.arena.region(seg.offset, seg.nbytes)
-        if digest(mm) != seg.hash:
-            raise StoreError(f"frozen range {seg.span}: store file {seg.path} is corrupt (hash mismatch)")
-        return segment_side(mm, self.layout, len(seg.pos))
-
-    def locate(self, p0: int, p1: int) -> dict[int, np.ndarray]:
-        """Frozen positions in ``[p0, p1)``, grouped by segment id (rows, position order)."""
-        lo, hi = max(0, p0), min(p1, len(self._seg_of))
-        where = np.flatnonzero(self._seg_of[lo:hi] >= 0) + lo
-        segs, rows = self._seg_of[where], self._row_of[where]
-        return {int(s): rows[segs == s] for s in np.unique(segs)}
-
-    def find(self, positions: np.ndarray) -> list[tuple[Segment, np.ndarray, np.ndarray]]:
-        """The segments holding these frozen positions, each with (its rows, their indices in ``positions``):
-        only the segments a thaw needs, not every one its range overlaps."""
+    def read(self, positions: np.ndarray) -> list[tuple[Side, np.ndarray, np.ndarray]]:
+        """Where these frozen positions' rows lie, per arena: (its slots as a :class:`Side`, the slots, their
+        indices in ``positions``), after checking that each arena file is there and whole and that every slot's
+        hash matches."""
         p = np.asarray(positions, np.int64)
-        segs = self._seg_of[p]
-        if (segs < 0).any():
+        if not self.is_frozen(p).all():
             raise ValueError("positions that are not frozen")
-        order = np.argsort(segs, kind="stable")
-        cuts = np.flatnonzero(np.diff(segs[order])) + 1
-        return [(self._segments[int(segs[idx[0]])], self._row_of[p[idx]], idx) for idx in np.split(order, cuts)]
+        ids = self._arena[p]
+        out = []
+        for aid in np.unique(ids).tolist():
+            idx = np.flatnonzero(ids == aid)
+            arena, slots = self._arenas[aid], self._slot[p[idx]]
+            end = (int(slots.max()) + 1) * self.slot_bytes
+            try:
+                size = arena.path.stat().st_size
+            except OSError as e:
+                raise StoreError(f"frozen positions {_span(p[idx])}: store file {arena.path} is missing") from e
+            if size < end:
+                cut = p[idx][(slots + 1) * self.slot_bytes > size]
+                raise StoreError(f"frozen positions {_span(cut)}: store file {arena.path} has {size} bytes, "
+                                 f"their rows end at up to {end}")
+            nbytes = self.layout.bytes_per_cell
+            bad = [q for q, s in zip(p[idx].tolist(), slots.tolist(), strict=True) if arena.hash(s, nbytes) != self._hash[q]]
+            if bad:
+                raise StoreError(f"frozen positions {_span(np.asarray(bad))}: store file {arena.path} is corrupt "
+                                 "(hash mismatch)")
+            out.append((arena.side, slots, idx))
+        return out
 
-    def segment(self, seg_id: int) -> Segment:
-        return self._segments[seg_id]
-
-    def release(self, seg_id: int, rows: np.ndarray) -> None:
-        """Mark rows as thawed; a segment with no frozen rows left gives its space back."""
-        seg = self._segments[seg_id]
-        rows = rows[seg.live[rows]]
-        seg.live[rows] = False
-        self._seg_of[seg.pos[rows]] = -1
-        self._n_frozen -= len(rows)
-        if not seg.live.any():
-            del self._segments[seg_id]
-            seg.arena.give(seg.offset, seg.nbytes)
-            if seg.arena.sealed and not seg.arena.used:  # a saved or resumed file nothing here needs any more
-                self._arenas.remove(seg.arena)
-                seg.path.unlink(missing_ok=True)
+    def release(self, positions: np.ndarray) -> None:
+        """Mark these frozen positions as thawed: their slots are free for the next freeze."""
+        p = np.asarray(positions, np.int64)
+        p = p[self.is_frozen(p)]
+        ids = self._arena[p]
+        for aid in np.unique(ids).tolist():
+            arena = self._arenas[aid]
+            arena.give(self._slot[p[ids == aid]])
+            if arena.sealed and not arena.used:  # a saved or resumed file nothing here needs any more
+                del self._arenas[aid]
+                arena.path.unlink(missing_ok=True)
+        self._arena[p] = -1
+        self._n_frozen -= len(p)
 
     def is_frozen(self, positions: np.ndarray) -> np.ndarray:
         """Mask: which of ``positions`` are frozen here."""
         p = np.asarray(positions, np.int64)
-        inside = (p >= 0) & (p < len(self._seg_of))
+        inside = (p >= 0) & (p < len(self._arena))
         out = np.zeros(len(p), bool)
-        out[inside] = self._seg_of[p[inside]] >= 0
+        out[inside] = self._arena[p[inside]] >= 0
         return out
 
-    def positions(self) -> np.ndarray:
-        """Every frozen position, sorted."""
-        return np.flatnonzero(self._seg_of >= 0).astype(np.int64)
-
-    def segments(self) -> Iterator[Segment]:
-        return iter(list(self._segments.values()))
+    def positions(self, p0: int = 0, p1: int | None = None) -> np.ndarray:
+        """Frozen positions in ``[p0, p1)`` (every one by default), sorted."""
+        lo, hi = max(0, p0), len(self._arena) if p1 is None else min(p1, len(self._arena))
+        return (np.flatnonzero(self._arena[lo:hi] >= 0) + lo).astype(np.int64)
 
     def keys(self, layer: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Per segment: (positions of frozen rows, their K rows of ``layer`` as raw bytes [n, k_row])."""
-        for seg in self._segments.values():
-            side = self.read(seg)
-            kr = self.layout.k_row
-            k = side.buf[side.k_off[layer] : side.k_off[layer] + side.n * kr].reshape(side.n, kr)
-            yield seg.pos[seg.live], k[seg.live]
+        """Per arena: (its frozen positions, their K rows of ``layer`` as raw bytes [n, k_row]), read as a thaw
+        reads them (checked)."""
+        pos = self.positions()
+        for side, slots, idx in self.read(pos):
+            yield pos[idx], k_view(side, self.layout, layer)[slots]
 
     @property
     def frozen_tokens(self) -> int:
@@ -264,42 +234,80 @@ class FrozenStore:
 
     @property
     def frozen_bytes(self) -> int:
-        """Bytes of segments that still hold frozen rows."""
-        return sum(s.nbytes for s in self._segments.values())
+        """Bytes of the slots that hold frozen tokens."""
+        return self._n_frozen * self.slot_bytes
+
+    @property
+    def file_bytes(self) -> int:
+        """Bytes of the arena files: what the store takes on disk, the slots held and free."""
+        return sum(a.size for a in self._arenas.values())
 
     # saving and resuming
     def state(self) -> dict[str, Any]:
-        """The layout, the arena files (:class:`~pathlib.Path` s to carry along) and, per segment, where it lies,
-        its hash and index. Seals every arena: a save may link the files, so nothing writes them again."""
-        for arena in self._arenas:
+        """The layout and, per arena file (a :class:`~pathlib.Path` to carry along), its size and the positions
+        it holds: their slots, hashes and token ids. Seals every arena: a save may link the files, so nothing
+        writes them again."""
+        pos = self.positions()
+        arenas = {}
+        for arena in self._arenas.values():
             arena.sealed = True
-        return {"layout": asdict(self.layout),
-                "arenas": {a.path.stem: {"file": a.path, "size": a.size} for a in self._arenas if a.used},
-                "segments": {str(s.seg_id): {"arena": s.path.stem, "offset": s.offset, "nbytes": s.nbytes, "hash": str(s.hash),
-                                             "pos": s.pos, "tokens": s.tokens, "live": s.live} for s in self._segments.values()}}
+            mine = pos[self._arena[pos] == arena.arena_id]
+            if len(mine):
+                arenas[arena.path.stem] = {"file": arena.path, "size": arena.size, "pos": mine, "slot": self._slot[mine],
+                                           "hash": self._hash[mine], "tokens": self._token[mine]}
+        return {"layout": asdict(self.layout), "slot_bytes": self.slot_bytes, "arenas": arenas}
 
     @classmethod
     def from_state(cls, state: dict[str, Any], directory: str | Path | None = None, keep: bool = False) -> FrozenStore:
-        """A store holding the segments of :meth:`state`, their arena files linked (or copied) into its directory
-        and sealed (the save keeps its bytes)."""
+        """A store holding the tokens of :meth:`state`, its arena files linked (or copied) into this store's
+        directory and sealed (the save keeps its bytes). A store saved as 16-token segments (chat format 2) is
+        copied into slots."""
         store = cls(Layout(**state["layout"]), directory, keep)
-        arenas = {}
-        for name, a in state["arenas"].items():
+        try:
+            store._take(state)
+        except BaseException:
+            store.close()
+            raise
+        return store
+
+    def _take(self, state: dict[str, Any]) -> None:
+        if "segments" in state:
+            self._take_segments(state)
+            return
+        if int(state["slot_bytes"]) != self.slot_bytes:
+            raise StoreError(f"the saved store has {state['slot_bytes']}-byte slots, this one {self.slot_bytes}")
+        for a in state["arenas"].values():
             src = Path(a["file"])
             if not src.exists() or src.stat().st_size != int(a["size"]):
                 raise StoreError(f"frozen store file {src.name} is missing or truncated")
-            link_or_copy(src, store.dir / src.name)
-            arenas[name] = Arena(store.dir / src.name, int(a["size"]), create=False)
-        store._arenas = list(arenas.values())
-        for sid, s in state["segments"].items():
-            arena = arenas[s["arena"]]
-            seg = Segment(int(sid), arena, int(s["offset"]), s["pos"].astype(np.int64), s["tokens"].astype(np.int32),
-                          int(s["hash"]), int(s["nbytes"]))
-            seg.live = s["live"].astype(bool).copy()
-            arena.used += 1
-            store._add(seg)
-            store._next_id = max(store._next_id, seg.seg_id + 1)
-        return store
+            link_or_copy(src, self.dir / src.name)
+            arena = Arena(self._next_arena, self.dir / src.name, int(a["size"]) // self.slot_bytes, self.slot_bytes,
+                          self.layout, create=False)
+            self._arenas[arena.arena_id] = arena
+            self._next_arena += 1
+            pos = a["pos"].astype(np.int64)
+            self._grow(int(pos.max()) + 1 if len(pos) else 0)
+            self._arena[pos], self._slot[pos] = arena.arena_id, a["slot"].astype(np.int64)
+            self._hash[pos], self._token[pos] = a["hash"].astype(np.uint64), a["tokens"].astype(np.int32)
+            arena.used = len(pos)
+            self._n_frozen += len(pos)
+
+    def _take_segments(self, state: dict[str, Any]) -> None:
+        """Copy the frozen rows of a format-2 store (segments of ``[n_layer, n, row]`` K then V) into slots."""
+        files: dict[str, np.ndarray] = {}
+        for s in state["segments"].values():
+            a = state["arenas"][s["arena"]]
+            src, off, nbytes = Path(a["file"]), int(s["offset"]), int(s["nbytes"])
+            pos, live = s["pos"].astype(np.int64), s["live"].astype(bool)
+            if s["arena"] not in files:
+                if not src.exists() or src.stat().st_size != int(a["size"]):
+                    raise StoreError(f"frozen store file {src.name} is missing or truncated")
+                files[s["arena"]] = np.memmap(src, dtype=np.uint8, mode="r", shape=(int(a["size"]),)).view(np.ndarray)
+            region = files[s["arena"]][off : off + nbytes]
+            if digest(region) != int(s["hash"]):
+                raise StoreError(f"frozen positions {_span(pos)}: store file {src.name} is corrupt (hash mismatch)")
+            rows = np.flatnonzero(live)
+            self.put(pos[rows], s["tokens"].astype(np.int32)[rows], segment_side(region, self.layout, len(pos)), rows)
 
     def close(self) -> None:
         if self.keep:
@@ -307,12 +315,21 @@ class FrozenStore:
         if self._owned:
             shutil.rmtree(self.dir, ignore_errors=True)
         else:
-            for arena in self._arenas:
+            for arena in self._arenas.values():
                 arena.path.unlink(missing_ok=True)
-        self._segments.clear()
         self._arenas.clear()
-        self._seg_of = np.full(0, -1, np.int64)
+        self._arena = np.full(0, -1, np.int64)
         self._n_frozen = 0
+
+
+def _span(positions: np.ndarray) -> str:
+    """Positions for a message: the first run of consecutive ones, and how many others."""
+    p = np.sort(np.asarray(positions, np.int64))
+    if not len(p):
+        return "[]"
+    breaks = np.flatnonzero(np.diff(p) != 1)
+    k = int(breaks[0]) + 1 if len(breaks) else len(p)
+    return f"[{int(p[0])}, {int(p[0]) + k})" + (f" and {len(p) - k} more" if len(p) > k else "")
 
 
 def link_or_copy(src: Path, dst: Path) -> None:

@@ -22,11 +22,6 @@
 #define ALWAYS_INLINE inline __attribute__((always_inline))
 #endif
 
-static inline int64_t v_addr(int64_t off, int64_t n, int32_t vt, int64_t r, int64_t e,
-                             int64_t v_row, int64_t v_el) {
-    return vt ? off + (e * n + r) * v_el : off + r * v_row + e * v_el;
-}
-
 /* Length of the run starting at i where source and destination rows both advance by one. */
 static inline int64_t run_len(const int64_t *src_rows, const int64_t *dst_rows, int64_t i, int64_t count) {
     int64_t r = 1;
@@ -34,65 +29,73 @@ static inline int64_t run_len(const int64_t *src_rows, const int64_t *dst_rows, 
     return r;
 }
 
-/* V between a transposed side and a row side, element by element. A memcpy of v_el bytes whose size the
- * compiler does not know is a library call per element: inlined with 2-byte elements (f16 V, the usual case)
- * or 4-byte ones (f32), the size is a constant and each copy one load and one store (alignment-safe).
- * Measured on 2 Xeon cores (default model, flash attention off; benchmarks/freeze_thaw.py --repeat 30, median):
- * freeze 48-49 -> 37-39 us per token, thaw 51 -> 37 (docs/RESULTS.md, fifth session). */
-static ALWAYS_INLINE void copy_v_elems(const uint8_t *src, int64_t src_n, int32_t src_vt, uint8_t *dst, int64_t dst_n,
-                                       const int64_t *src_rows, const int64_t *dst_rows, int64_t count, int64_t n_e,
-                                       size_t el) {
+/* Rows of `size` bytes, `count` of them, row i from src + src_rows[i] * ss to dst + dst_rows[i] * ds. Where both
+ * strides equal the row size (blobs, not store slots), consecutive rows move as one memcpy: same bytes. */
+static inline void copy_strided(const uint8_t *src, int64_t ss, uint8_t *dst, int64_t ds, int64_t size,
+                                const int64_t *src_rows, const int64_t *dst_rows, int64_t count) {
+    const int packed = ss == size && ds == size;
+    for (int64_t i = 0, r; i < count; i += r) {
+        r = packed ? run_len(src_rows, dst_rows, i, count) : 1;
+        memcpy(dst + dst_rows[i] * ds, src + src_rows[i] * ss, (size_t)(r * size));
+    }
+}
+
+/* V between a transposed side ([n_e][n] elements) and a row side (row r at r * stride, element e at e * el),
+ * element by element. A memcpy of el bytes whose size the compiler does not know is a library call per element:
+ * inlined with 2-byte elements (f16 V, the usual case) or 4-byte ones (f32), the size is a constant and each copy
+ * one load and one store (alignment-safe). Measured on 2 Xeon cores (default model, flash attention off;
+ * benchmarks/freeze_thaw.py --repeat 30, median): freeze 48-49 -> 37-39 us per token, thaw 51 -> 37
+ * (docs/RESULTS.md, fifth session). */
+static ALWAYS_INLINE void copy_v_elems(const uint8_t *src, int64_t src_n, int64_t src_vs, int32_t src_vt,
+                                       uint8_t *dst, int64_t dst_n, int64_t dst_vs, const int64_t *src_rows,
+                                       const int64_t *dst_rows, int64_t count, int64_t n_e, size_t el) {
     for (int64_t e = 0; e < n_e; ++e) {
         for (int64_t i = 0; i < count; ++i) {
-            const int64_t s_at = src_vt ? e * src_n + src_rows[i] : src_rows[i] * n_e + e;
-            const int64_t d_at = src_vt ? dst_rows[i] * n_e + e : e * dst_n + dst_rows[i];
-            memcpy(dst + d_at * (int64_t)el, src + s_at * (int64_t)el, el);
+            const int64_t s_at = src_vt ? (e * src_n + src_rows[i]) * (int64_t)el : src_rows[i] * src_vs + e * (int64_t)el;
+            const int64_t d_at = src_vt ? dst_rows[i] * dst_vs + e * (int64_t)el : (e * dst_n + dst_rows[i]) * (int64_t)el;
+            memcpy(dst + d_at, src + s_at, el);
         }
     }
 }
 
-static void copy_v_mixed(const uint8_t *src, int64_t src_n, int32_t src_vt, uint8_t *dst, int64_t dst_n,
-                         const int64_t *src_rows, const int64_t *dst_rows, int64_t count, int64_t n_e, int64_t v_el) {
+static void copy_v_mixed(const uint8_t *src, int64_t src_n, int64_t src_vs, int32_t src_vt, uint8_t *dst,
+                         int64_t dst_n, int64_t dst_vs, const int64_t *src_rows, const int64_t *dst_rows,
+                         int64_t count, int64_t n_e, int64_t v_el) {
     if (v_el == 2) {
-        copy_v_elems(src, src_n, src_vt, dst, dst_n, src_rows, dst_rows, count, n_e, 2);
+        copy_v_elems(src, src_n, src_vs, src_vt, dst, dst_n, dst_vs, src_rows, dst_rows, count, n_e, 2);
     } else if (v_el == 4) {
-        copy_v_elems(src, src_n, src_vt, dst, dst_n, src_rows, dst_rows, count, n_e, 4);
+        copy_v_elems(src, src_n, src_vs, src_vt, dst, dst_n, dst_vs, src_rows, dst_rows, count, n_e, 4);
     } else {
-        copy_v_elems(src, src_n, src_vt, dst, dst_n, src_rows, dst_rows, count, n_e, (size_t)v_el);
+        copy_v_elems(src, src_n, src_vs, src_vt, dst, dst_n, dst_vs, src_rows, dst_rows, count, n_e, (size_t)v_el);
     }
 }
 
-/* Rows that are consecutive on both sides move as one memcpy (a freeze of a contiguous range, a thaw
- * into home cells): fewer, larger copies. The bytes written are the same as row by row. */
-EXPORT void asrkf_copy_rows(
-    const uint8_t *src, const int64_t *src_k, const int64_t *src_v, int64_t src_n, int32_t src_vt,
-    uint8_t *dst, const int64_t *dst_k, const int64_t *dst_v, int64_t dst_n, int32_t dst_vt,
-    const int64_t *src_rows, const int64_t *dst_rows, int64_t count,
+/* K and V of rows src_rows of one side into rows dst_rows of the other, every layer. A side is a buffer with
+ * per-layer offsets of K and of V, the bytes between consecutive rows of a layer (ks, vs: the row size in a
+ * blob, the slot size in the store) and whether V is transposed (llama.cpp with flash attention off stores V
+ * as [n_embd_v][n_cells] elements; the store never does). */
+EXPORT void asrkf_copy_rows_strided(
+    const uint8_t *src, const int64_t *src_k, const int64_t *src_v, int64_t src_n, int64_t src_ks, int64_t src_vs,
+    int32_t src_vt, uint8_t *dst, const int64_t *dst_k, const int64_t *dst_v, int64_t dst_n, int64_t dst_ks,
+    int64_t dst_vs, int32_t dst_vt, const int64_t *src_rows, const int64_t *dst_rows, int64_t count,
     int32_t n_layer, int64_t k_row, int64_t v_row, int64_t v_el) {
     const int64_t n_e = v_el > 0 ? v_row / v_el : 0;
     for (int32_t l = 0; l < n_layer; ++l) {
-        for (int64_t i = 0, r; i < count; i += r) {
-            r = run_len(src_rows, dst_rows, i, count);
-            memcpy(dst + dst_k[l] + dst_rows[i] * k_row, src + src_k[l] + src_rows[i] * k_row, (size_t)(r * k_row));
-        }
+        copy_strided(src + src_k[l], src_ks, dst + dst_k[l], dst_ks, k_row, src_rows, dst_rows, count);
         if (!src_vt && !dst_vt) {
-            for (int64_t i = 0, r; i < count; i += r) {
-                r = run_len(src_rows, dst_rows, i, count);
-                memcpy(dst + dst_v[l] + dst_rows[i] * v_row, src + src_v[l] + src_rows[i] * v_row, (size_t)(r * v_row));
-            }
-            continue;
-        }
-        if (src_vt && dst_vt) {  /* runs are contiguous in both transposed layouts */
+            copy_strided(src + src_v[l], src_vs, dst + dst_v[l], dst_vs, v_row, src_rows, dst_rows, count);
+        } else if (src_vt && dst_vt) {  /* runs are contiguous in both transposed layouts */
             for (int64_t e = 0; e < n_e; ++e) {
                 for (int64_t i = 0, r; i < count; i += r) {
                     r = run_len(src_rows, dst_rows, i, count);
-                    memcpy(dst + v_addr(dst_v[l], dst_n, 1, dst_rows[i], e, v_row, v_el),
-                           src + v_addr(src_v[l], src_n, 1, src_rows[i], e, v_row, v_el), (size_t)(r * v_el));
+                    memcpy(dst + dst_v[l] + (e * dst_n + dst_rows[i]) * v_el,
+                           src + src_v[l] + (e * src_n + src_rows[i]) * v_el, (size_t)(r * v_el));
                 }
             }
-            continue;
+        } else {
+            copy_v_mixed(src + src_v[l], src_n, src_vs, src_vt, dst + dst_v[l], dst_n, dst_vs, src_rows, dst_rows,
+                         count, n_e, v_el);
         }
-        copy_v_mixed(src + src_v[l], src_n, src_vt, dst + dst_v[l], dst_n, src_rows, dst_rows, count, n_e, v_el);
     }
 }
 

@@ -7,7 +7,7 @@ import pytest
 
 from asrkf_edge import blob as blobfmt
 from asrkf_edge.cells import CellMap
-from asrkf_edge.kvcopy import blob_side, copy_rows, empty_blob, native_available, segment_side
+from asrkf_edge.kvcopy import blob_side, copy_rows, empty_blob, native_available, segment_side, slot_side
 from asrkf_edge.llama import SCRATCH_SEQ
 
 
@@ -41,7 +41,8 @@ def test_blob_rebuilt_byte_for_byte(tiny, flash_attn):
 @pytest.mark.skipif(not native_available(), reason="native piece not built")
 @pytest.mark.parametrize("v_trans", [False, True])
 @pytest.mark.parametrize("v_el", [1, 2, 4])  # the native piece has its own loops for 2- and 4-byte elements
-def test_native_matches_numpy(v_trans, v_el):
+@pytest.mark.parametrize("store", ["slots", "segments"])  # the store's slots, format 2's segments
+def test_native_matches_numpy(v_trans, v_el, store):
     rng = np.random.default_rng(0)
     layout = blobfmt.Layout(n_layer=3, k_type=1, k_row=16, v_type=1, v_row=24, v_trans=v_trans, v_el=v_el)
     n_src, n_dst = 11, 17
@@ -50,7 +51,10 @@ def test_native_matches_numpy(v_trans, v_el):
     dst_rows = rng.permutation(n_dst)[:7]
     outs = []
     for native in (False, True):
-        seg = segment_side(np.zeros(n_dst * layout.bytes_per_cell, np.uint8), layout, n_dst)
+        if store == "slots":
+            seg = slot_side(np.zeros(n_dst * 128, np.uint8), layout, 128)  # 120 bytes a token, 64-byte aligned
+        else:
+            seg = segment_side(np.zeros(n_dst * layout.bytes_per_cell, np.uint8), layout, n_dst)
         copy_rows(src, seg, src_rows, dst_rows, layout, native=native)
         back = blob_side(np.zeros(layout.blob_size(n_src), np.uint8), layout, n_src)
         copy_rows(seg, back, dst_rows, src_rows, layout, native=native)
@@ -61,10 +65,9 @@ def test_native_matches_numpy(v_trans, v_el):
 
 
 def blobfmt_rows(side, layout, rows):
-    from asrkf_edge.kvcopy import _v_view
+    from asrkf_edge.kvcopy import _v_view, k_view
 
-    ks = [side.buf[side.k_off[i] : side.k_off[i] + side.n * layout.k_row].reshape(side.n, -1)[rows]
-          for i in range(layout.n_layer)]
+    ks = [k_view(side, layout, i)[rows] for i in range(layout.n_layer)]
     vs = [_v_view(side, layout, i)[rows] for i in range(layout.n_layer)]
     return np.concatenate([np.concatenate([k.ravel() for k in ks]), np.concatenate([v.ravel() for v in vs])])
 
