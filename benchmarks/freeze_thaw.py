@@ -1,8 +1,12 @@
-"""Freeze and thaw cost per token on the default model, native row copy vs its NumPy twin.
+"""Freeze and thaw cost on the default model, native row copy vs its NumPy twin.
 
 Usage: python benchmarks/freeze_thaw.py [--tokens 1200] [--range 400] [--repeat 20] [--flash-attn]
+                                         [--scattered 60 --cells 768]
 (flash attention off, the engine's default, stores V transposed: every V element is moved alone)
-Prints one JSON object (machine, per-token µs for each path, store bytes per token).
+Prints one JSON object (machine, per-token µs for each path, store bytes per token). ``--scattered K``
+measures instead what a policy that follows its queries does every step: 2,000 tokens read into ``--cells``
+cells, then ``--repeat`` swaps of K random scattered active tokens frozen and K random frozen ones thawed
+(into the first free cells, as policies thaw): ms per freeze and thaw (median) and the store's file bytes.
 """
 
 from __future__ import annotations
@@ -42,20 +46,48 @@ def measure(engine: Engine, n_tokens: int, span: int, repeat: int, native: bool)
     }
 
 
+def swaps(engine: Engine, k: int, cells: int, repeat: int, native: bool) -> dict[str, float]:
+    kvcopy._lib = kvcopy._load_native() if native else None
+    rng = np.random.default_rng(0)
+    freeze_s, thaw_s = [], []
+    with engine.session(cells) as s:
+        s.eval(engine.tokenize(TEXT * 200)[:2000])
+        for _ in range(repeat):
+            act = s.active_positions()
+            out = np.sort(rng.choice(act[~s.protected(act)], k, replace=False))
+            back = np.sort(rng.choice(s.frozen_positions(), k, replace=False))
+            t0 = time.perf_counter()
+            s.freeze_positions(out)
+            t1 = time.perf_counter()
+            s.thaw_positions(back, packed=True)
+            freeze_s.append(t1 - t0)
+            thaw_s.append(time.perf_counter() - t1)
+        assert s.store is not None
+        return {"freeze_ms": float(np.median(freeze_s)) * 1e3, "thaw_ms": float(np.median(thaw_s)) * 1e3,
+                "store_file_bytes": s.store.file_bytes, "frozen_tokens": s.n_frozen}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=1200)
     ap.add_argument("--range", type=int, default=400)
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--flash-attn", action="store_true")
+    ap.add_argument("--scattered", type=int, default=0, help="swaps of this many scattered tokens instead")
+    ap.add_argument("--cells", type=int, default=768)
     a = ap.parse_args()
     native_built = kvcopy.native_available()
     with Engine.load(flash_attn=a.flash_attn) as eng:
         out: dict[str, object] = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
                                   "model": eng.info.name, "range_tokens": a.range, "flash_attn": a.flash_attn}
-        out["python"] = measure(eng, a.tokens, a.range, a.repeat, native=False)
+        if a.scattered:
+            out |= {"scattered": a.scattered, "cells": a.cells}
+            run = lambda native: swaps(eng, a.scattered, a.cells, a.repeat, native)  # noqa: E731
+        else:
+            run = lambda native: measure(eng, a.tokens, a.range, a.repeat, native)  # noqa: E731
+        out["python"] = run(False)
         if native_built:
-            out["native"] = measure(eng, a.tokens, a.range, a.repeat, native=True)
+            out["native"] = run(True)
     print(json.dumps(out, indent=2))
 
 
