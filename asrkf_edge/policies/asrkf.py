@@ -127,7 +127,6 @@ class AsrKf(ScoringPolicy):
     _bigrams: BigramIndex = field(init=False, repr=False)
     recoveries: list[Recovery] = field(init=False, repr=False)
     _judging: _Judging | None = field(init=False, repr=False, default=None)
-    _keep: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.threshold > 0:
@@ -149,7 +148,6 @@ class AsrKf(ScoringPolicy):
         self._bigrams = BigramIndex()
         self.recoveries = []
         self._judging = None
-        self._keep = np.zeros(0, np.int64)
 
     def recovery_log(self) -> list[dict[str, object]]:
         return [r.as_dict() for r in self.recoveries]
@@ -166,7 +164,7 @@ class AsrKf(ScoringPolicy):
     # eviction under a hard budget
     def score(self, ctx: PolicyContext, positions: np.ndarray) -> np.ndarray:
         s = ctx.importance.of(positions)
-        return np.where(self._ledger.is_pinned(positions, ctx.step) | np.isin(positions, self._keep), np.inf, s)
+        return np.where(self._ledger.is_pinned(positions, ctx.step), np.inf, s)
 
     def on_evict(self, ctx: PolicyContext, positions: np.ndarray) -> None:
         self._ledger.frozen(positions, ctx.step)
@@ -195,11 +193,11 @@ class AsrKf(ScoringPolicy):
         early = score[: max(0, ctx.n_logical - 2 * self.obs_window)]
         keep = np.argsort(-early, kind="stable")[: int(self.keep_share * ctx.budget)]
         self._restart()
-        self._keep = np.sort(keep).astype(np.int64)
+        self._ledger.hold(np.sort(keep).astype(np.int64))  # pinned until the read ends, in every eviction and swap
         return True
 
     def after_prompt(self, ctx: PolicyContext) -> None:
-        self._keep = np.zeros(0, np.int64)
+        self._ledger.release_held()
         if self.question and ctx.n_frozen:
             self.reselect(ctx)
 

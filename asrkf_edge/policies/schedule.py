@@ -39,6 +39,10 @@ class Schedule:
         return np.maximum(1, np.round(self.base * _LAWS[self.law](np.maximum(count, 1)))).astype(np.int64)
 
 
+HELD = np.iinfo(np.int64).max
+"""``Ledger.pinned`` of a held token: pinned at every step until released."""
+
+
 class Ledger:
     """Per logical position: low-importance count, step the freeze ends (-1: not frozen), pinned until."""
 
@@ -65,6 +69,14 @@ class Ledger:
         """Record a thaw; ``pin`` steps during which the tokens may not be frozen again."""
         self.until[positions] = -1
         self.pinned[positions] = step + pin
+
+    def hold(self, positions: np.ndarray) -> None:
+        """Pin ``positions`` until :meth:`release_held` (whatever the step): tokens a read must keep."""
+        self.grow(int(positions.max()) + 1 if len(positions) else 0)
+        self.pinned[positions] = HELD
+
+    def release_held(self) -> None:
+        self.pinned[self.pinned == HELD] = -1
 
     def due(self, positions: np.ndarray, step: int) -> np.ndarray:
         """Mask of ``positions`` whose freeze has run out by ``step``."""
