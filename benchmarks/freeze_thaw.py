@@ -1,7 +1,7 @@
 """Freeze and thaw cost on the default model, native row copy vs its NumPy twin.
 
 Usage: python benchmarks/freeze_thaw.py [--tokens 1200] [--range 400] [--repeat 20] [--flash-attn]
-                                         [--scattered 60 --cells 768]
+                                         [--scattered 60 --cells 768] [--gpu-layers -1] [--model PATH]
 (flash attention off, the engine's default, stores V transposed: every V element is moved alone)
 Prints one JSON object (machine, per-token µs for each path, store bytes per token). ``--scattered K``
 measures instead what a policy that follows its queries does every step: 2,000 tokens read into ``--cells``
@@ -75,11 +75,14 @@ def main() -> None:
     ap.add_argument("--flash-attn", action="store_true")
     ap.add_argument("--scattered", type=int, default=0, help="swaps of this many scattered tokens instead")
     ap.add_argument("--cells", type=int, default=768)
+    ap.add_argument("--gpu-layers", type=int, default=0, help="-1: every layer (and the KV cache) on the GPU")
+    ap.add_argument("--model", default=None, help="a GGUF file instead of the default model")
     a = ap.parse_args()
     native_built = kvcopy.native_available()
-    with Engine.load(flash_attn=a.flash_attn) as eng:
+    with Engine.load(a.model, n_gpu_layers=a.gpu_layers, flash_attn=a.flash_attn) as eng:
         out: dict[str, object] = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-                                  "model": eng.info.name, "range_tokens": a.range, "flash_attn": a.flash_attn}
+                                  "model": eng.info.name, "range_tokens": a.range, "flash_attn": a.flash_attn,
+                                  "gpu_layers": a.gpu_layers}
         if a.scattered:
             out |= {"scattered": a.scattered, "cells": a.cells}
             run = lambda native: swaps(eng, a.scattered, a.cells, a.repeat, native)  # noqa: E731
