@@ -102,7 +102,7 @@ class Session:
     ``capture`` copies attention tensors out of every decode for ``on_decode``.
 
     Every llama.cpp memory call goes through one method here that also updates the :class:`CellMap`
-    mirror (``_decode``, ``_rm``, ``_cp``, ``_add``, ``_land``), so the two cannot drift apart.
+    mirror (``_decode``, ``_rm``, ``_cp``, ``_rm_at``, ``_cp_at``, ``_add``, ``_land``), so the two cannot drift apart.
     """
 
     def __init__(

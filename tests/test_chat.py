@@ -72,12 +72,15 @@ def test_stream_equals_send_and_reports_kv_per_token(tiny):
 
 def test_cancel_from_another_thread_stops_and_chat_goes_on(tiny):
     with tiny.chat(policy="full", ctx=800) as chat:
-        started = threading.Event()
-        stopper = threading.Thread(target=lambda: (started.wait(30), chat.cancel()))
+        started, asked = threading.Event(), threading.Event()
+        stopper = threading.Thread(target=lambda: (started.wait(30), chat.cancel(), asked.set()))
         stopper.start()
 
         def on_kv(stats: dict[str, object]) -> None:
+            # The first token waits until the other thread has asked: without it, the tiny model sometimes reached
+            # its end of generation before that thread ran (4 runs in 20 failed so, before and after a084e44).
             started.set()
+            asked.wait(30)
             started_at.append(int(stats["logical_tokens"]))
 
         started_at: list[int] = []
