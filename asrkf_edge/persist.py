@@ -64,7 +64,8 @@ def read(path: Path) -> dict[str, Any]:
         raise SessionFileError(f"{path} is not an asrkf-edge saved chat")
     if manifest.get("version") not in READS:
         raise SessionFileError(f"{path} was saved in chat format version {manifest.get('version')} "
-                               f"(asrkf-edge {manifest.get('asrkf_edge')}); this asrkf-edge reads version {VERSION}")
+                               f"(asrkf-edge {manifest.get('asrkf_edge')}); this asrkf-edge reads versions "
+                               f"{', '.join(map(str, READS))}")
     try:
         with np.load(path / "arrays.npz") as z:
             arrays = {k: z[k] for k in z.files}

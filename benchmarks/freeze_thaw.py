@@ -23,8 +23,7 @@ from asrkf_edge import Engine, kvcopy
 TEXT = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 
 
-def measure(engine: Engine, n_tokens: int, span: int, repeat: int, native: bool) -> dict[str, float]:
-    kvcopy._lib = kvcopy._load_native() if native else None
+def measure(engine: Engine, n_tokens: int, span: int, repeat: int) -> dict[str, float]:
     tokens = (engine.tokenize(TEXT * 200))[:n_tokens]
     freeze_s, thaw_s = [], []
     with engine.session(2048) as s:
@@ -46,8 +45,7 @@ def measure(engine: Engine, n_tokens: int, span: int, repeat: int, native: bool)
     }
 
 
-def swaps(engine: Engine, k: int, cells: int, repeat: int, native: bool) -> dict[str, float]:
-    kvcopy._lib = kvcopy._load_native() if native else None
+def swaps(engine: Engine, k: int, cells: int, repeat: int) -> dict[str, float]:
     rng = np.random.default_rng(0)
     freeze_s, thaw_s = [], []
     with engine.session(cells) as s:
@@ -85,12 +83,10 @@ def main() -> None:
                                   "gpu_layers": a.gpu_layers}
         if a.scattered:
             out |= {"scattered": a.scattered, "cells": a.cells}
-            run = lambda native: swaps(eng, a.scattered, a.cells, a.repeat, native)  # noqa: E731
-        else:
-            run = lambda native: measure(eng, a.tokens, a.range, a.repeat, native)  # noqa: E731
-        out["python"] = run(False)
-        if native_built:
-            out["native"] = run(True)
+        for path, native in (("python", False), ("native", True))[: 1 + native_built]:
+            kvcopy._lib = kvcopy._load_native() if native else None
+            out[path] = (swaps(eng, a.scattered, a.cells, a.repeat) if a.scattered
+                         else measure(eng, a.tokens, a.range, a.repeat))
     print(json.dumps(out, indent=2))
 
 
