@@ -7,9 +7,11 @@ Usage: python benchmarks/gpu_breakdown.py MODEL.gguf --lengths 4096 16384 --runs
 Each variant is [label, policy, field overrides]; the overrides ``_background`` and ``_split`` set the tracker's
 background fold and split capture (both on by default when the layers are on a GPU). Prompts are random token ids,
 the same for every variant of one run and length (seeded by both), so variants compare paired. Every layer goes to
-the GPU when there is one (``--allow-cpu`` runs it on the CPU). Prints a line per run and a median (range) per
-length and variant; ``--json`` writes the rows. With ``full``, llama.cpp's decode returns before the GPU finishes
-and the wait shows up in ``logits``; a policy that captures attention waits inside the decode.
+the GPU when there is one (``--allow-cpu`` runs it on the CPU); flash attention is on unless ``--no-flash-attn``
+(then the decayed score folds llama.cpp's own softmax instead of attention computed on the host). Prints a line
+per run and a median (range) per length and variant; ``--json`` writes the rows. With ``full``, llama.cpp's decode
+returns before the GPU finishes and the wait shows up in ``logits``; a policy that captures attention waits inside
+the decode.
 """
 
 # ruff: noqa: I001, E402
@@ -89,12 +91,13 @@ def main() -> None:
     ap.add_argument("--variants", default='[["full", "full", {}], ["asrkf", "asrkf", {}]]')
     ap.add_argument("--json", default=None)
     ap.add_argument("--allow-cpu", action="store_true")
+    ap.add_argument("--no-flash-attn", action="store_true", help="flash attention off: scoring folds llama.cpp's own softmax")
     a = ap.parse_args()
     if not llama.gpu_devices() and not a.allow_cpu:
         raise SystemExit("llama.cpp has no GPU backend here (--allow-cpu to run on the CPU)")
     variants = json.loads(a.variants)
     rows: list[dict[str, Any]] = []
-    with Engine.load(a.model, n_gpu_layers=-1, flash_attn=True) as eng:
+    with Engine.load(a.model, n_gpu_layers=-1, flash_attn=not a.no_flash_attn) as eng:
         for _, policy, over in variants:  # not recorded: Numba compiles its kernels on a machine's first run
             run_variant(eng, policy, over, 2048, 4, a.budget, seed=a.runs)
         for run in range(a.runs):
