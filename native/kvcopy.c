@@ -40,20 +40,29 @@ static inline void copy_strided(const uint8_t *src, int64_t ss, uint8_t *dst, in
     }
 }
 
+/* Rows moved together through the transposed V: the block's row-side rows stay in L1 and its TLB while every
+ * element of them moves. Row by row over all `count` rows for each element instead, each element went to another
+ * store slot (a slot apart, 23 KB on the default model), so every row of a 400-token freeze was touched once per
+ * element: 9.3 us a token of copy out of 14 (docs/RESULTS.md, eleventh session). */
+#define V_BLOCK 16
+
 /* V between a transposed side ([n_e][n] elements) and a row side (row r at r * stride, element e at e * el),
- * element by element. A memcpy of el bytes whose size the compiler does not know is a library call per element:
- * inlined with 2-byte elements (f16 V, the usual case) or 4-byte ones (f32), the size is a constant and each copy
- * one load and one store (alignment-safe). Measured on 2 Xeon cores (default model, flash attention off;
- * benchmarks/freeze_thaw.py --repeat 30, median): freeze 48-49 -> 37-39 us per token, thaw 51 -> 37
- * (docs/RESULTS.md, fifth session). */
+ * element by element, V_BLOCK rows at a time. A memcpy of el bytes whose size the compiler does not know is a
+ * library call per element: inlined with 2-byte elements (f16 V, the usual case) or 4-byte ones (f32), the size
+ * is a constant and each copy one load and one store (alignment-safe). Measured on 2 Xeon cores (default model,
+ * flash attention off; benchmarks/freeze_thaw.py --repeat 30, median): freeze 48-49 -> 37-39 us per token, thaw
+ * 51 -> 37 (docs/RESULTS.md, fifth session). */
 static ALWAYS_INLINE void copy_v_elems(const uint8_t *src, int64_t src_n, int64_t src_vs, int32_t src_vt,
                                        uint8_t *dst, int64_t dst_n, int64_t dst_vs, const int64_t *src_rows,
                                        const int64_t *dst_rows, int64_t count, int64_t n_e, size_t el) {
-    for (int64_t e = 0; e < n_e; ++e) {
-        for (int64_t i = 0; i < count; ++i) {
-            const int64_t s_at = src_vt ? (e * src_n + src_rows[i]) * (int64_t)el : src_rows[i] * src_vs + e * (int64_t)el;
-            const int64_t d_at = src_vt ? dst_rows[i] * dst_vs + e * (int64_t)el : (e * dst_n + dst_rows[i]) * (int64_t)el;
-            memcpy(dst + d_at, src + s_at, el);
+    for (int64_t i0 = 0; i0 < count; i0 += V_BLOCK) {
+        const int64_t i1 = i0 + V_BLOCK < count ? i0 + V_BLOCK : count;
+        for (int64_t e = 0; e < n_e; ++e) {
+            for (int64_t i = i0; i < i1; ++i) {
+                const int64_t s_at = src_vt ? (e * src_n + src_rows[i]) * (int64_t)el : src_rows[i] * src_vs + e * (int64_t)el;
+                const int64_t d_at = src_vt ? dst_rows[i] * dst_vs + e * (int64_t)el : (e * dst_n + dst_rows[i]) * (int64_t)el;
+                memcpy(dst + d_at, src + s_at, el);
+            }
         }
     }
 }

@@ -45,10 +45,10 @@ def test_blob_rebuilt_byte_for_byte(tiny, flash_attn):
 def test_native_matches_numpy(v_trans, v_el, store):
     rng = np.random.default_rng(0)
     layout = blobfmt.Layout(n_layer=3, k_type=1, k_row=16, v_type=1, v_row=24, v_trans=v_trans, v_el=v_el)
-    n_src, n_dst = 11, 17
+    n_src, n_dst = 45, 61
     src = blob_side(rng.integers(0, 255, layout.blob_size(n_src), dtype=np.uint8), layout, n_src)
-    src_rows = rng.permutation(n_src)[:7]
-    dst_rows = rng.permutation(n_dst)[:7]
+    src_rows = np.concatenate([np.arange(3, 20), rng.permutation(np.arange(20, n_src))[:20]])  # a run, then scattered
+    dst_rows = rng.permutation(n_dst)[: len(src_rows)]  # 37 rows: the native piece's transposed V moves 16 at a time
     outs = []
     for native in (False, True):
         if store == "slots":
