@@ -9,7 +9,10 @@ cells, then ``--repeat`` swaps of K random scattered active tokens frozen and K 
 (into the first free cells, as policies thaw): ms per freeze and thaw (median) and the store's file bytes.
 """
 
+# ruff: noqa: I001, E402
 from __future__ import annotations
+
+import llama_cpp  # noqa: F401  (before numpy: a CUDA build segfaulted loading a model otherwise)
 
 import argparse
 import json
