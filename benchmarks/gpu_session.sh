@@ -1,0 +1,44 @@
+#!/bin/bash
+# The standard GPU measurement of issue 15 in calls of `device` (one warm H200, carry [".gpu/kit", TREES...]):
+#   bash benchmarks/gpu_session.sh 1 [TREE...]   build (gpu_build.sh, ~270 s on a cold machine), then the default
+#                                                shape's breakdown at 4k / 16k / 32k (full, asrkf, asrkf without
+#                                                the recovery trigger; 3 runs, 128 tokens)
+#   bash benchmarks/gpu_session.sh 2 [TREE...]   the 8B shape (written in ~20 s): freeze/thaw GB/s (400-token
+#                                                ranges, 60-token scattered swaps), then its breakdown (full, asrkf)
+# TREEs (e.g. `git archive OLD asrkf_edge setup.py native pyproject.toml` under .gpu/) run the same measurements
+# after this tree in the same call: before and after on one machine. The breakdowns share what is left of ~590 s.
+# Logs go to $OUT. The eleventh session's calls, written out (docs/gpu.md).
+set -o pipefail
+export PYTHONUNBUFFERED=1
+T0=$(date +%s)
+left() { echo $(( 590 - ($(date +%s) - T0) )); }
+name() { if [ "$1" = . ]; then echo head; else basename "$1"; fi; }
+part=$1; shift
+bash benchmarks/gpu_build.sh "$@" 2>&1 | tee -a "$OUT/build.log" || exit 1  # a warm machine keeps the wheel
+mkdir -p /tmp/m
+test -f /tmp/m/small.gguf || PYTHONPATH=/tmp/site python3 benchmarks/gpu_make_model.py /tmp/m/small.gguf \
+  --layers 30 --embd 576 --heads 9 --kv-heads 3 --ff 1536 --vocab 49152 | tail -1
+if [ "$part" = 1 ]; then
+  M=small DECODE=128 VARIANTS='[["full","full",{}],["asrkf","asrkf",{}],["notrig","asrkf",{"trigger":"none"}]]'
+else
+  test -f /tmp/m/llama8b.gguf || PYTHONPATH=/tmp/site python3 benchmarks/gpu_make_model.py /tmp/m/llama8b.gguf | tail -1
+  M=llama8b DECODE=64 VARIANTS='[["full","full",{}],["asrkf","asrkf",{}]]'
+  for T in . "$@"; do
+    for A in "--repeat 10" "--scattered 60 --repeat 30"; do
+      echo "== freeze_thaw $(name "$T") $A"
+      # shellcheck disable=SC2086  # $A is several arguments
+      PYTHONPATH=/tmp/site:$T timeout 60 python3 benchmarks/freeze_thaw.py --flash-attn --gpu-layers -1 \
+        --model /tmp/m/$M.gguf $A 2>/dev/null | tr -d '\n ' | tee -a "$OUT/freeze-thaw-$M.log"
+      echo | tee -a "$OUT/freeze-thaw-$M.log"
+    done
+  done
+fi
+trees=(. "$@")
+for i in "${!trees[@]}"; do
+  T=${trees[$i]}
+  share=$(( $(left) / (${#trees[@]} - i) ))
+  echo "== breakdown $(name "$T"), $share s"
+  PYTHONPATH=/tmp/site:$T timeout "$share" python3 benchmarks/gpu_breakdown.py /tmp/m/$M.gguf --runs 3 \
+    --decode $DECODE --variants "$VARIANTS" --json "$OUT/breakdown-$M-$(name "$T").json" 2>&1 \
+    | grep -v "^llama\|^load\|^print_info" | tee "$OUT/breakdown-$M-$(name "$T").log"
+done
