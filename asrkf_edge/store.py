@@ -46,6 +46,7 @@ class Arena:
 
     def __init__(self, arena_id: int, path: Path, slots: int, slot_bytes: int, layout: Layout, create: bool = True) -> None:
         self.arena_id, self.path, self.slot_bytes, self.sealed = arena_id, path, slot_bytes, not create
+        self._token_bytes = layout.bytes_per_cell  # what a slot's hash covers (not its alignment padding)
         self.size = slots * slot_bytes
         if create:
             with open(path, "wb+") as f:
@@ -79,9 +80,10 @@ class Arena:
             self._free[self._top : self._top + len(ids)] = ids
             self._top += len(ids)
 
-    def hash(self, slot: int, nbytes: int) -> int:
-        at = slot * self.slot_bytes
-        return digest(self._bytes[at : at + nbytes])
+    def hashes(self, slots: np.ndarray) -> np.ndarray:
+        """The hash of each of these slots' token bytes (uint64)."""
+        n, step = self._token_bytes, self.slot_bytes
+        return np.array([digest(self._bytes[s * step : s * step + n]) for s in slots.tolist()], np.uint64)
 
 
 class FrozenStore:
@@ -110,7 +112,7 @@ class FrozenStore:
     def put(self, pos: np.ndarray, tokens: np.ndarray, src: Side, src_rows: np.ndarray) -> None:
         """Write rows ``src_rows`` of ``src`` as the frozen tokens ``pos`` (their ids ``tokens``), one slot each."""
         pos, src_rows = np.asarray(pos, np.int64), np.asarray(src_rows, np.int64)
-        n, nbytes = len(pos), self.layout.bytes_per_cell
+        n = len(pos)
         placed: list[tuple[Arena, np.ndarray, slice]] = []
         hashes = np.zeros(n, np.uint64)
         try:
@@ -122,7 +124,7 @@ class FrozenStore:
                 done += len(ids)
             for arena, ids, part in placed:
                 copy_rows(src, arena.side, src_rows[part], ids, self.layout)
-                hashes[part] = [arena.hash(s, nbytes) for s in ids.tolist()]
+                hashes[part] = arena.hashes(ids)
                 if self.keep:  # a temporary store dies with its session: no msync on the freeze path
                     arena.mm.flush()
         except OSError as e:
@@ -186,11 +188,9 @@ class FrozenStore:
                 cut = p[idx][(slots + 1) * self.slot_bytes > size]
                 raise StoreError(f"frozen positions {_span(cut)}: store file {arena.path} has {size} bytes, "
                                  f"their rows end at up to {end}")
-            nbytes = self.layout.bytes_per_cell
-            bad = [q for q, s in zip(p[idx].tolist(), slots.tolist(), strict=True) if arena.hash(s, nbytes) != self._hash[q]]
-            if bad:
-                raise StoreError(f"frozen positions {_span(np.asarray(bad))}: store file {arena.path} is corrupt "
-                                 "(hash mismatch)")
+            bad = p[idx][arena.hashes(slots) != self._hash[p[idx]]]
+            if len(bad):
+                raise StoreError(f"frozen positions {_span(bad)}: store file {arena.path} is corrupt (hash mismatch)")
             out.append((arena.side, slots, idx))
         return out
 

@@ -247,6 +247,7 @@ def test_store_keys_view(real, doc):
         kf = k.view(np.float16)
         assert np.isfinite(kf).all() and np.abs(kf).max() > 0
 
+
 def test_store_saved_as_segments_reads_back_into_slots(real, doc, tmp_path):
     """A chat saved before slots (format 2: records of 16 tokens, K of every layer then V) resumes: the rows its
     records still held come back into slots, byte for byte, and a damaged record is an error naming it."""
