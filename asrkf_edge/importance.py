@@ -395,9 +395,12 @@ class Importance:
     ``background`` (on when the layers are on a GPU): the host attention of an observation (and of a policy's
     :meth:`mass_job`) runs on a worker thread while llama.cpp decodes the next tokens (ctypes releases the Python
     lock). A job reads mirror rows that were known when it was queued and writes the scores of positions before
-    its queries; every reader of the scores waits for all jobs, so the scores are the inline fold's. A decode of
+    its queries; every reader of the scores waits for the folds, so the scores are the inline fold's. A decode of
     new positions does not wait: the fold then has until the next reader (the next observation, 8 decodes on) to
     finish, where it had one decode before (each decode waited for the fold queued after the one before it).
+    A :meth:`mass_job` writes no scores: readers of the scores do not wait for one queued after the last fold.
+    ``generation`` counts the decodes that computed positions again (their keys and queries changed): a mass
+    computed before is stale when it moved.
     """
 
     def __init__(self, model: Model, layers: tuple[int, ...], window: int, flash_attn: bool,
@@ -420,8 +423,10 @@ class Importance:
         self._scores = np.zeros(1024, np.float32)
         self.background = self.parallel  # fold on a worker thread while the GPU decodes the next token
         self.split = self.parallel and flash_attn and self.sparse and self.stride > 1 and cuda_graphs()
-        self._pending: list[Future[object]] = []  # jobs on the worker thread, oldest first
+        self._pending: list[tuple[Future[object], bool, int]] = []  # worker jobs, oldest first: (job, folds, upto)
         self._upto = 0  # the pending jobs read keys and write scores of positions below this
+        self._seen = 0  # positions decoded so far
+        self.generation = 0
         self._kv = model.n_head_kv * model.head_dim
         self.keys = np.zeros((len(layers), 1024 if self.mirror_keys else 0, self._kv), np.float16)
         self.known = np.zeros(1024 if self.mirror_keys else 0, bool)  # which positions the mirror holds
@@ -454,7 +459,7 @@ class Importance:
 
     def _grow(self, n: int) -> None:
         if n > len(self._scores):
-            self._wait()  # the jobs hold the arrays about to be replaced
+            self._wait(folds_only=True)  # the folds write the arrays about to be replaced
             cap = max(n, 2 * len(self._scores))
             self._scores = np.concatenate([self._scores, np.zeros(cap - len(self._scores), np.float32)])
             if self.mirror_keys:
@@ -471,6 +476,9 @@ class Importance:
         assert cap is not None
         if pos0 < self._upto:  # positions read again that a job reads or scores
             self._wait()
+        if pos0 < self._seen:
+            self.generation += 1
+        self._seen = max(self._seen, pos0 + n)
         self._grow(pos0 + n)
         if fold_scores:
             self._scores[pos0 : pos0 + n] = 1.0 / (pos0 + n)
@@ -508,7 +516,7 @@ class Importance:
             q = (q if q is not None else self.queries())[:, -rows:]
             if self.background:
                 self.ensure_keys(kpos)  # llama.cpp calls stay on this thread
-                self._queue(self._fold_from_mirror, q, qpos, kpos, self.mirror(), gamma, weight)
+                self._queue(self._fold_from_mirror, True, q, qpos, kpos, self.mirror(), gamma, weight)
                 return
             mass = self.mass(q, qpos, kpos, self.fold)
         fold(self._scores, np.ascontiguousarray(mass, np.float32), kpos.astype(np.int64), qpos, gamma, weight)
@@ -518,24 +526,30 @@ class Importance:
         fold(self._scores, np.ascontiguousarray(self._mass(q, qpos, kpos, self.fold, keys), np.float32), kpos, qpos,
              gamma, weight)
 
-    def _queue(self, job: Callable[..., T], q: np.ndarray, qpos: np.ndarray, kpos: np.ndarray, *args: object) -> Future[T]:
-        """Run ``job(q, qpos, kpos, *args)`` on the worker thread, after the jobs queued before it."""
+    def _queue(self, job: Callable[..., T], folds: bool, q: np.ndarray, qpos: np.ndarray, kpos: np.ndarray,
+               *args: object) -> Future[T]:
+        """Run ``job(q, qpos, kpos, *args)`` on the worker thread, after the jobs queued before it (``folds``: it
+        writes the scores)."""
         done = _worker().submit(job, q, qpos, kpos, *args)
-        self._pending.append(done)
-        self._upto = max(self._upto, int(qpos.max(initial=-1)) + 1, int(kpos.max(initial=-1)) + 1)
+        upto = max(int(qpos.max(initial=-1)) + 1, int(kpos.max(initial=-1)) + 1)
+        self._pending.append((done, folds, upto))
+        self._upto = max(self._upto, upto)
         return done
 
-    def _wait(self) -> None:
-        """Finish the jobs on the worker thread (every reader of the scores waits for them, and so does any
-        kernel run here: Numba's thread pool takes one parallel kernel at a time)."""
-        pending, self._pending, self._upto = self._pending, [], 0
-        for done in pending:
-            done.result()
+    def _wait(self, folds_only: bool = False) -> None:
+        """Finish the jobs on the worker thread: all of them before a kernel runs here (Numba's thread pool takes
+        one parallel kernel at a time) or positions are read again; up to the last fold for a reader of the scores
+        (the worker runs jobs in order)."""
+        last = max((i for i, (_, folds, _) in enumerate(self._pending) if folds), default=-1) if folds_only else len(self._pending) - 1
+        done, self._pending = self._pending[: last + 1], self._pending[last + 1 :]
+        self._upto = max((upto for _, _, upto in self._pending), default=0)
+        for job, _, _ in done:
+            job.result()
 
     @property
     def scores(self) -> np.ndarray:
         """Per-position importance (float32, by position; room beyond the context is zero)."""
-        self._wait()
+        self._wait(folds_only=True)
         return self._scores
 
     def on_copy(self, pos: np.ndarray, parsed: Parsed) -> None:
@@ -588,8 +602,11 @@ class Importance:
 
     def load_state(self, state: dict[str, np.ndarray]) -> None:
         n = len(state["scores"])
+        self._wait()  # jobs read the mirror rows replaced here
         self._grow(n)
         self.scores[:n] = state["scores"]
+        self.generation += 1
+        self._seen = n
         if self.mirror_keys and "keys" in state:
             self.keys[:, :n] = state["keys"]
             self.known[:n] = state["known"]
@@ -626,7 +643,7 @@ class Importance:
             done.set_result(self.mass(q, qpos, kpos, layers))
             return done
         self.ensure_keys(kpos)
-        return self._queue(self._mass, np.array(q), qpos.copy(), kpos, layers, self.mirror())
+        return self._queue(self._mass, False, np.array(q), qpos.copy(), kpos, layers, self.mirror())
 
     def _mass(self, q: np.ndarray, qpos: np.ndarray, kpos: np.ndarray, layers: tuple[int, ...] | None,
               keys: np.ndarray | None = None) -> np.ndarray:

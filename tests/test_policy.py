@@ -182,18 +182,24 @@ def test_a_decode_of_new_positions_does_not_wait_for_the_background_work(tiny) -
         go = threading.Event()
         held = lambda q, qpos, kpos: go.wait(10)  # noqa: E731
         kpos = sess.active_positions()
-        job = imp._queue(held, np.zeros(1), np.array([run.n_logical - 1]), kpos)
+        job = imp._queue(held, True, np.zeros(1), np.array([run.n_logical - 1]), kpos)
         sess.capture.enabled = False  # as on a decode step that is not observed
         imp.observe(sess.cell_positions(), run.n_logical, 1)
         assert not job.done()
         threading.Timer(0.2, go.set).start()
         imp.observe(sess.cell_positions(), run.n_logical - 1, 1, fold_scores=False)  # read again: waits
         assert job.done() and job.result()
-        job = imp._queue(held, np.zeros(1), np.array([run.n_logical - 1]), kpos)
+        job = imp._queue(held, True, np.zeros(1), np.array([run.n_logical - 1]), kpos)
         go.clear()
         threading.Timer(0.2, go.set).start()
         imp.of(kpos)
         assert job.done() and job.result()
+        go.clear()  # a job that writes no scores (a policy's mass job): readers of the scores go on
+        job = imp._queue(held, False, np.zeros(1), np.array([run.n_logical - 1]), kpos)
+        imp.of(kpos)
+        assert not job.done()
+        go.set()
+        assert job.result()
 
 
 def test_a_background_re_evaluation_lands_later_with_the_inline_judgement(tiny) -> None:
@@ -301,6 +307,46 @@ def test_the_mass_trigger_swaps_in_only_when_frozen_keys_draw_the_query(tiny) ->
             swaps = [r for r in run.policy.recoveries if r.thawed]
             assert swaps, "nothing was swapped in"
             assert all((r.entropy_after is not None) == redecoded for r in swaps)
+
+
+def test_the_trigger_s_check_is_computed_once_per_query_and_in_the_background_before_a_spike(tiny) -> None:
+    """The trigger's check (the newest query's attention over every position, frozen or not) is computed once per
+    query, not once per spike; with the tracker in the background it is queued when the query is taken, so a
+    spike finds it under way. Either way the swaps and the tokens are the same."""
+    text = "the sky is blue and the grass is green " * 40
+    seen = {}
+    for background, share in ((False, 0.0), (True, 0.0), (False, 1.01), (True, 1.01)):
+        with Runner(tiny.model, AsrKf(min_cache=64, trigger="mass", trigger_every=1, trigger_mass=share), 160,
+                    flash_attn=True) as run:
+            pol, imp = run.policy, run.importance
+            imp.background = background
+            run.prefill(tiny.tokenize(text)[:400])
+            checks, ready, mass, after_logits = [], [], imp._mass, pol.after_logits
+
+            def counted(q, qpos, kpos, *a, mass=mass, checks=checks):
+                if len(qpos) == 1 and np.array_equal(np.sort(kpos[kpos <= qpos[0]]), np.arange(qpos[0] + 1)):
+                    checks.append(int(qpos[0]))  # the check's host attention: one query over every position
+                return mass(q, qpos, kpos, *a)
+
+            def spike(ctx, after_logits=after_logits, ready=ready, pol=pol, imp=imp):
+                key = (int(imp.recent_queries(1)[1][-1]), imp.generation)
+                ready.append(pol._check is not None and pol._check[:2] == key)
+                after_logits(ctx)
+
+            imp._mass, pol.after_logits = counted, spike
+            toks, logits = greedy(run, 40)
+            imp._wait()
+            seen[background, share] = (toks, logits, [(r.step, r.ranges) for r in pol.recoveries], checks, ready)
+            assert run.session.kv_stats().active_tokens + run.session.kv_stats().frozen_tokens == run.n_logical
+    for share in (0.0, 1.01):
+        (t0, l0, r0, _, _), (t1, l1, r1, _, _) = seen[False, share], seen[True, share]
+        assert t0 == t1 and np.array_equal(l0, l1) and r0 == r1
+    assert seen[True, 0.0][2] and not seen[True, 1.01][2]  # it fires, or never
+    for background in (False, True):
+        checks, ready = seen[background, 1.01][3:]
+        assert 0 < len(checks) == len(set(checks)) <= 40 // 8 + 2, checks  # once per query, not once per step
+        # queued with its query (the prompt's first is made at the first spike) / made at the spike that lacked it
+        assert all(ready[1:]) if background else ready.count(False) == len(checks), ready
 
 
 def _forced(real, pol, ctx: list[int], tail: list[int]):

@@ -127,6 +127,7 @@ class AsrKf(ScoringPolicy):
     _bigrams: BigramIndex = field(init=False, repr=False)
     recoveries: list[Recovery] = field(init=False, repr=False)
     _judging: _Judging | None = field(init=False, repr=False, default=None)
+    _check: tuple[int, int, Future[np.ndarray]] | None = field(init=False, repr=False, default=None)
 
     def __post_init__(self) -> None:
         if not self.threshold > 0:
@@ -148,6 +149,7 @@ class AsrKf(ScoringPolicy):
         self._bigrams = BigramIndex()
         self.recoveries = []
         self._judging = None
+        self._check = None
 
     def recovery_log(self) -> list[dict[str, object]]:
         return [r.as_dict() for r in self.recoveries]
@@ -160,6 +162,7 @@ class AsrKf(ScoringPolicy):
         self._ledger.load_state(state["ledger"])
         self._monitor.load_state(state["monitor"])
         self.recoveries = [Recovery.from_dict(d) for d in state["recoveries"]]
+        self._check = None
 
     # eviction under a hard budget
     def score(self, ctx: PolicyContext, positions: np.ndarray) -> np.ndarray:
@@ -253,6 +256,8 @@ class AsrKf(ScoringPolicy):
         steps after its queries were taken (0: at the next step), its host attention computed on the worker thread
         meanwhile (23 ms a call at 32k on an H200's host, default shape, where a token took 4.8 ms)."""
         step = ctx.step
+        if n == 1 and self.trigger in ("mass", "entropy-mass") and ctx.n_frozen and ctx.importance.background:
+            self._query_mass(ctx)  # the trigger's check, ready before the entropy spikes
         if self._judging is not None and (n > 1 or step >= self._judging.at):
             self._judge(ctx)
         if (n == 1 and step % self.reeval_every) or ctx.n_logical < self.min_cache:
@@ -381,10 +386,9 @@ class AsrKf(ScoringPolicy):
         it fired on a fifth: one query's ranking of the rest is noise, so a rare fire replaced a good set
         with a worse one."""
         imp = ctx.importance
-        q, qpos = imp.recent_queries(1)
         act, frozen = ctx.active(), ctx.frozen()
-        cur = imp.mass(q, qpos, np.concatenate([act, frozen]), imp.fold)[0]
-        cur_act, cur_frozen = cur[: len(act)], cur[len(act) :]
+        cur = self._query_mass(ctx).result()[0]
+        cur_act, cur_frozen = _at(cur, act), _at(cur, frozen)
         share = float(cur_frozen.sum())
         if share < self.trigger_mass:
             return None
@@ -433,6 +437,21 @@ class AsrKf(ScoringPolicy):
         return ranked[:cap]
 
     # helpers
+    def _query_mass(self, ctx: PolicyContext) -> Future[np.ndarray]:
+        """The attention mass the newest kept query gives every position up to its own ([1, qpos + 1]; the
+        positions after it are hidden from it), whichever of them are frozen now: the trigger's check. Computed
+        once per query (and again after a decode computed positions again); with the tracker in the background
+        :meth:`after_decode` queues it when the query is taken, so that a spike finds it done. Measured on an H100
+        (LLaMA-3-8B shape, random ids, 4k): computed at the spike, a check cost the token 12 ms, most of it waiting
+        for the fold queued before it and the host attention over every key of 8 layers (docs/gpu.md, twelfth
+        session)."""
+        imp = ctx.importance
+        q, qpos = imp.recent_queries(1)
+        key = (int(qpos[-1]), imp.generation)
+        if self._check is None or self._check[:2] != key:
+            self._check = (*key, imp.mass_job(q, qpos, np.arange(key[0] + 1, dtype=np.int64), imp.fold))
+        return self._check[2]
+
     def _relevance(self, ctx: PolicyContext, act: np.ndarray, frozen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Most attention any of the newest queries would give each active and each frozen token, in uniform
         shares, normalised jointly (keys from the mirror; the decayed score's layers)."""
@@ -474,6 +493,12 @@ class AsrKf(ScoringPolicy):
         self._ledger.thawed(positions, ctx.step, pin)
         ctx.importance.scores[positions] = 1.0 / ctx.n_logical
         return n
+
+
+def _at(mass: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """``mass`` (by position, up to a query's own) at ``positions``; 0 after it."""
+    inside = positions < len(mass)
+    return np.where(inside, mass[np.where(inside, positions, 0)], 0).astype(mass.dtype)
 
 
 @dataclass
