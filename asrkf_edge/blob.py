@@ -125,10 +125,14 @@ GGML_F32, GGML_F16, GGML_Q4_0, GGML_Q8_0 = 0, 1, 2, 8  # ggml_type values: cache
 
 
 def k_as_f16(parsed: Parsed, layer: int) -> np.ndarray:
-    """One layer's K rows as float16 [n, n_embd_k], whatever the cache type (f32, f16, q8_0 dequantized).
+    """One layer's K rows as float16 [n, n_embd_k], whatever the cache type (f32, f16, q8_0 dequantized)."""
+    return rows_as_f16(parsed.k[layer], parsed.layout.k_type)
+
+
+def rows_as_f16(raw: np.ndarray, t: int) -> np.ndarray:
+    """Cache rows of ggml type ``t`` (uint8 [n, row bytes]) as float16 [n, values].
 
     q8_0 (ggml's ``block_q8_0``): blocks of 32 values, each an f16 scale then 32 int8, value = scale * q."""
-    raw, t = parsed.k[layer], parsed.layout.k_type
     if t == GGML_F16:
         return raw.view(np.float16)
     if t == GGML_F32:

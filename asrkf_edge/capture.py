@@ -8,6 +8,9 @@ is native C (``native/capture.c``) when built, else a Python twin that copies th
 In split mode (:attr:`Capture.split`) only the queries of ``split_layers`` are asked for, on every decode
 whether copied or not: each node asked for ends a graph view, and a CUDA backend keeps a graph per view only
 while every decode is cut the same way.
+
+On the first decode the callback also notes llama.cpp's K cache tensor of every layer (where a ``SET_ROWS`` node
+writes ``cache_k_l<il>``), so that keys can later be read straight from the cache's rows (:meth:`Capture.cache_k`).
 """
 
 from __future__ import annotations
@@ -35,13 +38,24 @@ class _Head(ctypes.Structure):
                 ("nb", ctypes.c_size_t * 4), ("op", ctypes.c_int32)]
 
 
+class _Full(ctypes.Structure):
+    """``struct ggml_tensor`` up to its name (GGML_MAX_OP_PARAMS 64, GGML_MAX_SRC 10; checked against
+    ``ggml_get_name`` before a source is read)."""
+
+    _fields_ = [*_Head._fields_, ("op_params", ctypes.c_int32 * 16), ("flags", ctypes.c_int32),
+                ("src", ctypes.c_void_p * 10), ("view_src", ctypes.c_void_p), ("view_offs", ctypes.c_size_t),
+                ("data", ctypes.c_void_p), ("name", ctypes.c_char * 64)]
+
+
 class _State(ctypes.Structure):
     """Mirror of ``asrkf_capture`` in native/capture.c."""
 
     _fields_ = [("get_name", ctypes.c_void_p), ("tensor_get", ctypes.c_void_p), ("rope_op", ctypes.c_int32),
                 ("n_layer", ctypes.c_int32), ("enabled", ctypes.c_int32), ("split", ctypes.c_int32), ("window", ctypes.c_int32),
                 ("error", ctypes.c_int32), ("err_slot", ctypes.c_int32), ("want", ctypes.c_void_p),
-                ("buf", ctypes.c_void_p), ("cap", ctypes.c_void_p), ("shape", ctypes.c_void_p), ("hits", ctypes.c_void_p)]
+                ("buf", ctypes.c_void_p), ("cap", ctypes.c_void_p), ("shape", ctypes.c_void_p), ("hits", ctypes.c_void_p),
+                ("set_rows_op", ctypes.c_int32), ("find_cache", ctypes.c_int32), ("layout_ok", ctypes.c_int32),
+                ("n_found", ctypes.c_int32), ("cache_k", ctypes.c_void_p)]
 
 
 def _ggml_lib() -> ctypes.CDLL:
@@ -53,11 +67,19 @@ def _ggml_lib() -> ctypes.CDLL:
     return lib
 
 
-def _rope_op(lib: ctypes.CDLL) -> int:
+def _op(lib: ctypes.CDLL, name: bytes) -> int:
+    """ggml's number of the op called ``name``; -1 when this ggml has none."""
     for op in range(1, 200):
-        if lib.ggml_op_name(op) == b"ROPE":
+        if lib.ggml_op_name(op) == name:
             return op
-    raise LlamaError("ggml has no ROPE op; this llama.cpp is not supported")
+    return -1
+
+
+def _rope_op(lib: ctypes.CDLL) -> int:
+    op = _op(lib, b"ROPE")
+    if op < 0:
+        raise LlamaError("ggml has no ROPE op; this llama.cpp is not supported")
+    return op
 
 
 @dataclass(frozen=True)
@@ -111,6 +133,10 @@ class Capture:
         st.want, st.cap = self._want.ctypes.data, self._cap.ctypes.data
         st.shape, st.hits = self._shape.ctypes.data, self._hits.ctypes.data
         st.buf = ctypes.cast(self._ptrs, ctypes.c_void_p)
+        self._cache_k = np.zeros(nl, np.uintp)
+        st.set_rows_op, st.find_cache, st.layout_ok = _op(self._lib, b"SET_ROWS"), 1, -1
+        st.cache_k = self._cache_k.ctypes.data
+        self._name_at = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p)(ctypes.cast(self._lib.ggml_get_name, ctypes.c_void_p).value)
         lib = native.load() if use_native is not False else None
         if use_native and lib is None:
             raise RuntimeError("native capture is not built")
@@ -151,6 +177,33 @@ class Capture:
             reason = "buffer too small" if self._state.error == 1 else "unexpected tensor type or layout"
             raise LlamaError(f"capturing {what}-{slot % self.n_layer} failed: {reason}")
 
+    def cache_k(self) -> list[tuple[int, int, int]] | None:
+        """llama.cpp's K cache tensor of every layer as (tensor, ggml type, bytes per cell row), once a decode has
+        shown them; None before, or where this llama.cpp's graph or tensor layout was not recognised."""
+        if self._state.n_found < self.n_layer:
+            return None
+        heads = [_Head.from_address(int(t)) for t in self._cache_k]
+        return [(int(t), h.type, int(h.nb[1])) for t, h in zip(self._cache_k, heads, strict=True)]
+
+    def read_k(self, cells: np.ndarray) -> tuple[list[np.ndarray], int] | None:
+        """Every layer's K rows of these cells (uint8 [len(cells), row bytes], in their order) and their ggml type,
+        copied straight from llama.cpp's K cache: one copy per run of consecutive cells and layer. None until a
+        decode has shown the cache's tensors (:meth:`cache_k`)."""
+        tensors = self.cache_k()
+        if tensors is None or len({t for _, t, _ in tensors}) != 1:
+            return None
+        cells = np.asarray(cells, np.int64)
+        cut = np.flatnonzero(np.diff(cells) != 1) + 1
+        starts, ends = np.concatenate([[0], cut]), np.concatenate([cut, [len(cells)]])
+        runs = [(int(a), int(cells[a]), int(b - a)) for a, b in zip(starts, ends, strict=True)] if len(cells) else []
+        get, out = self._lib.ggml_backend_tensor_get, []
+        for tensor, _, row in tensors:
+            buf = np.empty((len(cells), row), np.uint8)
+            for at, cell, n in runs:
+                get(tensor, buf.ctypes.data + at * row, cell * row, n * row)
+            out.append(buf)
+        return out, tensors[0][1]
+
     def _get(self, kind: int, layer: int) -> np.ndarray | None:
         slot = kind * self.n_layer + layer
         if not self._hits[slot]:
@@ -173,6 +226,8 @@ class Capture:
     # the Python twin of asrkf_capture_cb
     def _python_callback(self, tensor: int, ask: bool, _user: int) -> bool:
         st = self._state
+        if ask and st.find_cache and _Head.from_address(tensor).op == st.set_rows_op:
+            self._find_cache(tensor)
         if not st.enabled and not st.split:
             return False
         head = _Head.from_address(tensor)
@@ -182,6 +237,24 @@ class Capture:
         if slot >= 0 and st.enabled:
             self._copy(tensor, head, slot)
         return True
+
+    def _find_cache(self, tensor: int) -> None:
+        st = self._state
+        if st.layout_ok < 0:
+            st.layout_ok = int(self._name_at(tensor) == tensor + _Full.name.offset)
+        if not st.layout_ok:
+            st.find_cache = 0
+            return
+        dst = _Full.from_address(tensor).view_src  # a SET_ROWS node is a view of the tensor it writes
+        name = _Full.from_address(dst).name if dst else b""
+        if not name.startswith(b"cache_k_l") or not name[9:10].isdigit():
+            return
+        layer = _atoi(name[9:].decode("ascii"))
+        if layer < self.n_layer and not self._cache_k[layer]:
+            self._cache_k[layer] = dst
+            st.n_found += 1
+            if st.n_found == self.n_layer:
+                st.find_cache = 0
 
     def _slot(self, tensor: int, head: _Head) -> int:
         name = (self._lib.ggml_get_name(tensor) or b"").decode("ascii", "replace")

@@ -18,7 +18,7 @@ from typing import TypeVar
 import numba
 import numpy as np
 
-from .blob import Parsed, k_as_f16
+from .blob import Parsed, rows_as_f16
 from .capture import Capture, CaptureSpec
 from .llama import Model, cuda_graphs
 
@@ -554,6 +554,11 @@ class Importance:
 
     def on_copy(self, pos: np.ndarray, parsed: Parsed) -> None:
         """Fill the mirror from KV rows copied out of the cache (a freeze or a read-back)."""
+        self.on_keys(pos, parsed.k, parsed.layout.k_type)
+
+    def on_keys(self, pos: np.ndarray, rows: list[np.ndarray], k_type: int) -> None:
+        """Fill the mirror from K rows of every model layer (uint8 [n, row bytes] of ggml type ``k_type``) of the
+        positions ``pos``; positions already known keep their rows."""
         if not self.mirror_keys:
             return
         self._grow(int(pos.max()) + 1)
@@ -561,7 +566,7 @@ class Importance:
         if not len(miss):
             return
         for i, layer in enumerate(self.layers):
-            self.keys[i, pos[miss]] = k_as_f16(parsed, layer)[miss]
+            self.keys[i, pos[miss]] = rows_as_f16(rows[layer][miss], k_type)
         self.known[pos[miss]] = True
 
     def ensure_keys(self, positions: np.ndarray) -> None:

@@ -457,6 +457,19 @@ class Session:
             self._rm(SCRATCH_SEQ)
         return parsed
 
+    def read_keys(self, positions: np.ndarray) -> tuple[np.ndarray, list[np.ndarray], int] | None:
+        """Every layer's K rows of these active positions, read straight from llama.cpp's K cache: (positions,
+        per layer uint8 [n, row bytes] in that order, ggml type). Only K moves, one copy per run of cells and
+        layer, where :meth:`peek` copies V too and goes through the scratch sequence. None until the capture
+        knows the cache's tensors (a first decode), or without a capture."""
+        if self.capture is None:
+            return None
+        pos = np.unique(np.asarray(positions, np.int64))
+        cells = self.cells_of(pos)
+        order = np.argsort(cells, kind="stable")
+        got = self.capture.read_k(cells[order])
+        return None if got is None else (pos[order], *got)
+
     def _copy_out(self) -> tuple[np.ndarray, blobfmt.Parsed]:
         """The scratch sequence's state blob, parsed and checked against the cell map."""
         raw = self.ctx.state_get(SCRATCH_SEQ)

@@ -32,6 +32,23 @@ struct tensor_head {
     int32_t op;
 };
 
+/* ggml.h's struct ggml_tensor up to its name (GGML_MAX_OP_PARAMS 64, GGML_MAX_SRC 10): the sources of a node lead
+ * to the KV cache's tensors. The layout is checked against ggml_get_name before any source is read. */
+struct tensor_full {
+    int32_t type;
+    void *buffer;
+    int64_t ne[4];
+    size_t nb[4];
+    int32_t op;
+    int32_t op_params[16];
+    int32_t flags;
+    void *src[10];
+    void *view_src;
+    size_t view_offs;
+    void *data;
+    char name[64];
+};
+
 typedef const char *(*name_fn)(const void *tensor);
 typedef void (*get_fn)(const void *tensor, void *data, size_t offset, size_t size);
 
@@ -39,7 +56,10 @@ enum { KIND_PROBS = 0, KIND_Q = 1, KIND_K = 2, N_KINDS = 3 };
 enum { ERR_NONE = 0, ERR_CAPACITY = 1, ERR_LAYOUT = 2 };
 enum { WANT = 1, SPLIT = 2 }; /* bits of want[slot]: copied when enabled; asked for in split mode */
 
-/* Mirrored by asrkf_edge.capture._State (ctypes); slot = kind * n_layer + layer. */
+/* Mirrored by asrkf_edge.capture._State (ctypes); slot = kind * n_layer + layer. find_cache: while set, every
+ * SET_ROWS node asked about is looked at: where it writes into a tensor named cache_k_l<layer>, that tensor (llama.cpp's
+ * K cache of the layer, one row per cell) goes to cache_k[layer]; cleared once every layer's is known, or on a
+ * layout that does not match (layout_ok 0). */
 typedef struct {
     name_fn get_name;
     get_fn tensor_get;
@@ -55,6 +75,11 @@ typedef struct {
     int64_t *cap;     /* [N_KINDS * n_layer] capacity in bytes */
     int64_t *shape;   /* [N_KINDS * n_layer * 3] shape of what was copied */
     int32_t *hits;    /* [N_KINDS * n_layer] copies since the last reset */
+    int32_t set_rows_op;
+    int32_t find_cache;
+    int32_t layout_ok; /* -1 unchecked, 0 mismatch, 1 checked */
+    int32_t n_found;
+    void **cache_k;   /* [n_layer] */
 } asrkf_capture;
 
 static int parse(const char *name, int32_t n_layer, int *kind) {
@@ -119,8 +144,29 @@ static void copy_node(asrkf_capture *s, const struct tensor_head *t, int slot) {
     s->hits[slot] += 1;
 }
 
+/* Where a SET_ROWS node writes a layer's K cache (the node is a view of the tensor named cache_k_l<layer>),
+ * remember that tensor. */
+static void find_cache(asrkf_capture *s, const struct tensor_head *t) {
+    const struct tensor_full *f = (const struct tensor_full *)t;
+    if (s->layout_ok < 0) s->layout_ok = s->get_name(t) == f->name;
+    if (!s->layout_ok) {
+        s->find_cache = 0;
+        return;
+    }
+    const struct tensor_full *dst = (const struct tensor_full *)f->view_src;
+    if (!dst || strncmp(dst->name, "cache_k_l", 9) != 0 || dst->name[9] < '0' || dst->name[9] > '9') return;
+    int layer = atoi(dst->name + 9);
+    if (layer < s->n_layer && !s->cache_k[layer]) {
+        s->cache_k[layer] = (void *)dst;
+        if (++s->n_found == s->n_layer) s->find_cache = 0;
+    }
+}
+
 EXPORT bool asrkf_capture_cb(void *tensor, bool ask, void *user) {
     asrkf_capture *s = (asrkf_capture *)user;
+    if (ask && s->find_cache && ((const struct tensor_head *)tensor)->op == s->set_rows_op) {
+        find_cache(s, (const struct tensor_head *)tensor);
+    }
     if (!s->enabled && !s->split) return false;
     const struct tensor_head *t = (const struct tensor_head *)tensor;
     int slot = slot_of(s, t);

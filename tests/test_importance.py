@@ -165,6 +165,39 @@ def test_native_capture_copies_what_the_python_twin_copies(tiny) -> None:
             assert np.array_equal(x, y)
 
 
+@pytest.mark.parametrize("which, use_native, flash_attn, type_k", [
+    ("tiny", True, True, 1), ("tiny", False, True, 1), ("tiny", True, False, 1),
+    pytest.param("real", True, True, 8, marks=pytest.mark.real)])
+def test_keys_read_from_the_cache_rows_are_the_bytes_a_peek_copies(which, use_native, flash_attn, type_k, request) -> None:
+    """Keys of scattered active positions read straight from llama.cpp's K cache tensors (which the capture finds
+    on the first decode, native and Python twin alike) are the bytes the state API copies out for them, every
+    layer, with V transposed or not, in an f16 cache and a q8_0 one."""
+    engine = request.getfixturevalue(which)
+    toks = engine.tokenize(TEXT * 12)[:200]
+    assert len(toks) == 200
+    spec = CaptureSpec(tuple(range(engine.model.n_layer)), window=8, probs=not flash_attn)
+    native = capture_mod.native.load
+    if not use_native:
+        capture_mod.native.load = lambda: None
+    try:
+        sess = Session(engine.model, 512, flash_attn=flash_attn, type_k=type_k, type_v=type_k, capture=spec)
+    finally:
+        capture_mod.native.load = native
+    with sess:
+        assert sess.capture is not None and sess.capture.native is use_native
+        assert sess.capture.cache_k() is None  # not known before a decode shows the cache
+        sess.eval(toks)
+        sess.freeze_positions(np.arange(40, 60))  # scattered cells: runs of several lengths
+        pos = np.array([150, 3, 4, 5, 61, 62, 199, 100, 0])
+        got_pos, rows, k_type = sess.read_keys(pos)
+        parsed = sess.peek(pos)
+        assert k_type == parsed.layout.k_type == type_k and len(rows) == engine.model.n_layer
+        assert np.array_equal(np.sort(got_pos), np.sort(pos))
+        mine, theirs = np.argsort(got_pos), np.argsort(parsed.pos)
+        for layer in range(engine.model.n_layer):
+            assert np.array_equal(rows[layer][mine], parsed.k[layer][theirs])
+
+
 @pytest.mark.parametrize("which", ["tiny", pytest.param("real", marks=pytest.mark.real)])
 def test_softmax_capture_agrees_with_host_attention(which, request) -> None:
     """llama.cpp's own probabilities (per cell) and ours from captured Q and mirrored K (per position)."""
