@@ -9,7 +9,9 @@ background fold and split capture (both on by default when the layers are on a G
 the same for every variant of one run and length (seeded by both), so variants compare paired. Every layer goes to
 the GPU when there is one (``--allow-cpu`` runs it on the CPU); flash attention is on unless ``--no-flash-attn``
 (then the decayed score folds llama.cpp's own softmax instead of attention computed on the host). Prints a line
-per run and a median (range) per length and variant; ``--json`` writes the rows. With ``full``, llama.cpp's decode
+per run and a median (range) per length and variant; ``--json`` writes the rows. ``--hooks`` adds, per run, the
+host milliseconds a decoded token spends in each of the policy path's main calls (inclusive: nested calls count in
+both) and how often each ran. With ``full``, llama.cpp's decode
 returns before the GPU finishes and the wait shows up in ``logits``; a policy that captures attention waits inside
 the decode.
 """
@@ -27,15 +29,53 @@ from typing import Any
 
 import numpy as np
 
-from asrkf_edge import Engine, llama
-from asrkf_edge.policies import make_policy
+from asrkf_edge import Engine, importance, llama, session
+from asrkf_edge.policies import asrkf, make_policy
 from asrkf_edge.runner import budget_cells
 
 _TIMED = ("decode", "logits", "peek")
+_HOOKS = [(importance.Importance, "observe"),
+          (importance.Importance, "mass"), (importance.Importance, "mass_job"), (importance.Importance, "_wait"),
+          (importance.Importance, "ensure_keys"), (asrkf.AsrKf, "after_decode"), (asrkf.AsrKf, "after_logits"),
+          (asrkf.AsrKf, "_swap_in"), (asrkf.AsrKf, "_judge"), (asrkf.AsrKf, "_relevance_job"),
+          (session.Session, "_freeze_positions"), (session.Session, "_restore"), (session.Session, "make_room"),
+          (session.Session, "cell_positions"), (asrkf.EntropyMonitor, "observe")]
 
 
-def run_variant(eng: Engine, policy: str, over: dict[str, Any], n: int, n_decode: int, budget: float, seed: int) -> dict[str, float]:
-    """Prefill ``n`` random ids, decode ``n_decode`` greedy tokens; per-token milliseconds of each part."""
+def hook_timers(spent: dict[str, list[float]]) -> list[tuple[type, str, Any]]:
+    """Time every call of the methods in ``_HOOKS`` into ``spent[name] = [seconds, calls]``; returns what
+    :func:`restore` puts back. The module-level ``entropy`` the policy calls is timed too."""
+    saved: list[tuple[Any, str, Any]] = []
+
+    def timed(owner: Any, attr: str) -> None:
+        fn, key = getattr(owner, attr), f"{getattr(owner, '__name__', 'asrkf')}.{attr}"
+        saved.append((owner, attr, fn))
+
+        def wrapper(*a: Any, **k: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                acc = spent.setdefault(key, [0.0, 0])
+                acc[0] += time.perf_counter() - t
+                acc[1] += 1
+        setattr(owner, attr, wrapper)
+
+    for owner, attr in _HOOKS:
+        timed(owner, attr)
+    timed(asrkf, "entropy")
+    return saved
+
+
+def restore(saved: list[tuple[Any, str, Any]]) -> None:
+    for owner, attr, fn in reversed(saved):
+        setattr(owner, attr, fn)
+
+
+def run_variant(eng: Engine, policy: str, over: dict[str, Any], n: int, n_decode: int, budget: float, seed: int,
+                hooks: bool = False) -> dict[str, Any]:
+    """Prefill ``n`` random ids, decode ``n_decode`` greedy tokens; per-token milliseconds of each part (and of
+    each hook, with ``hooks``)."""
     over = dict(over)
     background, split = over.pop("_background", None), over.pop("_split", None)
     toks = [int(t) for t in np.random.default_rng(seed * 100_003 + n).integers(300, eng.model.n_vocab, n)]
@@ -63,22 +103,28 @@ def run_variant(eng: Engine, policy: str, over: dict[str, Any], n: int, n_decode
 
         sess.ctx.decode, sess.ctx.logits = timed("decode", sess.ctx.decode), timed("logits", sess.ctx.logits)
         if pol.reversible or pol.attention is not None:
-            run.importance.fetch = timed("peek", sess.peek)
+            run.importance.fetch = timed("peek", run.importance.fetch)
         before = run.stats().as_dict()
         tok = int(np.argmax(run.logits()))
+        per_hook: dict[str, list[float]] = {}
+        saved = hook_timers(per_hook) if hooks else []
         t0 = time.perf_counter()
-        for _ in range(n_decode):
-            run.decode(tok)
-            tok = int(np.argmax(run.logits()))
-        wall = time.perf_counter() - t0
+        try:
+            for _ in range(n_decode):
+                run.decode(tok)
+                tok = int(np.argmax(run.logits()))
+        finally:
+            wall = time.perf_counter() - t0
+            restore(saved)
         after = run.stats().as_dict()
     ms = 1e3 / n_decode
+    extra = {"hooks": {k: [v[0] * ms, int(v[1])] for k, v in sorted(per_hook.items(), key=lambda kv: -kv[1][0])}} if hooks else {}
     return {"tok_s": n_decode / wall, "ms_tok": wall * ms,
             **{f"{k}_ms_tok": (float(after[f"{k}_seconds"]) - float(before[f"{k}_seconds"])) * ms
                for k in ("policy", "observe", "freeze", "thaw")},
             **{f"{k}_ms_tok": spent[k] * ms for k in _TIMED},
             "decodes_per_tok": count["decode"] / n_decode, "peeks": count["peek"],
-            "recoveries": float(after["recoveries"]) - float(before["recoveries"])}
+            "recoveries": float(after["recoveries"]) - float(before["recoveries"]), **extra}
 
 
 def main() -> None:
@@ -92,6 +138,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--allow-cpu", action="store_true")
     ap.add_argument("--no-flash-attn", action="store_true", help="flash attention off: scoring folds llama.cpp's own softmax")
+    ap.add_argument("--hooks", action="store_true", help="host ms a token in each main call of the policy path")
     a = ap.parse_args()
     if not llama.gpu_devices() and not a.allow_cpu:
         raise SystemExit("llama.cpp has no GPU backend here (--allow-cpu to run on the CPU)")
@@ -103,9 +150,13 @@ def main() -> None:
         for run in range(a.runs):
             for n in a.lengths:
                 for label, policy, over in variants:
-                    r = {"label": label, "length": n, "run": run, **run_variant(eng, policy, over, n, a.decode, a.budget, run)}
+                    r = {"label": label, "length": n, "run": run,
+                         **run_variant(eng, policy, over, n, a.decode, a.budget, run, a.hooks)}
                     rows.append(r)
-                    print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()), flush=True)
+                    print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()
+                                   if k != "hooks"), flush=True)
+                    for k, (v, calls) in r.get("hooks", {}).items():
+                        print(f"    {k:34s} {v:7.3f} ms/tok  {calls:5d} calls", flush=True)
                     if a.json:
                         Path(a.json).write_text(json.dumps(rows, indent=1))
     for n in a.lengths:
