@@ -16,6 +16,7 @@ writes ``cache_k_l<il>``), so that keys can later be read straight from the cach
 from __future__ import annotations
 
 import ctypes
+import logging
 from dataclasses import dataclass
 
 import llama_cpp.llama_cpp as L  # noqa: N812
@@ -24,27 +25,14 @@ from llama_cpp import _ggml as ggml_bindings
 
 from . import native
 from .errors import LlamaError
-from .llama import Model
+from .gather import RowGather
+from .llama import Model, Tensor, TensorHead
+
+log = logging.getLogger(__name__)
 
 PROBS, QUERIES, KEYS = 0, 1, 2
 WANT, SPLIT = 1, 2  # bits of a slot's ``want``: copied when enabled; asked for in split mode
 _NAMES = {"kq_soft_max": PROBS, "Qcur": QUERIES, "Kcur": KEYS}
-
-
-class _Head(ctypes.Structure):
-    """The leading fields of ggml's ``struct ggml_tensor``."""
-
-    _fields_ = [("type", ctypes.c_int32), ("buffer", ctypes.c_void_p), ("ne", ctypes.c_int64 * 4),
-                ("nb", ctypes.c_size_t * 4), ("op", ctypes.c_int32)]
-
-
-class _Full(ctypes.Structure):
-    """``struct ggml_tensor`` up to its name (GGML_MAX_OP_PARAMS 64, GGML_MAX_SRC 10; checked against
-    ``ggml_get_name`` before a source is read)."""
-
-    _fields_ = [*_Head._fields_, ("op_params", ctypes.c_int32 * 16), ("flags", ctypes.c_int32),
-                ("src", ctypes.c_void_p * 10), ("view_src", ctypes.c_void_p), ("view_offs", ctypes.c_size_t),
-                ("data", ctypes.c_void_p), ("name", ctypes.c_char * 64)]
 
 
 class _State(ctypes.Structure):
@@ -134,6 +122,8 @@ class Capture:
         st.shape, st.hits = self._shape.ctypes.data, self._hits.ctypes.data
         st.buf = ctypes.cast(self._ptrs, ctypes.c_void_p)
         self._cache_k = np.zeros(nl, np.uintp)
+        self._gather: RowGather | None = None
+        self._k_type = -1
         st.set_rows_op, st.find_cache, st.layout_ok = _op(self._lib, b"SET_ROWS"), 1, -1
         st.cache_k = self._cache_k.ctypes.data
         self._name_at = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p)(ctypes.cast(self._lib.ggml_get_name, ctypes.c_void_p).value)
@@ -182,27 +172,32 @@ class Capture:
         shown them; None before, or where this llama.cpp's graph or tensor layout was not recognised."""
         if self._state.n_found < self.n_layer:
             return None
-        heads = [_Head.from_address(int(t)) for t in self._cache_k]
+        heads = [TensorHead.from_address(int(t)) for t in self._cache_k]
         return [(int(t), h.type, int(h.nb[1])) for t, h in zip(self._cache_k, heads, strict=True)]
 
-    def read_k(self, cells: np.ndarray) -> tuple[list[np.ndarray], int] | None:
+    def read_k(self, cells: np.ndarray, n_cells: int) -> tuple[list[np.ndarray], int] | None:
         """Every layer's K rows of these cells (uint8 [len(cells), row bytes], in their order) and their ggml type,
-        copied straight from llama.cpp's K cache: one copy per run of consecutive cells and layer. None until a
-        decode has shown the cache's tensors (:meth:`cache_k`)."""
-        tensors = self.cache_k()
-        if tensors is None or len({t for _, t, _ in tensors}) != 1:
+        gathered from llama.cpp's K cache (``n_cells`` cells) on its device (:class:`~asrkf_edge.gather.RowGather`).
+        None until a decode has shown the cache's tensors (:meth:`cache_k`), or where they cannot be gathered."""
+        try:
+            if self._gather is None:
+                tensors = self.cache_k()
+                if tensors is None or len({t for _, t, _ in tensors}) != 1:
+                    return None
+                self._k_type = tensors[0][1]
+                self._gather = RowGather([t for t, _, _ in tensors], n_cells)
+            return self._gather(np.asarray(cells, np.int64)), self._k_type
+        except ValueError as e:  # the device cannot: the caller peeks, now and from then on
+            log.info("keys read back through the state API: %s", e)
+            self.close()
+            self._state.n_found = -1
             return None
-        cells = np.asarray(cells, np.int64)
-        cut = np.flatnonzero(np.diff(cells) != 1) + 1
-        starts, ends = np.concatenate([[0], cut]), np.concatenate([cut, [len(cells)]])
-        runs = [(int(a), int(cells[a]), int(b - a)) for a, b in zip(starts, ends, strict=True)] if len(cells) else []
-        get, out = self._lib.ggml_backend_tensor_get, []
-        for tensor, _, row in tensors:
-            buf = np.empty((len(cells), row), np.uint8)
-            for at, cell, n in runs:
-                get(tensor, buf.ctypes.data + at * row, cell * row, n * row)
-            out.append(buf)
-        return out, tensors[0][1]
+
+    def close(self) -> None:
+        """Free what the gather holds on the device."""
+        if self._gather is not None:
+            self._gather.close()
+            self._gather = None
 
     def _get(self, kind: int, layer: int) -> np.ndarray | None:
         slot = kind * self.n_layer + layer
@@ -226,11 +221,11 @@ class Capture:
     # the Python twin of asrkf_capture_cb
     def _python_callback(self, tensor: int, ask: bool, _user: int) -> bool:
         st = self._state
-        if ask and st.find_cache and _Head.from_address(tensor).op == st.set_rows_op:
+        if ask and st.find_cache and TensorHead.from_address(tensor).op == st.set_rows_op:
             self._find_cache(tensor)
         if not st.enabled and not st.split:
             return False
-        head = _Head.from_address(tensor)
+        head = TensorHead.from_address(tensor)
         slot = self._slot(tensor, head)
         if ask:
             return slot >= 0
@@ -241,12 +236,12 @@ class Capture:
     def _find_cache(self, tensor: int) -> None:
         st = self._state
         if st.layout_ok < 0:
-            st.layout_ok = int(self._name_at(tensor) == tensor + _Full.name.offset)
+            st.layout_ok = int(self._name_at(tensor) == tensor + Tensor.name.offset)
         if not st.layout_ok:
             st.find_cache = 0
             return
-        dst = _Full.from_address(tensor).view_src  # a SET_ROWS node is a view of the tensor it writes
-        name = _Full.from_address(dst).name if dst else b""
+        dst = Tensor.from_address(tensor).view_src  # a SET_ROWS node is a view of the tensor it writes
+        name = Tensor.from_address(dst).name if dst else b""
         if not name.startswith(b"cache_k_l") or not name[9:10].isdigit():
             return
         layer = _atoi(name[9:].decode("ascii"))
@@ -256,7 +251,7 @@ class Capture:
             if st.n_found == self.n_layer:
                 st.find_cache = 0
 
-    def _slot(self, tensor: int, head: _Head) -> int:
+    def _slot(self, tensor: int, head: TensorHead) -> int:
         name = (self._lib.ggml_get_name(tensor) or b"").decode("ascii", "replace")
         base, _, idx = name.rpartition("-")
         kind = _NAMES.get(base)
@@ -268,7 +263,7 @@ class Capture:
         slot = kind * self.n_layer + layer
         return slot if self._want[slot] & (SPLIT if self._state.split else WANT) else -1
 
-    def _copy(self, tensor: int, head: _Head, slot: int) -> None:
+    def _copy(self, tensor: int, head: TensorHead, slot: int) -> None:
         st = self._state
         ne, nb = list(head.ne), list(head.nb)
         if head.type != 0 or nb[0] != 4 or nb[1] != 4 * ne[0] or nb[2] != nb[1] * ne[1]:

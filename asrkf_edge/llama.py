@@ -222,6 +222,10 @@ class Context:
         if rc != 0:
             raise _fail(f"llama_decode failed (code {rc}) at position {pos0}")
 
+    def synchronize(self) -> None:
+        """Wait until llama.cpp's queued work on its backends is done."""
+        L.llama_synchronize(self.ptr)
+
     def logits(self, i: int = -1) -> np.ndarray:
         """A float32 copy of the logits of output row ``i`` of the last decode."""
         ptr = L.llama_get_logits_ith(self.ptr, i)
@@ -337,6 +341,22 @@ def extra_buffers() -> bool:
         log.info("CPU with AMX: weights stay in plain CPU buffers (llama.cpp's AMX matmul crashes, #20824)")
         return False
     return True
+
+
+class TensorHead(ctypes.Structure):
+    """The leading fields of ggml's ``struct ggml_tensor`` (stable across ggml versions)."""
+
+    _fields_ = [("type", ctypes.c_int32), ("buffer", ctypes.c_void_p), ("ne", ctypes.c_int64 * 4),
+                ("nb", ctypes.c_size_t * 4), ("op", ctypes.c_int32)]
+
+
+class Tensor(ctypes.Structure):
+    """``struct ggml_tensor`` up to its name (GGML_MAX_OP_PARAMS 64, GGML_MAX_SRC 10; checked against
+    ``ggml_get_name`` before a source is read)."""
+
+    _fields_ = [*TensorHead._fields_, ("op_params", ctypes.c_int32 * 16), ("flags", ctypes.c_int32),
+                ("src", ctypes.c_void_p * 10), ("view_src", ctypes.c_void_p), ("view_offs", ctypes.c_size_t),
+                ("data", ctypes.c_void_p), ("name", ctypes.c_char * 64)]
 
 
 @cache

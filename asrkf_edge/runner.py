@@ -220,10 +220,11 @@ class Runner:
         self.policy_seconds += time.perf_counter() - t0
 
     def _fetch_keys(self, positions: np.ndarray) -> None:
-        """Keys the mirror lacks, read from llama.cpp's K cache rows, or with a peek (K and V through the scratch
-        sequence) until the cache's tensors are known. Measured on an H100 (LLaMA-3-8B shape, 4k-16k): a peek
-        of the 7-8 tokens decoded since the last observation took 2.3 ms, 0.22-0.37 ms a decoded token
-        (docs/gpu.md, twelfth session)."""
+        """Keys the mirror lacks, gathered from llama.cpp's K cache on its device (:meth:`Session.read_keys`), or
+        with a peek (K and V through the scratch sequence) until the cache's tensors are known or where the device
+        cannot gather. Measured: on an H100 (LLaMA-3-8B shape, 4k-16k) a peek of the 7-8 tokens decoded since the
+        last observation took 2.3 ms, 0.22-0.37 ms a decoded token; on 2 EPYC cores (default model) the gather of
+        8 / 60 scattered cells took 0.03 / 0.09 ms against a peek's 0.22 / 0.84 (benchmarks/device_gather.py)."""
         assert self._importance is not None
         got = self.session.read_keys(positions)
         if got is None:

@@ -157,6 +157,8 @@ class Session:
     def close(self) -> None:
         if self.store is not None:
             self.store.close()
+        if self.capture is not None:
+            self.capture.close()
         self.ctx.close()
 
     def __enter__(self) -> Session:
@@ -458,17 +460,16 @@ class Session:
         return parsed
 
     def read_keys(self, positions: np.ndarray) -> tuple[np.ndarray, list[np.ndarray], int] | None:
-        """Every layer's K rows of these active positions, read straight from llama.cpp's K cache: (positions,
-        per layer uint8 [n, row bytes] in that order, ggml type). Only K moves, one copy per run of cells and
-        layer, where :meth:`peek` copies V too and goes through the scratch sequence. None until the capture
-        knows the cache's tensors (a first decode), or without a capture."""
+        """Every layer's K rows of these active positions, gathered from llama.cpp's K cache on its device and
+        copied to the host at once: (positions, per layer uint8 [n, row bytes] in that order, ggml type). A
+        :meth:`peek` copies V too, through the scratch sequence, one copy per run of cells, layer, K and V. None
+        until the capture knows the cache's tensors (a first decode), or without a capture."""
         if self.capture is None:
             return None
         pos = np.unique(np.asarray(positions, np.int64))
-        cells = self.cells_of(pos)
-        order = np.argsort(cells, kind="stable")
-        got = self.capture.read_k(cells[order])
-        return None if got is None else (pos[order], *got)
+        self.ctx.synchronize()  # the gather runs on a stream of its own
+        got = self.capture.read_k(self.cells_of(pos), self.ctx.n_ctx)
+        return None if got is None else (pos, *got)
 
     def _copy_out(self) -> tuple[np.ndarray, blobfmt.Parsed]:
         """The scratch sequence's state blob, parsed and checked against the cell map."""

@@ -4,10 +4,13 @@
 #                                                shape's breakdown at 4k / 16k / 32k (full, asrkf, asrkf without
 #                                                the recovery trigger; 3 runs, 128 tokens)
 #   bash benchmarks/gpu_session.sh 2 [TREE...]   the 8B shape (written in ~20 s): freeze/thaw GB/s (400-token
-#                                                ranges, 60-token scattered swaps), then its breakdown (full, asrkf)
+#                                                ranges, 60-token scattered swaps), what a gather on the device
+#                                                would buy (benchmarks/device_gather.py), the entropy's cost on
+#                                                128k logits, then its breakdown (full, asrkf)
 # TREEs (e.g. `git archive OLD asrkf_edge setup.py native pyproject.toml` under .gpu/) run the same measurements
-# after this tree in the same call: before and after on one machine. The breakdowns share what is left of ~590 s.
-# Logs go to $OUT. The eleventh session's calls, written out (docs/gpu.md).
+# after this tree in the same call: before and after on one machine. The breakdowns share what is left of ~590 s;
+# the head's also time each main call of the policy path (--hooks). Logs go to $OUT. The eleventh and twelfth
+# sessions' calls, written out (docs/gpu.md).
 set -o pipefail
 export PYTHONUNBUFFERED=1
 T0=$(date +%s)
@@ -32,13 +35,22 @@ else
       echo | tee -a "$OUT/freeze-thaw-$M.log"
     done
   done
+  for C in 8 60; do
+    PYTHONPATH=/tmp/site:. timeout 60 python3 benchmarks/device_gather.py --model /tmp/m/$M.gguf --gpu-layers -1 \
+      --cells $C 2>/dev/null | tee -a "$OUT/device-gather-$M.log"
+  done
+  PYTHONPATH=/tmp/site:. python3 -c "import timeit, numpy as np; from asrkf_edge.importance import entropy; \
+x = (np.random.default_rng(0).standard_normal(128256) * 3).astype(np.float32); \
+print('entropy of 128k logits, ms:', min(timeit.repeat(lambda: entropy(x), number=200, repeat=5)) / 200 * 1e3)" \
+    | tee -a "$OUT/entropy.log"
 fi
 trees=(. "$@")
 for i in "${!trees[@]}"; do
   T=${trees[$i]}
   share=$(( $(left) / (${#trees[@]} - i) ))
   echo "== breakdown $(name "$T"), $share s"
-  PYTHONPATH=/tmp/site:$T timeout "$share" python3 benchmarks/gpu_breakdown.py /tmp/m/$M.gguf --runs 3 \
+  hooks=""; [ "$T" = . ] && hooks=--hooks
+  PYTHONPATH=/tmp/site:$T timeout "$share" python3 benchmarks/gpu_breakdown.py /tmp/m/$M.gguf --runs 3 $hooks \
     --decode $DECODE --variants "$VARIANTS" --json "$OUT/breakdown-$M-$(name "$T").json" 2>&1 \
     | grep -v "^llama\|^load\|^print_info" | tee "$OUT/breakdown-$M-$(name "$T").log"
 done

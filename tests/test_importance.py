@@ -198,6 +198,42 @@ def test_keys_read_from_the_cache_rows_are_the_bytes_a_peek_copies(which, use_na
             assert np.array_equal(rows[layer][mine], parsed.k[layer][theirs])
 
 
+def test_keys_come_back_the_same_where_the_device_cannot_gather(tiny, monkeypatch) -> None:
+    """Where the cache's device cannot run the gather, keys are read back through the state API (a peek) from
+    then on, and a generation is the same to the bit: tokens, logits, scores. The gather itself serves any count
+    of cells (its graphs are kept per power of two)."""
+    text = "the sky is blue and the grass is green " * 40
+    seen, gathers = [], []
+    for works in (True, False):
+        if not works:
+            def refuse(*a, **k):
+                raise ValueError("this device cannot")
+            monkeypatch.setattr(capture_mod, "RowGather", refuse)
+        with Runner(tiny.model, AsrKf(min_cache=64), 160, flash_attn=True) as run:
+            peeks, peek = [0], run.session.peek
+
+            def counted(positions, peeks=peeks, peek=peek):
+                peeks[0] += 1
+                return peek(positions)
+
+            run.session.peek = counted
+            run.prefill(tiny.tokenize(text)[:400])
+            toks, logits = greedy(run, 40)
+            seen.append((toks, logits, run.importance.scores[: run.n_logical].copy(), peeks[0]))
+            if works:
+                sess = run.session
+                act = sess.active_positions()
+                for n in (1, 2, 3, 8, 9, 33):
+                    pos, rows, _ = sess.read_keys(act[:: max(1, len(act) // n)][:n])
+                    parsed = sess.peek(pos)
+                    by = {int(p): j for j, p in enumerate(parsed.pos)}
+                    gathers.append(all(np.array_equal(rows[layer], parsed.k[layer][[by[int(p)] for p in pos]])
+                                       for layer in range(tiny.model.n_layer)))
+    (t0, l0, s0, p0), (t1, l1, s1, p1) = seen
+    assert t0 == t1 and np.array_equal(l0, l1) and np.array_equal(s0, s1)
+    assert p0 == 0 < p1 and all(gathers) and len(gathers) == 6
+
+
 @pytest.mark.parametrize("which", ["tiny", pytest.param("real", marks=pytest.mark.real)])
 def test_softmax_capture_agrees_with_host_attention(which, request) -> None:
     """llama.cpp's own probabilities (per cell) and ours from captured Q and mirrored K (per position)."""

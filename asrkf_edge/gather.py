@@ -1,0 +1,138 @@
+"""Rows of scattered KV cells copied out of llama.cpp's cache tensors by one ggml graph on their own device.
+
+llama.cpp's state API copies a sequence's cells with one ``ggml_backend_tensor_get`` per run of consecutive
+cells, layer, K and V: on a GPU each is a synchronous transfer, so scattered cells cost one per cell (33 ms for 60
+cells of the LLaMA-3-8B shape on an H200). Here every tensor's rows are gathered by ``get_rows`` on a backend of
+the tensors' device into one buffer, copied to the host in one transfer. A cache row is read as int32 words, so any
+cache type moves as its raw bytes. Graphs are built once per count of cells (rounded up to a power of two; the
+extra rows repeat the last cell) and kept.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+
+import numpy as np
+from llama_cpp import _ggml as ggml_bindings
+
+from .llama import Tensor
+
+_I32 = 26  # GGML_TYPE_I32
+_P, _I64, _SZ = ctypes.c_void_p, ctypes.c_int64, ctypes.c_size_t
+
+
+class _InitParams(ctypes.Structure):
+    _fields_ = [("mem_size", _SZ), ("mem_buffer", _P), ("no_alloc", ctypes.c_bool)]
+
+
+_SIGNATURES = {
+    "ggml_init": ([_InitParams], _P), "ggml_free": ([_P], None), "ggml_tensor_overhead": ([], _SZ),
+    "ggml_graph_overhead": ([], _SZ), "ggml_new_tensor_1d": ([_P, ctypes.c_int, _I64], _P),
+    "ggml_new_tensor_2d": ([_P, ctypes.c_int, _I64, _I64], _P), "ggml_get_rows": ([_P, _P, _P], _P),
+    "ggml_new_graph": ([_P], _P), "ggml_build_forward_expand": ([_P, _P], None),
+    "ggml_backend_tensor_alloc": ([_P, _P, _P], ctypes.c_int), "ggml_backend_alloc_ctx_tensors": ([_P, _P], _P),
+    "ggml_backend_tensor_set": ([_P, _P, _SZ, _SZ], None), "ggml_backend_graph_compute": ([_P, _P], ctypes.c_int),
+    "ggml_backend_buffer_get_type": ([_P], _P), "ggml_backend_buft_get_device": ([_P], _P),
+    "ggml_backend_dev_by_type": ([ctypes.c_int], _P), "ggml_backend_dev_init": ([_P, ctypes.c_char_p], _P),
+    "ggml_backend_dev_name": ([_P], ctypes.c_char_p), "ggml_backend_buffer_free": ([_P], None),
+    "ggml_backend_free": ([_P], None), "ggml_backend_tensor_get": ([_P, _P, _SZ, _SZ], None),
+    "ggml_backend_supports_op": ([_P, _P], ctypes.c_bool),
+}
+
+
+def _lib() -> ctypes.CDLL:
+    lib = ggml_bindings.libggml
+    for name, (args, res) in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, res
+    return lib
+
+
+@dataclass
+class _Graph:
+    """The get_rows of every tensor for one count of cells: its context, indices, graph and output buffers."""
+
+    ctx: int
+    idx: int
+    graph: int
+    out: int  # the int32 tensor every get_rows writes its rows into, tensor after tensor
+    buffers: tuple[int, int]
+
+
+class RowGather:
+    """Copies the rows of given cells from cache tensors (each ``[row bytes, cells]``, at least ``n_cells`` of them,
+    all on one device) to the host."""
+
+    def __init__(self, tensors: list[int], n_cells: int) -> None:
+        self._lib = lib = _lib()
+        heads = [Tensor.from_address(t) for t in tensors]
+        self.rows = [int(h.nb[1]) for h in heads]
+        self._cells = [int(h.ne[1]) for h in heads]
+        if any(r % 4 for r in self.rows) or min(self._cells) < n_cells or any(h.ne[2] != 1 for h in heads):
+            raise ValueError("cache rows that are not whole int32 words, or not one stream of cells")
+        dev = lib.ggml_backend_buft_get_device(lib.ggml_backend_buffer_get_type(heads[0].buffer))
+        dev = dev or lib.ggml_backend_dev_by_type(0)  # host buffers have no device of their own: the CPU's
+        self.device = (lib.ggml_backend_dev_name(dev) or b"?").decode()
+        self._backend = lib.ggml_backend_dev_init(dev, None)
+        if not self._backend:
+            raise ValueError(f"no ggml backend for {self.device}")
+        self._tensors, self._n_cells = tensors, n_cells
+        self._graphs: dict[int, _Graph] = {}
+
+    def __call__(self, cells: np.ndarray) -> list[np.ndarray]:
+        """Each tensor's rows of ``cells`` (uint8 [len(cells), row bytes], in their order). ValueError where the
+        device cannot run the gather (found when the first graph for a count of cells is built)."""
+        n = len(cells)
+        if n == 0:
+            return [np.zeros((0, r), np.uint8) for r in self.rows]
+        size = 1 << (n - 1).bit_length()
+        g = self._graphs.get(size) or self._graphs.setdefault(size, self._build(size))
+        idx = np.full(size, cells[-1], np.int32)
+        idx[:n] = cells
+        if idx.min() < 0 or idx.max() >= self._n_cells:
+            raise IndexError("a cell outside the cache")
+        lib = self._lib
+        lib.ggml_backend_tensor_set(g.idx, idx.ctypes.data, 0, idx.nbytes)
+        if lib.ggml_backend_graph_compute(self._backend, g.graph) != 0:
+            raise RuntimeError(f"the gather of {n} cells failed on {self.device}")
+        flat = np.empty(size * sum(self.rows), np.uint8)
+        lib.ggml_backend_tensor_get(g.out, flat.ctypes.data, 0, flat.nbytes)
+        got, at = [], 0
+        for r in self.rows:
+            got.append(flat[at : at + size * r].reshape(size, r)[:n])
+            at += size * r
+        return got
+
+    def _build(self, size: int) -> _Graph:
+        lib = self._lib
+        per = lib.ggml_tensor_overhead()
+        ctx = lib.ggml_init(_InitParams((3 * len(self._tensors) + 4) * per + lib.ggml_graph_overhead(), None, True))
+        out = lib.ggml_new_tensor_1d(ctx, _I32, size * sum(self.rows) // 4)
+        out_buf = lib.ggml_backend_alloc_ctx_tensors(ctx, self._backend)  # only ``out`` so far
+        base = Tensor.from_address(out).data
+        idx = lib.ggml_new_tensor_1d(ctx, _I32, size)
+        graph, at = lib.ggml_new_graph(ctx), 0
+        for tensor, r, cells in zip(self._tensors, self.rows, self._cells, strict=True):
+            cache = Tensor.from_address(tensor)
+            src = lib.ggml_new_tensor_2d(ctx, _I32, r // 4, cells)  # the cache's rows as int32 words
+            rows = lib.ggml_get_rows(ctx, src, idx)
+            if lib.ggml_backend_tensor_alloc(cache.buffer, src, cache.data) or \
+                    lib.ggml_backend_tensor_alloc(Tensor.from_address(out).buffer, rows, base + at):
+                raise ValueError("could not place the gather's tensors")
+            if not lib.ggml_backend_supports_op(self._backend, rows):
+                raise ValueError(f"{self.device} cannot gather int32 rows")
+            lib.ggml_build_forward_expand(graph, rows)
+            at += size * r
+        idx_buf = lib.ggml_backend_alloc_ctx_tensors(ctx, self._backend)  # the indices
+        return _Graph(ctx, idx, graph, out, (out_buf, idx_buf))
+
+    def close(self) -> None:
+        for g in self._graphs.values():
+            for b in g.buffers:
+                self._lib.ggml_backend_buffer_free(b)
+            self._lib.ggml_free(g.ctx)
+        self._graphs.clear()
+        if self._backend:
+            self._lib.ggml_backend_free(self._backend)
+            self._backend = None
