@@ -9,14 +9,14 @@ In split mode (:attr:`Capture.split`) only the queries of ``split_layers`` are a
 whether copied or not: each node asked for ends a graph view, and a CUDA backend keeps a graph per view only
 while every decode is cut the same way.
 
-On the first decode the callback also notes llama.cpp's K cache tensor of every layer (where a ``SET_ROWS`` node
-writes ``cache_k_l<il>``), so that keys can later be read straight from the cache's rows (:meth:`Capture.cache_k`).
+On the first decode the callback also notes llama.cpp's K and V cache tensors of every layer (where a ``SET_ROWS``
+node writes ``cache_k_l<il>`` or ``cache_v_l<il>``), so that cells can be copied straight from the cache's rows
+(:meth:`Capture.cache_tensors`, :mod:`asrkf_edge.gather`).
 """
 
 from __future__ import annotations
 
 import ctypes
-import logging
 from dataclasses import dataclass
 
 import llama_cpp.llama_cpp as L  # noqa: N812
@@ -25,10 +25,7 @@ from llama_cpp import _ggml as ggml_bindings
 
 from . import native
 from .errors import LlamaError
-from .gather import RowGather
 from .llama import Model, Tensor, TensorHead
-
-log = logging.getLogger(__name__)
 
 PROBS, QUERIES, KEYS = 0, 1, 2
 WANT, SPLIT = 1, 2  # bits of a slot's ``want``: copied when enabled; asked for in split mode
@@ -43,7 +40,7 @@ class _State(ctypes.Structure):
                 ("error", ctypes.c_int32), ("err_slot", ctypes.c_int32), ("want", ctypes.c_void_p),
                 ("buf", ctypes.c_void_p), ("cap", ctypes.c_void_p), ("shape", ctypes.c_void_p), ("hits", ctypes.c_void_p),
                 ("set_rows_op", ctypes.c_int32), ("find_cache", ctypes.c_int32), ("layout_ok", ctypes.c_int32),
-                ("n_found", ctypes.c_int32), ("cache_k", ctypes.c_void_p)]
+                ("n_found", ctypes.c_int32), ("cache_kv", ctypes.c_void_p)]
 
 
 def _ggml_lib() -> ctypes.CDLL:
@@ -121,11 +118,9 @@ class Capture:
         st.want, st.cap = self._want.ctypes.data, self._cap.ctypes.data
         st.shape, st.hits = self._shape.ctypes.data, self._hits.ctypes.data
         st.buf = ctypes.cast(self._ptrs, ctypes.c_void_p)
-        self._cache_k = np.zeros(nl, np.uintp)
-        self._gather: RowGather | None = None
-        self._k_type = -1
+        self._cache_kv = np.zeros(2 * nl, np.uintp)
         st.set_rows_op, st.find_cache, st.layout_ok = _op(self._lib, b"SET_ROWS"), 1, -1
-        st.cache_k = self._cache_k.ctypes.data
+        st.cache_kv = self._cache_kv.ctypes.data
         self._name_at = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p)(ctypes.cast(self._lib.ggml_get_name, ctypes.c_void_p).value)
         lib = native.load() if use_native is not False else None
         if use_native and lib is None:
@@ -167,37 +162,14 @@ class Capture:
             reason = "buffer too small" if self._state.error == 1 else "unexpected tensor type or layout"
             raise LlamaError(f"capturing {what}-{slot % self.n_layer} failed: {reason}")
 
-    def cache_k(self) -> list[tuple[int, int, int]] | None:
-        """llama.cpp's K cache tensor of every layer as (tensor, ggml type, bytes per cell row), once a decode has
-        shown them; None before, or where this llama.cpp's graph or tensor layout was not recognised."""
-        if self._state.n_found < self.n_layer:
+    def cache_tensors(self) -> list[tuple[int, int, int]] | None:
+        """llama.cpp's KV cache tensors, every layer's K then every layer's V, as (tensor, ggml type, bytes per cell
+        row), once a decode has shown them; None before, or where this llama.cpp's graph or tensor layout was not
+        recognised. (With flash attention off llama.cpp stores V transposed: its rows are then not cells.)"""
+        if self._state.n_found < 2 * self.n_layer:
             return None
-        heads = [TensorHead.from_address(int(t)) for t in self._cache_k]
-        return [(int(t), h.type, int(h.nb[1])) for t, h in zip(self._cache_k, heads, strict=True)]
-
-    def read_k(self, cells: np.ndarray, n_cells: int) -> tuple[list[np.ndarray], int] | None:
-        """Every layer's K rows of these cells (uint8 [len(cells), row bytes], in their order) and their ggml type,
-        gathered from llama.cpp's K cache (``n_cells`` cells) on its device (:class:`~asrkf_edge.gather.RowGather`).
-        None until a decode has shown the cache's tensors (:meth:`cache_k`), or where they cannot be gathered."""
-        try:
-            if self._gather is None:
-                tensors = self.cache_k()
-                if tensors is None or len({t for _, t, _ in tensors}) != 1:
-                    return None
-                self._k_type = tensors[0][1]
-                self._gather = RowGather([t for t, _, _ in tensors], n_cells)
-            return self._gather(np.asarray(cells, np.int64)), self._k_type
-        except ValueError as e:  # the device cannot: the caller peeks, now and from then on
-            log.info("keys read back through the state API: %s", e)
-            self.close()
-            self._state.n_found = -1
-            return None
-
-    def close(self) -> None:
-        """Free what the gather holds on the device."""
-        if self._gather is not None:
-            self._gather.close()
-            self._gather = None
+        heads = [TensorHead.from_address(int(t)) for t in self._cache_kv]
+        return [(int(t), h.type, int(h.nb[1])) for t, h in zip(self._cache_kv, heads, strict=True)]
 
     def _get(self, kind: int, layer: int) -> np.ndarray | None:
         slot = kind * self.n_layer + layer
@@ -241,14 +213,13 @@ class Capture:
             st.find_cache = 0
             return
         dst = Tensor.from_address(tensor).view_src  # a SET_ROWS node is a view of the tensor it writes
-        name = Tensor.from_address(dst).name if dst else b""
-        if not name.startswith(b"cache_k_l") or not name[9:10].isdigit():
+        if not dst or Tensor.from_address(dst).view_src:
             return
-        layer = _atoi(name[9:].decode("ascii"))
-        if layer < self.n_layer and not self._cache_k[layer]:
-            self._cache_k[layer] = dst
+        slot = _cache_slot(Tensor.from_address(dst).name, self.n_layer)
+        if slot >= 0 and not self._cache_kv[slot]:
+            self._cache_kv[slot] = dst
             st.n_found += 1
-            if st.n_found == self.n_layer:
+            if st.n_found == 2 * self.n_layer:
                 st.find_cache = 0
 
     def _slot(self, tensor: int, head: TensorHead) -> int:
@@ -294,6 +265,14 @@ class Capture:
     def _fail(self, err: int, slot: int) -> None:
         if not self._state.error:
             self._state.error, self._state.err_slot = err, slot
+
+
+def _cache_slot(name: bytes, n_layer: int) -> int:
+    """C's cache_slot: layer for ``cache_k_l<layer>``, n_layer + layer for ``cache_v_l<layer>``, else -1."""
+    if name[:6] != b"cache_" or name[6:7] not in (b"k", b"v") or name[7:9] != b"_l" or not name[9:].isdigit():
+        return -1
+    layer = int(name[9:])
+    return -1 if layer >= n_layer else (n_layer if name[6:7] == b"v" else 0) + layer
 
 
 def _atoi(text: str) -> int:

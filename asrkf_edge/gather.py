@@ -5,7 +5,7 @@ cells, layer, K and V: on a GPU each is a synchronous transfer, so scattered cel
 cells of the LLaMA-3-8B shape on an H200). Here every tensor's rows are gathered by ``get_rows`` on a backend of
 the tensors' device into one buffer, copied to the host in one transfer. A cache row is read as int32 words, so any
 cache type moves as its raw bytes. Graphs are built once per count of cells (rounded up to a power of two; the
-extra rows repeat the last cell) and kept.
+extra rows repeat the last cell) and of tensors (the first ``count``) and kept.
 """
 
 from __future__ import annotations
@@ -65,6 +65,8 @@ class RowGather:
     all on one device) to the host."""
 
     def __init__(self, tensors: list[int], n_cells: int) -> None:
+        if not tensors:
+            raise ValueError("no tensors to gather from")
         self._lib = lib = _lib()
         heads = [Tensor.from_address(t) for t in tensors]
         self.rows = [int(h.nb[1]) for h in heads]
@@ -78,16 +80,24 @@ class RowGather:
         if not self._backend:
             raise ValueError(f"no ggml backend for {self.device}")
         self._tensors, self._n_cells = tensors, n_cells
-        self._graphs: dict[int, _Graph] = {}
+        self._graphs: dict[tuple[int, int], _Graph] = {}
 
-    def __call__(self, cells: np.ndarray) -> list[np.ndarray]:
-        """Each tensor's rows of ``cells`` (uint8 [len(cells), row bytes], in their order). ValueError where the
-        device cannot run the gather (found when the first graph for a count of cells is built)."""
+    def __call__(self, cells: np.ndarray, count: int | None = None) -> list[np.ndarray]:
+        """The first ``count`` tensors' (default all) rows of ``cells``, each uint8 [len(cells), row bytes] in their
+        order. ValueError where the device cannot run the gather (found when a first graph is built)."""
+        flat, offsets = self.gather(cells, count)
+        return [flat[o : o + len(cells) * r].reshape(len(cells), r) for o, r in zip(offsets, self.rows, strict=False)]
+
+    def gather(self, cells: np.ndarray, count: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The first ``count`` tensors' rows of ``cells`` in one buffer: each tensor's rows, in the order of
+        ``cells``, from its byte offset (int64 [count]); rows are contiguous within a tensor."""
+        count = len(self.rows) if count is None else count
         n = len(cells)
+        size = 1 << max(0, n - 1).bit_length()
+        offsets = np.cumsum([0, *(size * r for r in self.rows[: count - 1])]).astype(np.int64)
         if n == 0:
-            return [np.zeros((0, r), np.uint8) for r in self.rows]
-        size = 1 << (n - 1).bit_length()
-        g = self._graphs.get(size) or self._graphs.setdefault(size, self._build(size))
+            return np.zeros(0, np.uint8), offsets
+        g = self._graphs.get((size, count)) or self._graphs.setdefault((size, count), self._build(size, count))
         idx = np.full(size, cells[-1], np.int32)
         idx[:n] = cells
         if idx.min() < 0 or idx.max() >= self._n_cells:
@@ -96,24 +106,20 @@ class RowGather:
         lib.ggml_backend_tensor_set(g.idx, idx.ctypes.data, 0, idx.nbytes)
         if lib.ggml_backend_graph_compute(self._backend, g.graph) != 0:
             raise RuntimeError(f"the gather of {n} cells failed on {self.device}")
-        flat = np.empty(size * sum(self.rows), np.uint8)
+        flat = np.empty(size * sum(self.rows[:count]), np.uint8)
         lib.ggml_backend_tensor_get(g.out, flat.ctypes.data, 0, flat.nbytes)
-        got, at = [], 0
-        for r in self.rows:
-            got.append(flat[at : at + size * r].reshape(size, r)[:n])
-            at += size * r
-        return got
+        return flat, offsets
 
-    def _build(self, size: int) -> _Graph:
+    def _build(self, size: int, count: int) -> _Graph:
         lib = self._lib
         per = lib.ggml_tensor_overhead()
-        ctx = lib.ggml_init(_InitParams((3 * len(self._tensors) + 4) * per + lib.ggml_graph_overhead(), None, True))
-        out = lib.ggml_new_tensor_1d(ctx, _I32, size * sum(self.rows) // 4)
+        ctx = lib.ggml_init(_InitParams((3 * count + 4) * per + lib.ggml_graph_overhead(), None, True))
+        out = lib.ggml_new_tensor_1d(ctx, _I32, size * sum(self.rows[:count]) // 4)
         out_buf = lib.ggml_backend_alloc_ctx_tensors(ctx, self._backend)  # only ``out`` so far
         base = Tensor.from_address(out).data
         idx = lib.ggml_new_tensor_1d(ctx, _I32, size)
         graph, at = lib.ggml_new_graph(ctx), 0
-        for tensor, r, cells in zip(self._tensors, self.rows, self._cells, strict=True):
+        for tensor, r, cells in zip(self._tensors[:count], self.rows, self._cells, strict=False):
             cache = Tensor.from_address(tensor)
             src = lib.ggml_new_tensor_2d(ctx, _I32, r // 4, cells)  # the cache's rows as int32 words
             rows = lib.ggml_get_rows(ctx, src, idx)

@@ -23,11 +23,14 @@ from . import blob as blobfmt
 from .capture import Capture, CaptureSpec
 from .cells import DUMMY_POS, LANE, CellMap
 from .errors import LlamaError, OutOfCellsError
+from .gather import RowGather
 from .kvcopy import Side, blob_side, copy_rows, empty_blob
 from .llama import SCRATCH_SEQ, Context, ContextConfig, Model
 from .store import FrozenStore
 
 log = logging.getLogger(__name__)
+
+_CPU_GATHER_RUNS = 4  # runs of cells from which a freeze on the CPU gathers (Session._freeze_gathered)
 
 _TYPE_BYTES = {0: (4, 1), 1: (2, 1), 30: (2, 1), 8: (34, 32), 2: (18, 32)}  # ggml type: (bytes, per elems)
 
@@ -146,6 +149,9 @@ class Session:
         self._store_dir, self._keep = store_dir, keep_store
         self.store: FrozenStore | None = None
         self._left: dict[int, int] = {}  # frozen position -> cell it left
+        self._gather: RowGather | None = None  # copies of scattered cells on the cache's device
+        self._gather_ok = True
+        self._kv_types = (-1, -1)
         self.freeze_events = self.thaw_events = self.upload_runs = 0
         self.freeze_seconds = self.thaw_seconds = 0.0  # thaw time excludes the freezes that made room
         self.active_peak = 0
@@ -157,9 +163,13 @@ class Session:
     def close(self) -> None:
         if self.store is not None:
             self.store.close()
-        if self.capture is not None:
-            self.capture.close()
+        self._drop_gather()
         self.ctx.close()
+
+    def _drop_gather(self) -> None:
+        if self._gather is not None:
+            self._gather.close()
+            self._gather, self._gather_ok = None, False
 
     def __enter__(self) -> Session:
         return self
@@ -464,12 +474,18 @@ class Session:
         copied to the host at once: (positions, per layer uint8 [n, row bytes] in that order, ggml type). A
         :meth:`peek` copies V too, through the scratch sequence, one copy per run of cells, layer, K and V. None
         until the capture knows the cache's tensors (a first decode), or without a capture."""
-        if self.capture is None:
+        gather = self._gatherer()
+        if gather is None:
             return None
         pos = np.unique(np.asarray(positions, np.int64))
         self.ctx.synchronize()  # the gather runs on a stream of its own
-        got = self.capture.read_k(self.cells_of(pos), self.ctx.n_ctx)
-        return None if got is None else (pos, *got)
+        try:
+            rows = gather(self.cells_of(pos), len(gather.rows) // 2)
+        except ValueError as e:  # this device cannot: the state API from now on
+            log.info("KV rows copied through llama.cpp's state API: %s", e)
+            self._drop_gather()
+            return None
+        return pos, rows, self._kv_types[0]
 
     def _copy_out(self) -> tuple[np.ndarray, blobfmt.Parsed]:
         """The scratch sequence's state blob, parsed and checked against the cell map."""
@@ -485,23 +501,77 @@ class Session:
         if len(positions) == 0:
             return
         t0 = time.perf_counter()
-        self._cp_at(0, SCRATCH_SEQ, positions)
-        try:
-            cells = self.cells.cells_of(SCRATCH_SEQ)
-            raw, parsed = self._copy_out()
-            if self.store is None:
-                self.store = FrozenStore(parsed.layout, self._store_dir, self._keep)
-            order = np.argsort(parsed.pos, kind="stable")
-            pos = parsed.pos[order].astype(np.int64)
-            toks = np.asarray(self.tokens, np.int32)[pos]
-            self.store.put(pos, toks, blob_side(raw, parsed.layout, len(pos)), order)
-        finally:
-            self._rm(SCRATCH_SEQ)
-        for p, c in zip(pos.tolist(), cells[order].tolist(), strict=True):
-            self._left[p] = c
-        self._rm_at(0, positions)
+        if not self._freeze_gathered(positions):
+            self._cp_at(0, SCRATCH_SEQ, positions)
+            try:
+                cells = self.cells.cells_of(SCRATCH_SEQ)
+                raw, parsed = self._copy_out()
+                if self.store is None:
+                    self.store = FrozenStore(parsed.layout, self._store_dir, self._keep)
+                order = np.argsort(parsed.pos, kind="stable")
+                pos = parsed.pos[order].astype(np.int64)
+                toks = np.asarray(self.tokens, np.int32)[pos]
+                self.store.put(pos, toks, blob_side(raw, parsed.layout, len(pos)), order)
+            finally:
+                self._rm(SCRATCH_SEQ)
+            for p, c in zip(pos.tolist(), cells[order].tolist(), strict=True):
+                self._left[p] = c
+            self._rm_at(0, positions)
         self.freeze_events += 1
         self.freeze_seconds += time.perf_counter() - t0
+
+    def _freeze_gathered(self, positions: np.ndarray) -> bool:
+        """Freeze with the K and V rows gathered on the cache's device (:mod:`.gather`) straight into the store, no
+        scratch sequence or state blob: one transfer however scattered the cells (the state API makes one per run
+        of cells, layer, K and V). False where the state API must do it: V transposed (flash attention off), the
+        cache's tensors not known yet, a device that cannot gather, or a cache on the CPU with fewer than
+        ``_CPU_GATHER_RUNS`` runs of cells (measured on 2 EPYC cores, default model, benchmarks/freeze_thaw.py
+        --flash-attn [--gather]: 400 cells in a row 4.9-5.4 µs a token through the state API, 6.7-8.8 gathered;
+        60 scattered cells 0.78-0.83 ms against 0.58-0.64)."""
+        gather = self._gatherer()
+        if gather is None or not self.ctx.cfg.flash_attn:
+            return False
+        pos = np.unique(np.asarray(positions, np.int64))
+        cells = self.cells_of(pos)
+        if gather.device == "CPU" and int((np.diff(np.sort(cells)) != 1).sum()) + 1 < _CPU_GATHER_RUNS:
+            return False
+        n_layer = len(gather.rows) // 2
+        k, v = self._kv_types
+        layout = blobfmt.Layout(n_layer, k, gather.rows[0], v, gather.rows[n_layer], False, 0)
+        if self.store is not None and self.store.layout != layout:
+            return False
+        self.ctx.synchronize()  # the gather runs on a stream of its own
+        try:
+            flat, offsets = gather.gather(cells)
+        except ValueError as e:  # this device cannot: the state API from now on
+            log.info("KV rows copied through llama.cpp's state API: %s", e)
+            self._drop_gather()
+            return False
+        side = Side(flat, offsets[:n_layer], offsets[n_layer:], len(pos), False, layout.k_row, layout.v_row)
+        if self.store is None:
+            self.store = FrozenStore(layout, self._store_dir, self._keep)
+        self.store.put(pos, np.asarray(self.tokens, np.int32)[pos], side, np.arange(len(pos)))
+        if self.on_copy is not None:
+            rows = [flat[o : o + len(pos) * r].reshape(len(pos), r) for o, r in zip(offsets, gather.rows, strict=True)]
+            self.on_copy(pos, blobfmt.Parsed(layout, pos.astype(np.int32), rows[:n_layer], rows[n_layer:]))
+        for p, c in zip(pos.tolist(), cells.tolist(), strict=True):
+            self._left[p] = c
+        self._rm_at(0, pos)
+        return True
+
+    def _gatherer(self) -> RowGather | None:
+        """The gather over every layer's K then V cache tensor, made once the capture has seen them; None before,
+        without a capture, or for good where the cache's device cannot run it (the state API then copies)."""
+        if self._gather is None and self._gather_ok and self.capture is not None:
+            tensors = self.capture.cache_tensors()
+            if tensors is not None:
+                try:
+                    self._gather = RowGather([t for t, _, _ in tensors], self.ctx.n_ctx)
+                    self._kv_types = (tensors[0][1], tensors[-1][1])
+                except ValueError as e:
+                    log.info("KV rows copied through llama.cpp's state API: %s", e)
+                    self._gather_ok = False
+        return self._gather
 
     def _targets(self, want: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Cells for thawed positions: home (position mod cells) or the cell left, same SIMD lane, any.

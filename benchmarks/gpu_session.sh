@@ -4,7 +4,8 @@
 #                                                shape's breakdown at 4k / 16k / 32k (full, asrkf, asrkf without
 #                                                the recovery trigger; 3 runs, 128 tokens)
 #   bash benchmarks/gpu_session.sh 2 [TREE...]   the 8B shape (written in ~20 s): freeze/thaw GB/s (400-token
-#                                                ranges, 60-token scattered swaps), what a gather on the device
+#                                                ranges, 60-token scattered swaps; the head's also with freezes
+#                                                gathered on the device), what a gather on the device
 #                                                would buy (benchmarks/device_gather.py), the entropy's cost on
 #                                                128k logits, then its breakdown (full, asrkf)
 # TREEs (e.g. `git archive OLD asrkf_edge setup.py native pyproject.toml` under .gpu/) run the same measurements
@@ -27,7 +28,8 @@ else
   test -f /tmp/m/llama8b.gguf || PYTHONPATH=/tmp/site python3 benchmarks/gpu_make_model.py /tmp/m/llama8b.gguf | tail -1
   M=llama8b DECODE=64 VARIANTS='[["full","full",{}],["asrkf","asrkf",{}]]'
   for T in . "$@"; do
-    for A in "--repeat 10" "--scattered 60 --repeat 30"; do
+    more=(); [ "$T" = . ] && more=("--gather --repeat 10" "--gather --scattered 60 --repeat 30")  # freezes gathered
+    for A in "--repeat 10" "--scattered 60 --repeat 30" "${more[@]}"; do
       echo "== freeze_thaw $(name "$T") $A"
       # shellcheck disable=SC2086  # $A is several arguments
       PYTHONPATH=/tmp/site:$T timeout 60 python3 benchmarks/freeze_thaw.py --flash-attn --gpu-layers -1 \

@@ -57,9 +57,9 @@ enum { ERR_NONE = 0, ERR_CAPACITY = 1, ERR_LAYOUT = 2 };
 enum { WANT = 1, SPLIT = 2 }; /* bits of want[slot]: copied when enabled; asked for in split mode */
 
 /* Mirrored by asrkf_edge.capture._State (ctypes); slot = kind * n_layer + layer. find_cache: while set, every
- * SET_ROWS node asked about is looked at: where it writes into a tensor named cache_k_l<layer>, that tensor (llama.cpp's
- * K cache of the layer, one row per cell) goes to cache_k[layer]; cleared once every layer's is known, or on a
- * layout that does not match (layout_ok 0). */
+ * SET_ROWS node asked about is looked at: where it writes into a tensor named cache_k_l<layer> or cache_v_l<layer>
+ * (llama.cpp's K and V caches of the layer, one row per cell), that tensor goes to cache_kv[layer] or
+ * cache_kv[n_layer + layer]; cleared once all are known, or on a layout that does not match (layout_ok 0). */
 typedef struct {
     name_fn get_name;
     get_fn tensor_get;
@@ -79,7 +79,7 @@ typedef struct {
     int32_t find_cache;
     int32_t layout_ok; /* -1 unchecked, 0 mismatch, 1 checked */
     int32_t n_found;
-    void **cache_k;   /* [n_layer] */
+    void **cache_kv;  /* [2 * n_layer]: every layer's K cache, then every layer's V cache */
 } asrkf_capture;
 
 static int parse(const char *name, int32_t n_layer, int *kind) {
@@ -144,8 +144,19 @@ static void copy_node(asrkf_capture *s, const struct tensor_head *t, int slot) {
     s->hits[slot] += 1;
 }
 
-/* Where a SET_ROWS node writes a layer's K cache (the node is a view of the tensor named cache_k_l<layer>),
- * remember that tensor. */
+/* Slot of a KV cache tensor named exactly cache_k_l<layer> (layer) or cache_v_l<layer> (n_layer + layer), else -1. */
+static int cache_slot(const char *name, int32_t n_layer) {
+    if (strncmp(name, "cache_", 6) != 0 || (name[6] != 'k' && name[6] != 'v') || strncmp(name + 7, "_l", 2) != 0) return -1;
+    const char *p = name + 9;
+    if (*p < '0' || *p > '9') return -1;
+    int layer = 0;
+    for (; *p >= '0' && *p <= '9' && layer < n_layer; ++p) layer = layer * 10 + (*p - '0');
+    if (*p || layer >= n_layer) return -1;
+    return (name[6] == 'v' ? n_layer : 0) + layer;
+}
+
+/* Where a SET_ROWS node writes a layer's K or V cache (the node is a view whose root is that tensor, itself no
+ * view), remember the tensor. */
 static void find_cache(asrkf_capture *s, const struct tensor_head *t) {
     const struct tensor_full *f = (const struct tensor_full *)t;
     if (s->layout_ok < 0) s->layout_ok = s->get_name(t) == f->name;
@@ -154,11 +165,11 @@ static void find_cache(asrkf_capture *s, const struct tensor_head *t) {
         return;
     }
     const struct tensor_full *dst = (const struct tensor_full *)f->view_src;
-    if (!dst || strncmp(dst->name, "cache_k_l", 9) != 0 || dst->name[9] < '0' || dst->name[9] > '9') return;
-    int layer = atoi(dst->name + 9);
-    if (layer < s->n_layer && !s->cache_k[layer]) {
-        s->cache_k[layer] = (void *)dst;
-        if (++s->n_found == s->n_layer) s->find_cache = 0;
+    if (!dst || dst->view_src) return;
+    int slot = cache_slot(dst->name, s->n_layer);
+    if (slot >= 0 && !s->cache_kv[slot]) {
+        s->cache_kv[slot] = (void *)dst;
+        if (++s->n_found == 2 * s->n_layer) s->find_cache = 0;
     }
 }
 

@@ -285,3 +285,42 @@ def test_store_saved_as_segments_reads_back_into_slots(real, doc, tmp_path):
         fh.write(b"\xff" if buf[segments["16"]["offset"] + 7] != 0xFF else b"\x00")
     with pytest.raises(StoreError, match=r"\[116, 132\)"):
         FrozenStore.from_state(state, tmp_path / "again")
+
+
+@pytest.mark.parametrize("use_native", [True, False])
+def test_a_freeze_gathered_on_the_device_stores_what_the_state_api_does(real, doc, use_native, monkeypatch):
+    """With the capture's view of the KV tensors (flash attention on), a freeze gathers its K and V rows on the
+    cache's device straight into the store, without the scratch sequence: the store then holds the bytes a freeze
+    through llama.cpp's state API holds and a thaw of everything is exact (native capture and its Python twin
+    alike)."""
+    from asrkf_edge import capture as capture_mod
+    from asrkf_edge.capture import CaptureSpec
+    from asrkf_edge.session import Session
+
+    native = capture_mod.native.load
+    if not use_native:
+        monkeypatch.setattr(capture_mod.native, "load", lambda: None)
+    base, tail = doc[:1100], doc[1100:1106]
+    spec = CaptureSpec(tuple(range(real.model.n_layer)), window=8, probs=False)
+    scattered = np.array([5, 77, 78, 79, 640, 641, 900, 1001])
+    with Session(real.model, 2048, flash_attn=True) as ref:
+        ref.eval(base)
+        want = probe(ref, tail)
+    stores = []
+    for gathered in (True, False):
+        with Session(real.model, 2048, flash_attn=True, capture=spec if gathered else None) as s:
+            copied = [0]
+            copy_out = s._copy_out
+            s._copy_out = lambda copy_out=copy_out, copied=copied: (copied.__setitem__(0, copied[0] + 1), copy_out())[1]
+            s.eval(base)
+            assert s.freeze(200, 600) == 400  # one run of cells: on the CPU still the state API
+            assert s.freeze_positions(scattered) == len(scattered)  # five runs: gathered
+            assert copied[0] == (1 if gathered else 2)
+            pos = np.sort(np.concatenate([np.arange(200, 600), scattered]))
+            stores.append((s.store.layout, s.store._hash[pos].copy()))  # each slot's xxh3: K and V of every layer
+            s.thaw(0, 10**9)
+            got = probe(s, tail)
+            assert np.abs(got - want).max() <= 1e-6
+        monkeypatch.setattr(capture_mod.native, "load", native)
+    assert stores[0][0] == stores[1][0] and np.array_equal(stores[0][1], stores[1][1])
+

@@ -7,6 +7,7 @@ import pytest
 from scoring import greedy, observed_scores, rank_overlap
 
 from asrkf_edge import capture as capture_mod
+from asrkf_edge import session as session_mod
 from asrkf_edge.capture import CaptureSpec
 from asrkf_edge.importance import (
     Importance,
@@ -185,7 +186,7 @@ def test_keys_read_from_the_cache_rows_are_the_bytes_a_peek_copies(which, use_na
         capture_mod.native.load = native
     with sess:
         assert sess.capture is not None and sess.capture.native is use_native
-        assert sess.capture.cache_k() is None  # not known before a decode shows the cache
+        assert sess.capture.cache_tensors() is None  # not known before a decode shows the cache
         sess.eval(toks)
         sess.freeze_positions(np.arange(40, 60))  # scattered cells: runs of several lengths
         pos = np.array([150, 3, 4, 5, 61, 62, 199, 100, 0])
@@ -208,7 +209,7 @@ def test_keys_come_back_the_same_where_the_device_cannot_gather(tiny, monkeypatc
         if not works:
             def refuse(*a, **k):
                 raise ValueError("this device cannot")
-            monkeypatch.setattr(capture_mod, "RowGather", refuse)
+            monkeypatch.setattr(session_mod, "RowGather", refuse)
         with Runner(tiny.model, AsrKf(min_cache=64), 160, flash_attn=True) as run:
             peeks, peek = [0], run.session.peek
 
