@@ -2,7 +2,9 @@
 
 Sequence 0 holds the active tokens; sequence 1 is a scratch area. Freeze copies a position range to
 the scratch sequence, serializes it (``llama_state_seq_get_data``, O(range)), writes it to the
-:class:`~asrkf_edge.store.FrozenStore` and only then removes it from the cache. Thaw builds a blob from
+:class:`~asrkf_edge.store.FrozenStore` and only then removes it from the cache; with flash attention and a
+capture that has seen the cache's tensors, scattered cells are instead gathered on the cache's device
+(:mod:`asrkf_edge.gather`) straight into the store. Thaw builds a blob from
 the store whose cells land exactly in chosen cells (:mod:`asrkf_edge.cells`), loads it into the
 scratch sequence and copies it to sequence 0. Positions never change, so RoPE stays exact (only the
 context-shift baseline renumbers them, as llama.cpp does).
@@ -527,7 +529,7 @@ class Session:
         cache's tensors not known yet, a device that cannot gather, or a cache on the CPU with fewer than
         ``_CPU_GATHER_RUNS`` runs of cells (measured on 2 EPYC cores, default model, benchmarks/freeze_thaw.py
         --flash-attn [--gather]: 400 cells in a row 4.9-5.4 µs a token through the state API, 6.7-8.8 gathered;
-        60 scattered cells 0.78-0.83 ms against 0.58-0.64)."""
+        60 scattered cells 0.78-0.85 ms against 0.58-0.66)."""
         gather = self._gatherer()
         if gather is None or not self.ctx.cfg.flash_attn:
             return False
