@@ -5,7 +5,9 @@ cells, layer, K and V: on a GPU each is a synchronous transfer, so scattered cel
 cells of the LLaMA-3-8B shape on an H200). Here every tensor's rows are gathered by ``get_rows`` on a backend of
 the tensors' device into one buffer, copied to the host in one transfer. A cache row is read as int32 words, so any
 cache type moves as its raw bytes. Graphs are built once per count of cells (rounded up to a power of two; the
-extra rows repeat the last cell) and of tensors (the first ``count``) and kept.
+extra rows repeat the last cell) and of tensors (the first ``count``) and kept, with their output buffers on the
+device: more than ``MAX_CELLS`` cells are gathered in parts, so that those buffers stay small (the LLaMA-3-8B
+shape's K and V of 256 cells: 32 MiB) next to the VRAM the frozen cells gave back.
 """
 
 from __future__ import annotations
@@ -64,6 +66,8 @@ class RowGather:
     """Copies the rows of given cells from cache tensors (each ``[row bytes, cells]``, at least ``n_cells`` of them,
     all on one device) to the host."""
 
+    MAX_CELLS = 256
+
     def __init__(self, tensors: list[int], n_cells: int) -> None:
         if not tensors:
             raise ValueError("no tensors to gather from")
@@ -93,6 +97,15 @@ class RowGather:
         ``cells``, from its byte offset (int64 [count]); rows are contiguous within a tensor."""
         count = len(self.rows) if count is None else count
         n = len(cells)
+        if n > self.MAX_CELLS:
+            flat = np.empty(n * sum(self.rows[:count]), np.uint8)
+            offsets = np.cumsum([0, *(n * r for r in self.rows[: count - 1])]).astype(np.int64)
+            for a in range(0, n, self.MAX_CELLS):
+                b = min(n, a + self.MAX_CELLS)
+                part, at = self.gather(cells[a:b], count)
+                for o, p, r in zip(offsets, at, self.rows, strict=False):
+                    flat[o + a * r : o + b * r] = part[p : p + (b - a) * r]
+            return flat, offsets
         size = 1 << max(0, n - 1).bit_length()
         offsets = np.cumsum([0, *(size * r for r in self.rows[: count - 1])]).astype(np.int64)
         if n == 0:

@@ -60,9 +60,10 @@ def main() -> None:
         spec = CaptureSpec(tuple(range(eng.model.n_layer)), window=8, probs=False)
         with Session(eng.model, a.context + 256, flash_attn=True, capture=spec) as s:
             s.eval([int(t) for t in rng.integers(300, eng.model.n_vocab, a.context)])
-            tensors = s.capture.cache_k()
-            if tensors is None:
-                raise SystemExit("the capture did not find llama.cpp's K cache tensors")
+            found = s.capture.cache_tensors()
+            if found is None:
+                raise SystemExit("the capture did not find llama.cpp's KV cache tensors")
+            tensors = found[: eng.model.n_layer]  # every layer's K
             gather = RowGather([t for t, _, _ in tensors], s.ctx.n_ctx)
             times: dict[str, list[float]] = {"peek": [], "rows": [], "gather": []}
             for _ in range(a.repeat):
@@ -72,7 +73,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 parsed = s.peek(pos)
                 t1 = time.perf_counter()
-                rows = per_run(s.capture.cache_k(), cells)
+                rows = per_run(tensors, cells)
                 t2 = time.perf_counter()
                 gathered = gather(cells)
                 t3 = time.perf_counter()

@@ -9,6 +9,7 @@ from scoring import greedy, observed_scores, rank_overlap
 from asrkf_edge import capture as capture_mod
 from asrkf_edge import session as session_mod
 from asrkf_edge.capture import CaptureSpec
+from asrkf_edge.gather import RowGather
 from asrkf_edge.importance import (
     Importance,
     QueryWindow,
@@ -202,7 +203,7 @@ def test_keys_read_from_the_cache_rows_are_the_bytes_a_peek_copies(which, use_na
 def test_keys_come_back_the_same_where_the_device_cannot_gather(tiny, monkeypatch) -> None:
     """Where the cache's device cannot run the gather, keys are read back through the state API (a peek) from
     then on, and a generation is the same to the bit: tokens, logits, scores. The gather itself serves any count
-    of cells (its graphs are kept per power of two)."""
+    of cells (its graphs are kept per power of two; more than MAX_CELLS go in parts)."""
     text = "the sky is blue and the grass is green " * 40
     seen, gathers = [], []
     for works in (True, False):
@@ -224,6 +225,7 @@ def test_keys_come_back_the_same_where_the_device_cannot_gather(tiny, monkeypatc
             if works:
                 sess = run.session
                 act = sess.active_positions()
+                monkeypatch.setattr(RowGather, "MAX_CELLS", 16)  # more cells than that are gathered in parts
                 for n in (1, 2, 3, 8, 9, 33):
                     pos, rows, _ = sess.read_keys(act[:: max(1, len(act) // n)][:n])
                     parsed = sess.peek(pos)
