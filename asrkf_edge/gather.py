@@ -88,7 +88,7 @@ class RowGather:
 
     def __call__(self, cells: np.ndarray, count: int | None = None) -> list[np.ndarray]:
         """The first ``count`` tensors' (default all) rows of ``cells``, each uint8 [len(cells), row bytes] in their
-        order. ValueError where the device cannot run the gather (found when a first graph is built)."""
+        order. ValueError where the device cannot run the gather (found when a first graph is built) or it failed."""
         flat, offsets = self.gather(cells, count)
         return [flat[o : o + len(cells) * r].reshape(len(cells), r) for o, r in zip(offsets, self.rows, strict=False)]
 
@@ -118,7 +118,7 @@ class RowGather:
         lib = self._lib
         lib.ggml_backend_tensor_set(g.idx, idx.ctypes.data, 0, idx.nbytes)
         if lib.ggml_backend_graph_compute(self._backend, g.graph) != 0:
-            raise RuntimeError(f"the gather of {n} cells failed on {self.device}")
+            raise ValueError(f"the gather of {n} cells failed on {self.device}")
         flat = np.empty(size * sum(self.rows[:count]), np.uint8)
         lib.ggml_backend_tensor_get(g.out, flat.ctypes.data, 0, flat.nbytes)
         return flat, offsets
@@ -129,21 +129,31 @@ class RowGather:
         ctx = lib.ggml_init(_InitParams((3 * count + 4) * per + lib.ggml_graph_overhead(), None, True))
         out = lib.ggml_new_tensor_1d(ctx, _I32, size * sum(self.rows[:count]) // 4)
         out_buf = lib.ggml_backend_alloc_ctx_tensors(ctx, self._backend)  # only ``out`` so far
-        base = Tensor.from_address(out).data
-        idx = lib.ggml_new_tensor_1d(ctx, _I32, size)
-        graph, at = lib.ggml_new_graph(ctx), 0
-        for tensor, r, cells in zip(self._tensors[:count], self.rows, self._cells, strict=False):
-            cache = Tensor.from_address(tensor)
-            src = lib.ggml_new_tensor_2d(ctx, _I32, r // 4, cells)  # the cache's rows as int32 words
-            rows = lib.ggml_get_rows(ctx, src, idx)
-            if lib.ggml_backend_tensor_alloc(cache.buffer, src, cache.data) or \
-                    lib.ggml_backend_tensor_alloc(Tensor.from_address(out).buffer, rows, base + at):
-                raise ValueError("could not place the gather's tensors")
-            if not lib.ggml_backend_supports_op(self._backend, rows):
-                raise ValueError(f"{self.device} cannot gather int32 rows")
-            lib.ggml_build_forward_expand(graph, rows)
-            at += size * r
-        idx_buf = lib.ggml_backend_alloc_ctx_tensors(ctx, self._backend)  # the indices
+        try:
+            if not out_buf:
+                raise ValueError(f"no room for the gather's output on {self.device}")
+            base = Tensor.from_address(out).data
+            idx = lib.ggml_new_tensor_1d(ctx, _I32, size)
+            graph, at = lib.ggml_new_graph(ctx), 0
+            for tensor, r, cells in zip(self._tensors[:count], self.rows, self._cells, strict=False):
+                cache = Tensor.from_address(tensor)
+                src = lib.ggml_new_tensor_2d(ctx, _I32, r // 4, cells)  # the cache's rows as int32 words
+                rows = lib.ggml_get_rows(ctx, src, idx)
+                if lib.ggml_backend_tensor_alloc(cache.buffer, src, cache.data) or \
+                        lib.ggml_backend_tensor_alloc(Tensor.from_address(out).buffer, rows, base + at):
+                    raise ValueError("could not place the gather's tensors")
+                if not lib.ggml_backend_supports_op(self._backend, rows):
+                    raise ValueError(f"{self.device} cannot gather int32 rows")
+                lib.ggml_build_forward_expand(graph, rows)
+                at += size * r
+            idx_buf = lib.ggml_backend_alloc_ctx_tensors(ctx, self._backend)  # the indices
+            if not idx_buf:
+                raise ValueError(f"no room for the gather's indices on {self.device}")
+        except ValueError:
+            if out_buf:
+                lib.ggml_backend_buffer_free(out_buf)
+            lib.ggml_free(ctx)
+            raise
         return _Graph(ctx, idx, graph, out, (out_buf, idx_buf))
 
     def close(self) -> None:
