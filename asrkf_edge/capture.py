@@ -21,11 +21,10 @@ from dataclasses import dataclass
 
 import llama_cpp.llama_cpp as L  # noqa: N812
 import numpy as np
-from llama_cpp import _ggml as ggml_bindings
 
 from . import native
 from .errors import LlamaError
-from .llama import Model, Tensor, TensorHead
+from .llama import Model, Tensor, TensorHead, ggml_lib
 
 PROBS, QUERIES, KEYS = 0, 1, 2
 WANT, SPLIT = 1, 2  # bits of a slot's ``want``: copied when enabled; asked for in split mode
@@ -41,15 +40,6 @@ class _State(ctypes.Structure):
                 ("buf", ctypes.c_void_p), ("cap", ctypes.c_void_p), ("shape", ctypes.c_void_p), ("hits", ctypes.c_void_p),
                 ("set_rows_op", ctypes.c_int32), ("find_cache", ctypes.c_int32), ("layout_ok", ctypes.c_int32),
                 ("n_found", ctypes.c_int32), ("cache_kv", ctypes.c_void_p)]
-
-
-def _ggml_lib() -> ctypes.CDLL:
-    lib = ggml_bindings.libggml
-    lib.ggml_get_name.argtypes, lib.ggml_get_name.restype = [ctypes.c_void_p], ctypes.c_char_p
-    lib.ggml_op_name.argtypes, lib.ggml_op_name.restype = [ctypes.c_int], ctypes.c_char_p
-    lib.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
-    lib.ggml_backend_tensor_get.restype = None
-    return lib
 
 
 def _op(lib: ctypes.CDLL, name: bytes) -> int:
@@ -110,7 +100,7 @@ class Capture:
             raise ValueError("split_layers must be layers whose queries are captured")
         for layer in spec.split_layers:
             self._want[QUERIES * nl + layer] |= SPLIT
-        self._lib = _ggml_lib()
+        self._lib = ggml_lib()
         st = self._state = _State()
         st.get_name = ctypes.cast(self._lib.ggml_get_name, ctypes.c_void_p)
         st.tensor_get = ctypes.cast(self._lib.ggml_backend_tensor_get, ctypes.c_void_p)

@@ -12,43 +12,13 @@ shape's K and V of 256 cells: 32 MiB) next to the VRAM the frozen cells gave bac
 
 from __future__ import annotations
 
-import ctypes
 from dataclasses import dataclass
 
 import numpy as np
-from llama_cpp import _ggml as ggml_bindings
 
-from .llama import Tensor
+from .llama import GgmlInitParams, Tensor, ggml_lib
 
 _I32 = 26  # GGML_TYPE_I32
-_P, _I64, _SZ = ctypes.c_void_p, ctypes.c_int64, ctypes.c_size_t
-
-
-class _InitParams(ctypes.Structure):
-    _fields_ = [("mem_size", _SZ), ("mem_buffer", _P), ("no_alloc", ctypes.c_bool)]
-
-
-_SIGNATURES = {
-    "ggml_init": ([_InitParams], _P), "ggml_free": ([_P], None), "ggml_tensor_overhead": ([], _SZ),
-    "ggml_graph_overhead": ([], _SZ), "ggml_new_tensor_1d": ([_P, ctypes.c_int, _I64], _P),
-    "ggml_new_tensor_2d": ([_P, ctypes.c_int, _I64, _I64], _P), "ggml_get_rows": ([_P, _P, _P], _P),
-    "ggml_new_graph": ([_P], _P), "ggml_build_forward_expand": ([_P, _P], None),
-    "ggml_backend_tensor_alloc": ([_P, _P, _P], ctypes.c_int), "ggml_backend_alloc_ctx_tensors": ([_P, _P], _P),
-    "ggml_backend_tensor_set": ([_P, _P, _SZ, _SZ], None), "ggml_backend_graph_compute": ([_P, _P], ctypes.c_int),
-    "ggml_backend_buffer_get_type": ([_P], _P), "ggml_backend_buft_get_device": ([_P], _P),
-    "ggml_backend_dev_by_type": ([ctypes.c_int], _P), "ggml_backend_dev_init": ([_P, ctypes.c_char_p], _P),
-    "ggml_backend_dev_name": ([_P], ctypes.c_char_p), "ggml_backend_buffer_free": ([_P], None),
-    "ggml_backend_free": ([_P], None), "ggml_backend_tensor_get": ([_P, _P, _SZ, _SZ], None),
-    "ggml_backend_supports_op": ([_P, _P], ctypes.c_bool),
-}
-
-
-def _lib() -> ctypes.CDLL:
-    lib = ggml_bindings.libggml
-    for name, (args, res) in _SIGNATURES.items():
-        fn = getattr(lib, name)
-        fn.argtypes, fn.restype = args, res
-    return lib
 
 
 @dataclass
@@ -71,7 +41,7 @@ class RowGather:
     def __init__(self, tensors: list[int], n_cells: int) -> None:
         if not tensors:
             raise ValueError("no tensors to gather from")
-        self._lib = lib = _lib()
+        self._lib = lib = ggml_lib()
         heads = [Tensor.from_address(t) for t in tensors]
         self.rows = [int(h.nb[1]) for h in heads]
         self._cells = [int(h.ne[1]) for h in heads]
@@ -89,8 +59,11 @@ class RowGather:
     def __call__(self, cells: np.ndarray, count: int | None = None) -> list[np.ndarray]:
         """The first ``count`` tensors' (default all) rows of ``cells``, each uint8 [len(cells), row bytes] in their
         order. ValueError where the device cannot run the gather (found when a first graph is built) or it failed."""
-        flat, offsets = self.gather(cells, count)
-        return [flat[o : o + len(cells) * r].reshape(len(cells), r) for o, r in zip(offsets, self.rows, strict=False)]
+        return self.split(*self.gather(cells, count), len(cells))
+
+    def split(self, flat: np.ndarray, offsets: np.ndarray, n: int) -> list[np.ndarray]:
+        """Each tensor's ``n`` rows (uint8 [n, row bytes]) inside a buffer :meth:`gather` returned."""
+        return [flat[o : o + n * r].reshape(n, r) for o, r in zip(offsets, self.rows, strict=False)]
 
     def gather(self, cells: np.ndarray, count: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The first ``count`` tensors' rows of ``cells`` in one buffer: each tensor's rows, in the order of
@@ -102,9 +75,9 @@ class RowGather:
             offsets = np.cumsum([0, *(n * r for r in self.rows[: count - 1])]).astype(np.int64)
             for a in range(0, n, self.MAX_CELLS):
                 b = min(n, a + self.MAX_CELLS)
-                part, at = self.gather(cells[a:b], count)
-                for o, p, r in zip(offsets, at, self.rows, strict=False):
-                    flat[o + a * r : o + b * r] = part[p : p + (b - a) * r]
+                part = self.split(*self.gather(cells[a:b], count), b - a)
+                for o, rows, r in zip(offsets, part, self.rows, strict=False):
+                    flat[o + a * r : o + b * r] = rows.reshape(-1)
             return flat, offsets
         size = 1 << max(0, n - 1).bit_length()
         offsets = np.cumsum([0, *(size * r for r in self.rows[: count - 1])]).astype(np.int64)
@@ -126,7 +99,7 @@ class RowGather:
     def _build(self, size: int, count: int) -> _Graph:
         lib = self._lib
         per = lib.ggml_tensor_overhead()
-        ctx = lib.ggml_init(_InitParams((3 * count + 4) * per + lib.ggml_graph_overhead(), None, True))
+        ctx = lib.ggml_init(GgmlInitParams((3 * count + 4) * per + lib.ggml_graph_overhead(), None, True))
         out = lib.ggml_new_tensor_1d(ctx, _I32, size * sum(self.rows[:count]) // 4)
         out_buf = lib.ggml_backend_alloc_ctx_tensors(ctx, self._backend)  # only ``out`` so far
         try:

@@ -333,7 +333,7 @@ def extra_buffers() -> bool:
     forced = os.environ.get("ASRKF_EDGE_EXTRA_BUFFERS")
     if forced in ("0", "1"):
         return forced == "1"
-    fn = getattr(_ggml(), "ggml_cpu_has_amx_int8", None)
+    fn = getattr(ggml_lib(), "ggml_cpu_has_amx_int8", None)
     if fn is None:
         return True
     fn.argtypes, fn.restype = [], ctypes.c_int
@@ -359,19 +359,38 @@ class Tensor(ctypes.Structure):
                 ("data", ctypes.c_void_p), ("name", ctypes.c_char * 64)]
 
 
+class GgmlInitParams(ctypes.Structure):
+    """ggml's ``struct ggml_init_params`` (passed by value to ``ggml_init``)."""
+
+    _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p), ("no_alloc", ctypes.c_bool)]
+
+
 @cache
-def _ggml() -> ctypes.CDLL:
+def ggml_lib() -> ctypes.CDLL:
+    """ggml's library, with the signature of every function this package calls through ctypes set in one place."""
     from llama_cpp import _ggml as ggml_bindings
 
     lib = ggml_bindings.libggml
-    vp, sz = ctypes.c_void_p, ctypes.c_size_t
+    vp, sz, i64, i32 = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int64, ctypes.c_int
     for name, args, res in [
-        ("ggml_backend_dev_count", [], sz), ("ggml_backend_dev_get", [sz], vp), ("ggml_backend_dev_type", [vp], ctypes.c_int),
+        ("ggml_backend_dev_count", [], sz), ("ggml_backend_dev_get", [sz], vp), ("ggml_backend_dev_type", [vp], i32),
         ("ggml_backend_dev_name", [vp], ctypes.c_char_p), ("ggml_backend_dev_description", [vp], ctypes.c_char_p),
         ("ggml_backend_dev_host_buffer_type", [vp], vp),
         ("ggml_backend_dev_memory", [vp, ctypes.POINTER(sz), ctypes.POINTER(sz)], None),
         ("ggml_backend_buft_alloc_buffer", [vp, sz], vp), ("ggml_backend_buffer_get_base", [vp], vp),
         ("ggml_backend_buffer_free", [vp], None),
+        # the capture callback's and the gather's
+        ("ggml_get_name", [vp], ctypes.c_char_p), ("ggml_op_name", [i32], ctypes.c_char_p),
+        ("ggml_backend_tensor_get", [vp, vp, sz, sz], None), ("ggml_backend_tensor_set", [vp, vp, sz, sz], None),
+        ("ggml_init", [GgmlInitParams], vp), ("ggml_free", [vp], None), ("ggml_tensor_overhead", [], sz),
+        ("ggml_graph_overhead", [], sz), ("ggml_new_tensor_1d", [vp, i32, i64], vp),
+        ("ggml_new_tensor_2d", [vp, i32, i64, i64], vp), ("ggml_get_rows", [vp, vp, vp], vp),
+        ("ggml_new_graph", [vp], vp), ("ggml_build_forward_expand", [vp, vp], None),
+        ("ggml_backend_tensor_alloc", [vp, vp, vp], i32), ("ggml_backend_alloc_ctx_tensors", [vp, vp], vp),
+        ("ggml_backend_graph_compute", [vp, vp], i32), ("ggml_backend_buffer_get_type", [vp], vp),
+        ("ggml_backend_buft_get_device", [vp], vp), ("ggml_backend_dev_by_type", [i32], vp),
+        ("ggml_backend_dev_init", [vp, ctypes.c_char_p], vp), ("ggml_backend_free", [vp], None),
+        ("ggml_backend_supports_op", [vp, vp], ctypes.c_bool),
     ]:
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, res
@@ -383,7 +402,7 @@ _GPU_TYPES = (1, 2)  # GGML_BACKEND_DEVICE_TYPE_GPU, _IGPU
 
 def gpu_devices() -> list[int]:
     """Raw ``ggml_backend_dev_t`` handles of the GPU devices llama.cpp was built with (none on a CPU build)."""
-    lib = _ggml()
+    lib = ggml_lib()
     devs = [lib.ggml_backend_dev_get(i) for i in range(lib.ggml_backend_dev_count())]
     return [d for d in devs if lib.ggml_backend_dev_type(d) in _GPU_TYPES]
 
@@ -391,19 +410,19 @@ def gpu_devices() -> list[int]:
 def cuda_graphs() -> bool:
     """Whether llama.cpp runs its GPU layers through CUDA, which replays each graph view as a CUDA graph keyed by
     its first node (a capture must then cut every decode alike; Metal and the others keep no such graphs)."""
-    return any(_ggml().ggml_backend_dev_name(d).decode().startswith("CUDA") for d in gpu_devices())
+    return any(ggml_lib().ggml_backend_dev_name(d).decode().startswith("CUDA") for d in gpu_devices())
 
 
 def device_memory(dev: int) -> tuple[int, int]:
     """(free, total) bytes of a device's memory, as its backend reports them."""
     free, total = ctypes.c_size_t(), ctypes.c_size_t()
-    _ggml().ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+    ggml_lib().ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
     return free.value, total.value
 
 
 def gpu_names() -> list[str]:
     """Each GPU device as its backend describes it (e.g. "NVIDIA H200"); none on a CPU build."""
-    return [_ggml().ggml_backend_dev_description(d).decode() for d in gpu_devices()]
+    return [ggml_lib().ggml_backend_dev_description(d).decode() for d in gpu_devices()]
 
 
 def gpu_memory_used() -> int:
@@ -416,7 +435,7 @@ def host_array(nbytes: int, pinned: bool) -> np.ndarray:
     one exists, else ordinary memory. Pinned memory is given back when the array and its views are gone."""
     buft = None
     if pinned and pinned_available():
-        lib = _ggml()
+        lib = ggml_lib()
         buft = lib.ggml_backend_dev_host_buffer_type(gpu_devices()[0])
     if not buft:
         return np.empty(nbytes, np.uint8)
@@ -459,7 +478,7 @@ class _Free:
 
     def __del__(self) -> None:
         if not _exiting:
-            _ggml().ggml_backend_buffer_free(self.buf)
+            ggml_lib().ggml_backend_buffer_free(self.buf)
 
 
 @cache
@@ -471,4 +490,4 @@ def pinned_available() -> bool:
         devs = gpu_devices()
     except (OSError, AttributeError, ImportError):
         return False
-    return bool(devs) and bool(_ggml().ggml_backend_dev_host_buffer_type(devs[0]))
+    return bool(devs) and bool(ggml_lib().ggml_backend_dev_host_buffer_type(devs[0]))

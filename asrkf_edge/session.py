@@ -153,7 +153,7 @@ class Session:
         self._left: dict[int, int] = {}  # frozen position -> cell it left
         self._gather: RowGather | None = None  # copies of scattered cells on the cache's device
         self._gather_ok = True
-        self._kv_types = (-1, -1)
+        self._gathered: blobfmt.Layout | None = None  # the layout of what the gather copies
         self.freeze_events = self.thaw_events = self.upload_runs = 0
         self.freeze_seconds = self.thaw_seconds = 0.0  # thaw time excludes the freezes that made room
         self.active_peak = 0
@@ -487,7 +487,8 @@ class Session:
             log.info("KV rows copied through llama.cpp's state API: %s", e)
             self._drop_gather()
             return None
-        return pos, rows, self._kv_types[0]
+        assert self._gathered is not None
+        return pos, rows, self._gathered.k_type
 
     def _copy_out(self) -> tuple[np.ndarray, blobfmt.Parsed]:
         """The scratch sequence's state blob, parsed and checked against the cell map."""
@@ -535,11 +536,10 @@ class Session:
             return False
         pos = np.unique(np.asarray(positions, np.int64))
         cells = self.cells_of(pos)
-        if gather.device == "CPU" and int((np.diff(np.sort(cells)) != 1).sum()) + 1 < _CPU_GATHER_RUNS:
+        if gather.device == "CPU" and len(runs(np.sort(cells))) < _CPU_GATHER_RUNS:
             return False
-        n_layer = len(gather.rows) // 2
-        k, v = self._kv_types
-        layout = blobfmt.Layout(n_layer, k, gather.rows[0], v, gather.rows[n_layer], False, 0)
+        layout = self._gathered
+        assert layout is not None
         if self.store is not None and self.store.layout != layout:
             return False
         self.ctx.synchronize()  # the gather runs on a stream of its own
@@ -549,12 +549,13 @@ class Session:
             log.info("KV rows copied through llama.cpp's state API: %s", e)
             self._drop_gather()
             return False
+        n_layer = layout.n_layer
         side = Side(flat, offsets[:n_layer], offsets[n_layer:], len(pos), False, layout.k_row, layout.v_row)
         if self.store is None:
             self.store = FrozenStore(layout, self._store_dir, self._keep)
         self.store.put(pos, np.asarray(self.tokens, np.int32)[pos], side, np.arange(len(pos)))
         if self.on_copy is not None:
-            rows = [flat[o : o + len(pos) * r].reshape(len(pos), r) for o, r in zip(offsets, gather.rows, strict=True)]
+            rows = gather.split(flat, offsets, len(pos))
             self.on_copy(pos, blobfmt.Parsed(layout, pos.astype(np.int32), rows[:n_layer], rows[n_layer:]))
         for p, c in zip(pos.tolist(), cells.tolist(), strict=True):
             self._left[p] = c
@@ -563,13 +564,18 @@ class Session:
 
     def _gatherer(self) -> RowGather | None:
         """The gather over every layer's K then V cache tensor, made once the capture has seen them; None before,
-        without a capture, or for good where the cache's device cannot run it (the state API then copies)."""
+        without a capture, or for good where the cache's device cannot run it or its layers differ in type or row
+        size (the state API then copies)."""
         if self._gather is None and self._gather_ok and self.capture is not None:
             tensors = self.capture.cache_tensors()
             if tensors is not None:
+                n_layer = len(tensors) // 2
                 try:
+                    if len({kind[1:] for kind in tensors[:n_layer]}) != 1 or len({kind[1:] for kind in tensors[n_layer:]}) != 1:
+                        raise ValueError("layers whose KV cache rows differ in type or size")
                     self._gather = RowGather([t for t, _, _ in tensors], self.ctx.n_ctx)
-                    self._kv_types = (tensors[0][1], tensors[-1][1])
+                    (_, k_type, k_row), (_, v_type, v_row) = tensors[0], tensors[-1]
+                    self._gathered = blobfmt.Layout(n_layer, k_type, k_row, v_type, v_row, False, 0)
                 except ValueError as e:
                     log.info("KV rows copied through llama.cpp's state API: %s", e)
                     self._gather_ok = False

@@ -19,23 +19,21 @@ from __future__ import annotations
 import llama_cpp  # noqa: F401  (before numpy: a CUDA build segfaulted loading a model otherwise)
 
 import argparse
-import ctypes
 import json
 import platform
 import time
 
 import numpy as np
-from llama_cpp import _ggml as ggml_bindings
 
 from asrkf_edge import Engine
 from asrkf_edge.capture import CaptureSpec
 from asrkf_edge.gather import RowGather
+from asrkf_edge.llama import ggml_lib
 from asrkf_edge.session import Session
 
 def per_run(tensors: list[tuple[int, int, int]], cells: np.ndarray) -> list[np.ndarray]:
     """Each layer's rows of ``cells``, one ggml_backend_tensor_get per run of consecutive cells."""
-    get = ggml_bindings.libggml.ggml_backend_tensor_get
-    get.argtypes, get.restype = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t], None
+    get = ggml_lib().ggml_backend_tensor_get
     cut = np.flatnonzero(np.diff(cells) != 1) + 1
     starts, ends = np.concatenate([[0], cut]), np.concatenate([cut, [len(cells)]])
     out = []
