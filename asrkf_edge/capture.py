@@ -26,9 +26,9 @@ from . import native
 from .errors import LlamaError
 from .llama import Model, Tensor, TensorHead, ggml_lib
 
-PROBS, QUERIES, KEYS = 0, 1, 2
+PROBS, QUERIES, KEYS, OUT = 0, 1, 2, 3
 WANT, SPLIT = 1, 2  # bits of a slot's ``want``: copied when enabled; asked for in split mode
-_NAMES = {"kq_soft_max": PROBS, "Qcur": QUERIES, "Kcur": KEYS}
+_NAMES = {"kq_soft_max": PROBS, "Qcur": QUERIES, "Kcur": KEYS, "kqv_out": OUT}
 
 
 class _State(ctypes.Structure):
@@ -39,7 +39,11 @@ class _State(ctypes.Structure):
                 ("error", ctypes.c_int32), ("err_slot", ctypes.c_int32), ("want", ctypes.c_void_p),
                 ("buf", ctypes.c_void_p), ("cap", ctypes.c_void_p), ("shape", ctypes.c_void_p), ("hits", ctypes.c_void_p),
                 ("set_rows_op", ctypes.c_int32), ("find_cache", ctypes.c_int32), ("layout_ok", ctypes.c_int32),
-                ("n_found", ctypes.c_int32), ("cache_kv", ctypes.c_void_p)]
+                ("n_found", ctypes.c_int32), ("cache_kv", ctypes.c_void_p), ("recall", ctypes.c_void_p)]
+
+
+RecallFn = ctypes.CFUNCTYPE(None, ctypes.c_int32, ctypes.c_int32, ctypes.c_void_p)
+"""``recall(layer, stage, tensor)``: stage 0 once a layer's post-RoPE ``Qcur`` is computed, 1 once its ``kqv_out`` is."""
 
 
 def _op(lib: ctypes.CDLL, name: bytes) -> int:
@@ -121,6 +125,13 @@ class Capture:
         else:
             self.callback = L.ggml_backend_sched_eval_callback(self._python_callback)
         self.user_data = ctypes.cast(ctypes.pointer(st), ctypes.c_void_p)
+        self._recall: object | None = None  # the ctypes thunk handed to the callback, kept alive here
+
+    def set_recall(self, fn: object | None) -> None:
+        """Hand every layer's post-RoPE queries (stage 0) and attention output (stage 1) of each decode to ``fn``
+        (a :data:`RecallFn`), in graph order, while llama.cpp computes the decode; None stops it."""
+        self._recall = fn
+        self._state.recall = ctypes.cast(fn, ctypes.c_void_p).value if fn is not None else None
 
     @property
     def enabled(self) -> bool:
@@ -185,15 +196,35 @@ class Capture:
         st = self._state
         if ask and st.find_cache and TensorHead.from_address(tensor).op == st.set_rows_op:
             self._find_cache(tensor)
-        if not st.enabled and not st.split:
-            return False
         head = TensorHead.from_address(tensor)
-        slot = self._slot(tensor, head)
+        stage, layer = self._recall_stage(tensor, head) if st.recall else (-1, -1)
+        if not st.enabled and not st.split and stage < 0:
+            return False
+        slot = self._slot(tensor, head) if st.enabled or st.split else -1
         if ask:
-            return slot >= 0
+            return slot >= 0 or stage >= 0
         if slot >= 0 and st.enabled:
             self._copy(tensor, head, slot)
+        if stage >= 0:
+            assert self._recall is not None
+            self._recall(layer, stage, tensor)  # type: ignore[operator]
         return True
+
+    def _parse(self, tensor: int) -> tuple[int, int]:
+        """C's parse: (kind, layer) of a node named ``<kind>-<layer>``, or (-1, -1)."""
+        name = (self._lib.ggml_get_name(tensor) or b"").decode("ascii", "replace")
+        base, _, idx = name.rpartition("-")
+        kind = _NAMES.get(base)
+        if kind is None or not idx[:1].isdigit():
+            return -1, -1
+        layer = _atoi(idx)
+        return (kind, layer) if layer < self.n_layer else (-1, -1)
+
+    def _recall_stage(self, tensor: int, head: TensorHead) -> tuple[int, int]:
+        kind, layer = self._parse(tensor)
+        if kind == QUERIES and head.op == self._state.rope_op:
+            return 0, layer
+        return (1, layer) if kind == OUT else (-1, -1)
 
     def _find_cache(self, tensor: int) -> None:
         st = self._state
@@ -213,13 +244,8 @@ class Capture:
                 st.find_cache = 0
 
     def _slot(self, tensor: int, head: TensorHead) -> int:
-        name = (self._lib.ggml_get_name(tensor) or b"").decode("ascii", "replace")
-        base, _, idx = name.rpartition("-")
-        kind = _NAMES.get(base)
-        if kind is None or not idx[:1].isdigit():
-            return -1
-        layer = _atoi(idx)
-        if layer >= self.n_layer or (kind != PROBS and head.op != self._state.rope_op):
+        kind, layer = self._parse(tensor)
+        if kind < 0 or kind == OUT or (kind != PROBS and head.op != self._state.rope_op):
             return -1
         slot = kind * self.n_layer + layer
         return slot if self._want[slot] & (SPLIT if self._state.split else WANT) else -1

@@ -390,7 +390,7 @@ def ggml_lib() -> ctypes.CDLL:
         ("ggml_backend_graph_compute", [vp, vp], i32), ("ggml_backend_buffer_get_type", [vp], vp),
         ("ggml_backend_buft_get_device", [vp], vp), ("ggml_backend_dev_by_type", [i32], vp),
         ("ggml_backend_dev_init", [vp, ctypes.c_char_p], vp), ("ggml_backend_free", [vp], None),
-        ("ggml_backend_supports_op", [vp, vp], ctypes.c_bool),
+        ("ggml_backend_supports_op", [vp, vp], ctypes.c_bool), ("ggml_backend_buffer_is_host", [vp], ctypes.c_bool),
     ]:
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, res

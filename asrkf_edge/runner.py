@@ -20,6 +20,7 @@ from .llama import Model
 from .policies import Policy, ScoringPolicy
 from .policies.base import GGML_F16
 from .policies.selection import lowest_groups
+from .recall import Recall
 from .session import KvStats, Session
 
 
@@ -82,6 +83,9 @@ class Runner:
         if self._importance is not None:
             self._importance.capture = self.session.capture
             self._importance.fetch = self._fetch_keys
+            size = getattr(policy, "recall", 0)
+            if size and model.n_gpu_layers == 0:
+                self.session.recall = Recall(self.session, self._importance, size)
 
     def close(self) -> None:
         self.session.close()

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -29,6 +29,9 @@ from .gather import RowGather
 from .kvcopy import Side, blob_side, copy_rows, empty_blob
 from .llama import SCRATCH_SEQ, Context, ContextConfig, Model
 from .store import FrozenStore
+
+if TYPE_CHECKING:
+    from .recall import Recall
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +163,7 @@ class Session:
         self._active_sum = self._decodes = 0  # active tokens summed after each decode, for the mean
         self.stale_from: int | None = None  # first position decoded while something was frozen
         self._chunks: list[int] = []  # first position of every decode: refresh replays the same batches
+        self.recall: Recall | None = None  # frozen tokens lent to each layer inside short decodes (:mod:`.recall`)
 
     # lifecycle
     def close(self) -> None:
@@ -312,7 +316,14 @@ class Session:
                 self.before_decode(self, pos0, len(chunk))
             if self.capture is not None:
                 self.capture.reset()
-            self._decode(chunk, pos0, all_logits)
+            if self.recall is not None:
+                self.recall.arm(pos0, len(chunk))
+                try:
+                    self._decode(chunk, pos0, all_logits)
+                finally:
+                    self.recall.finish()
+            else:
+                self._decode(chunk, pos0, all_logits)
             if self.capture is not None:
                 self.capture.check()
             self._chunks.append(pos0)

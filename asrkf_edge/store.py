@@ -106,6 +106,7 @@ class FrozenStore:
         self._slot = np.zeros(0, np.int64)  # position -> slot in its arena
         self._hash = np.zeros(0, np.uint64)
         self._token = np.zeros(0, np.int32)
+        self._checked = np.zeros(0, bool)  # position -> its slot's hash checked since it was written (rows())
         self._n_frozen = 0
 
     # writing
@@ -137,6 +138,7 @@ class FrozenStore:
             self._arena[pos[part]] = arena.arena_id
             self._slot[pos[part]] = ids
         self._hash[pos], self._token[pos] = hashes, tokens
+        self._checked[pos] = False
         self._n_frozen += n
 
     def _open_arena(self) -> Arena:
@@ -165,6 +167,7 @@ class FrozenStore:
         self._slot = np.concatenate([self._slot, np.zeros(grow, np.int64)])
         self._hash = np.concatenate([self._hash, np.zeros(grow, np.uint64)])
         self._token = np.concatenate([self._token, np.zeros(grow, np.int32)])
+        self._checked = np.concatenate([self._checked, np.zeros(grow, bool)])
 
     # reading
     def read(self, positions: np.ndarray) -> list[tuple[Side, np.ndarray, np.ndarray]]:
@@ -194,6 +197,18 @@ class FrozenStore:
             out.append((arena.side, slots, idx))
         return out
 
+    def rows(self, positions: np.ndarray) -> list[tuple[Side, np.ndarray, np.ndarray]]:
+        """As :meth:`read`, for rows lent to one decode's attention (:mod:`.recall`, every layer of every token):
+        each slot is checked the first time it is read after its write, not at every read."""
+        p = np.asarray(positions, np.int64)
+        fresh = ~self._checked[p]
+        if fresh.any():
+            self.read(p[fresh])
+            self._checked[p[fresh]] = True
+        ids = self._arena[p]
+        return [(self._arenas[aid].side, self._slot[p[idx]], idx)
+                for aid in np.unique(ids).tolist() for idx in [np.flatnonzero(ids == aid)]]
+
     def release(self, positions: np.ndarray) -> None:
         """Mark these frozen positions as thawed: their slots are free for the next freeze."""
         p = np.asarray(positions, np.int64)
@@ -206,6 +221,7 @@ class FrozenStore:
                 del self._arenas[aid]
                 arena.path.unlink(missing_ok=True)
         self._arena[p] = -1
+        self._checked[p] = False
         self._n_frozen -= len(p)
 
     def is_frozen(self, positions: np.ndarray) -> np.ndarray:

@@ -17,6 +17,8 @@ from asrkf_edge.importance import (
     attention_mass_reference,
     entropy,
     entropy_reference,
+    layer_mass,
+    layer_mass_reference,
     exp_shifted,
     f16_to_f32,
     fold,
@@ -68,6 +70,10 @@ def test_kernels_match_numpy_references() -> None:
         assert np.abs(head_scores(q, qpos, keys, kpos, 0.25, parallel=parallel) - heads).max() < 1e-5
     assert np.allclose(heads.sum(axis=1), 5.0, atol=1e-4)
     assert np.allclose(heads.reshape(3, 6, -1).mean(axis=(0, 1)), want.sum(axis=0), atol=1e-5)  # the same attention
+    for layer in range(3):  # recall's one-layer kernel: every key row once, all its KV heads together
+        one = layer_mass(q[layer], qpos, keys, layer, kpos, 0.25)
+        assert np.abs(one - layer_mass_reference(q[layer], qpos, keys, layer, kpos, 0.25)).max() < 1e-5
+        assert np.allclose(one, heads.reshape(3, 6, -1)[layer].sum(axis=0), atol=1e-4)
 
     every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)  # each float16: normal, subnormal, zero, inf, nan
     bits = np.empty((1024, 64), np.uint32)

@@ -122,6 +122,7 @@ class AsrKf(ScoringPolicy):
     prefetch_matches: int = 16
     read_twice: bool = False
     keep_share: float = 0.25
+    recall: int = 0
     _ledger: Ledger = field(init=False, repr=False)
     _monitor: EntropyMonitor = field(init=False, repr=False)
     _bigrams: BigramIndex = field(init=False, repr=False)
@@ -537,3 +538,13 @@ class AsrKfFollow(AsrKf):
     observe_every: int = 1  # the check needs each token's own query
     pin: int = 0  # the swap keeps a token only while it beats others; pinned for 32 tokens, what came back
     # filled the cache and the KL divergence tripled (0.118 against 0.041, 1,000 tokens at 0.35)
+
+
+@dataclass
+class AsrKfRecall(AsrKf):
+    """asrkf whose frozen tokens come back inside each decode, layer by layer: once a layer's query is computed,
+    the frozen tokens it attends to most take the cells of the active ones it attends to least, in that layer only,
+    until its attention is done (:mod:`asrkf_edge.recall`). CPU caches only."""
+
+    name: ClassVar[str] = "asrkf-recall"
+    recall: int = 32
