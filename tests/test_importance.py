@@ -17,14 +17,14 @@ from asrkf_edge.importance import (
     attention_mass_reference,
     entropy,
     entropy_reference,
-    layer_mass,
-    layer_mass_reference,
     exp_shifted,
     f16_to_f32,
     fold,
     fold_reference,
     head_scores,
     head_scores_reference,
+    layer_mass,
+    layer_mass_reference,
 )
 from asrkf_edge.policies import AsrKf
 from asrkf_edge.runner import Runner

@@ -11,6 +11,6 @@ from .quantized import Q4Cache, Q8Cache
 from .recovery import EntropyRule, Recovery
 from .schedule import Schedule
 
-__all__ = ["H2O", "AsrKf", "AsrKfFollow", "AsrKfQ8", "AsrKfRecall", "AsrKfTwice", "ContextShift", "EntropyRule", "Full", "Oracle", "OracleNext", "Policy",
-           "PolicyContext", "Q4Cache", "Q8Cache", "Recovery", "Schedule", "ScoringPolicy", "Streaming", "default_layers", "make_policy",
-           "policy_class", "policy_names"]
+__all__ = ["H2O", "AsrKf", "AsrKfFollow", "AsrKfQ8", "AsrKfRecall", "AsrKfTwice", "ContextShift", "EntropyRule", "Full",
+           "Oracle", "OracleNext", "Policy", "PolicyContext", "Q4Cache", "Q8Cache", "Recovery", "Schedule", "ScoringPolicy",
+           "Streaming", "default_layers", "make_policy", "policy_class", "policy_names"]
