@@ -105,7 +105,7 @@ def k_view(s: Side, layout: Layout, layer: int) -> np.ndarray:
     return _rows(s.buf, int(s.k_off[layer]), s.n, s.k_stride, (layout.k_row,), (1,))
 
 
-def _v_view(s: Side, layout: Layout, layer: int) -> np.ndarray:
+def v_view(s: Side, layout: Layout, layer: int) -> np.ndarray:
     """V of one layer as [n, n_embd_v, v_el] bytes (a strided view when transposed)."""
     el = layout.v_el or layout.v_row
     n_e = layout.v_row // el
@@ -118,7 +118,7 @@ def _v_view(s: Side, layout: Layout, layer: int) -> np.ndarray:
 def _copy_rows_numpy(src: Side, dst: Side, src_rows: np.ndarray, dst_rows: np.ndarray, layout: Layout) -> None:
     for layer in range(layout.n_layer):
         k_view(dst, layout, layer)[dst_rows] = k_view(src, layout, layer)[src_rows]
-        _v_view(dst, layout, layer)[dst_rows] = _v_view(src, layout, layer)[src_rows]
+        v_view(dst, layout, layer)[dst_rows] = v_view(src, layout, layer)[src_rows]
 
 
 def copy_rows(src: Side, dst: Side, src_rows: np.ndarray, dst_rows: np.ndarray, layout: Layout,

@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import time
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .capture import RecallFn
 from .importance import Importance, layer_mass
-from .kvcopy import _v_view, k_view
+from .kvcopy import k_view, v_view
 from .llama import Tensor, ggml_lib
 
 if TYPE_CHECKING:
@@ -38,10 +39,11 @@ log = logging.getLogger(__name__)
 class Recall:
     """Per-layer recall of up to ``size`` frozen tokens in the decodes of at most ``max_rows`` tokens."""
 
-    def __init__(self, session: Session, importance: Importance, size: int, max_rows: int = 8) -> None:
+    def __init__(self, session: Session, importance: Importance, size: int, max_rows: int = 8, prompt: bool = False) -> None:
         if size < 1:
             raise ValueError(f"recall size must be >= 1, got {size}")
         self.session, self.importance, self.size, self.max_rows = session, importance, size, max_rows
+        self.prompt = prompt  # longer batches too, judged by max_rows of their queries evenly spaced
         self._index = {layer: i for i, layer in enumerate(importance.layers)}  # model layer -> mirror layer
         self._fn = RecallFn(self._on_layer)
         self._views: list[tuple[np.ndarray, np.ndarray]] | None = None  # per layer: K rows, V rows by cell
@@ -50,7 +52,7 @@ class Recall:
         self._saved: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # layer -> cells, their K, their V
         self._error: BaseException | None = None
         self.rows = 0  # (token, layer) rows recalled so far
-        self.decodes = 0  # decodes recalled in
+        self.seconds = 0.0  # in the layers' callbacks
 
     def _cache_views(self) -> list[tuple[np.ndarray, np.ndarray]] | None:
         """Per layer, llama.cpp's K cache as [cells, k_row] bytes and V as [cells, n_e, el] (a strided view where
@@ -83,7 +85,7 @@ class Recall:
         """Before a decode of ``n`` tokens at ``pos0``: recall in it when something is frozen and it is short."""
         s = self.session
         self._armed = False
-        if not s.n_frozen or n > self.max_rows or s.capture is None or not self.usable:
+        if not s.n_frozen or (n > self.max_rows and not self.prompt) or s.capture is None or not self.usable:
             return
         if self._views is None:
             self._views = self._cache_views()
@@ -96,10 +98,12 @@ class Recall:
         movable = ~s.protected(pos) & (pos < len(known))
         movable[movable] = known[pos[movable]]  # active tokens whose keys the mirror holds
         self.importance.ensure_keys(frozen)
+        self._sides, self._side_of, self._slot_of = s.store.locate(frozen)  # type: ignore[union-attr]
+        self._layout = s.store.layout  # type: ignore[union-attr]
         self._frozen, self._cells, self._nf = frozen, cells[movable], len(frozen)
         self._kpos = np.concatenate([frozen, pos[movable]]).astype(np.int64)
-        self._qpos = np.arange(pos0, pos0 + n, dtype=np.int64)
-        self._rows = min(n, self.max_rows)
+        self._pick = np.unique(np.round(np.linspace(0, n - 1, min(n, self.max_rows))).astype(np.int64))
+        self._qpos = pos0 + self._pick
         self._saved.clear()
         self._error = None
         self._armed = True
@@ -112,8 +116,6 @@ class Recall:
             self.session.capture.set_recall(None)
         for layer in list(self._saved):
             self._restore(layer)
-        if self._armed:
-            self.decodes += 1
         self._armed = False
         if self._error is not None:
             err, self._error = self._error, None
@@ -123,6 +125,7 @@ class Recall:
     def _on_layer(self, layer: int, stage: int, tensor: int) -> None:
         if not self._armed or self._error is not None:
             return
+        t0 = time.perf_counter()
         try:
             if stage == 0:
                 self._swap_in(layer, tensor)
@@ -130,6 +133,7 @@ class Recall:
                 self._restore(layer)
         except BaseException as e:  # noqa: BLE001 - raised by finish(), after the decode
             self._error = e
+        self.seconds += time.perf_counter() - t0
 
     def _swap_in(self, layer: int, tensor: int) -> None:
         mirror = self._index.get(layer)
@@ -137,11 +141,11 @@ class Recall:
             return
         t = Tensor.from_address(tensor)
         d, h, n = int(t.ne[0]), int(t.ne[1]), int(t.ne[2])
-        rows = self._rows
-        q = np.empty((rows, h, d), np.float32)
-        ggml_lib().ggml_backend_tensor_get(tensor, q.ctypes.data, (n - rows) * int(t.nb[2]), q.nbytes)
+        first = int(self._pick[0])
+        q = np.empty((n - first, h, d), np.float32)
+        ggml_lib().ggml_backend_tensor_get(tensor, q.ctypes.data, first * int(t.nb[2]), q.nbytes)
         imp = self.importance
-        mass = layer_mass(q, self._qpos[n - rows :], imp.mirror(), mirror, self._kpos, imp.scale)
+        mass = layer_mass(q[self._pick - first], self._qpos, imp.mirror(), mirror, self._kpos, imp.scale)
         frozen_mass, active_mass = mass[: self._nf], mass[self._nf :]
         k = min(self.size, len(frozen_mass), len(active_mass))
         top = np.argpartition(-frozen_mass, k - 1)[:k]
@@ -151,13 +155,14 @@ class Recall:
         k = int(np.count_nonzero(frozen_mass[top] > active_mass[low]))  # both sorted: a prefix wins
         if not k:
             return
-        cells, positions = self._cells[low[:k]], self._frozen[top[:k]]
+        cells, picked = self._cells[low[:k]], top[:k]
         kc, vc = self._views[layer]  # type: ignore[index]
         self._saved[layer] = (cells, kc[cells], vc[cells])
-        layout = self.session.store.layout  # type: ignore[union-attr]
-        for side, slots, idx in self.session.store.rows(positions):  # type: ignore[union-attr]
-            kc[cells[idx]] = k_view(side, layout, layer)[slots]
-            vc[cells[idx]] = _v_view(side, layout, layer)[slots]
+        sides, slots = self._side_of[picked], self._slot_of[picked]
+        for i, side in enumerate(self._sides):
+            mine = sides == i if len(self._sides) > 1 else slice(None)
+            kc[cells[mine]] = k_view(side, self._layout, layer)[slots[mine]]
+            vc[cells[mine]] = v_view(side, self._layout, layer)[slots[mine]]
         self.rows += k
 
     def _restore(self, layer: int) -> None:

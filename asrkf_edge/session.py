@@ -74,6 +74,8 @@ class KvStats:
     active_tokens_mean: float
     dropped_tokens: int
     upload_runs: int = 0  # runs of consecutive cells thaws and restores wrote: one copy each per layer and K/V
+    recalled_rows: int = 0  # (token, layer) rows lent to a layer inside a decode (:mod:`asrkf_edge.recall`)
+    recall_seconds: float = 0.0  # choosing and lending them, inside llama.cpp's decodes
     policy: str = ""
     budget_tokens: int | None = None  # None: the cache holds the whole context (unbounded policies)
     recoveries: int = 0
@@ -223,6 +225,8 @@ class Session:
             active_tokens_mean=self._active_sum / self._decodes if self._decodes else 0.0,
             dropped_tokens=self.dropped,
             upload_runs=self.upload_runs,
+            recalled_rows=self.recall.rows if self.recall is not None else 0,
+            recall_seconds=self.recall.seconds if self.recall is not None else 0.0,
         )
 
     def add_counts(self, other: Session) -> None:

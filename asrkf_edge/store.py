@@ -197,17 +197,17 @@ class FrozenStore:
             out.append((arena.side, slots, idx))
         return out
 
-    def rows(self, positions: np.ndarray) -> list[tuple[Side, np.ndarray, np.ndarray]]:
-        """As :meth:`read`, for rows lent to one decode's attention (:mod:`.recall`, every layer of every token):
-        each slot is checked the first time it is read after its write, not at every read."""
+    def locate(self, positions: np.ndarray) -> tuple[list[Side], np.ndarray, np.ndarray]:
+        """For rows lent to a decode's attention (:mod:`.recall`: every layer of every token reads some): the arenas'
+        slots as :class:`Side` s, and per position the index of its side and its slot. Each slot is checked as
+        :meth:`read` checks it the first time it is located after its write, not at every read."""
         p = np.asarray(positions, np.int64)
         fresh = ~self._checked[p]
         if fresh.any():
             self.read(p[fresh])
             self._checked[p[fresh]] = True
-        ids = self._arena[p]
-        return [(self._arenas[aid].side, self._slot[p[idx]], idx)
-                for aid in np.unique(ids).tolist() for idx in [np.flatnonzero(ids == aid)]]
+        ids, where = np.unique(self._arena[p], return_inverse=True)
+        return [self._arenas[aid].side for aid in ids.tolist()], where.astype(np.int64), self._slot[p]
 
     def release(self, positions: np.ndarray) -> None:
         """Mark these frozen positions as thawed: their slots are free for the next freeze."""

@@ -65,10 +65,10 @@ def test_native_matches_numpy(v_trans, v_el, store):
 
 
 def blobfmt_rows(side, layout, rows):
-    from asrkf_edge.kvcopy import _v_view, k_view
+    from asrkf_edge.kvcopy import k_view, v_view
 
     ks = [k_view(side, layout, i)[rows] for i in range(layout.n_layer)]
-    vs = [_v_view(side, layout, i)[rows] for i in range(layout.n_layer)]
+    vs = [v_view(side, layout, i)[rows] for i in range(layout.n_layer)]
     return np.concatenate([np.concatenate([k.ravel() for k in ks]), np.concatenate([v.ravel() for v in vs])])
 
 

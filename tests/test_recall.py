@@ -10,7 +10,7 @@ from asrkf_edge import blob as blobfmt
 from asrkf_edge import capture as capture_mod
 from asrkf_edge import recall as recall_mod
 from asrkf_edge.bench.suites import _text_tokens, forced_decode
-from asrkf_edge.kvcopy import _v_view, blob_side, k_view
+from asrkf_edge.kvcopy import blob_side, k_view, v_view
 from asrkf_edge.policies import make_policy
 
 
@@ -22,7 +22,7 @@ def _rows_by_position(run) -> dict[int, tuple[bytes, bytes]]:
     out = {}
     for i, p in enumerate(parsed.pos.tolist()):
         k = b"".join(k_view(side, parsed.layout, layer)[i].tobytes() for layer in range(parsed.layout.n_layer))
-        v = b"".join(_v_view(side, parsed.layout, layer)[i].tobytes() for layer in range(parsed.layout.n_layer))
+        v = b"".join(v_view(side, parsed.layout, layer)[i].tobytes() for layer in range(parsed.layout.n_layer))
         out[p] = (k, v)
     return out
 
