@@ -39,11 +39,10 @@ log = logging.getLogger(__name__)
 class Recall:
     """Per-layer recall of up to ``size`` frozen tokens in the decodes of at most ``max_rows`` tokens."""
 
-    def __init__(self, session: Session, importance: Importance, size: int, max_rows: int = 8, prompt: bool = False) -> None:
+    def __init__(self, session: Session, importance: Importance, size: int, max_rows: int = 8) -> None:
         if size < 1:
             raise ValueError(f"recall size must be >= 1, got {size}")
         self.session, self.importance, self.size, self.max_rows = session, importance, size, max_rows
-        self.prompt = prompt  # longer batches too, judged by max_rows of their queries evenly spaced
         self._index = {layer: i for i, layer in enumerate(importance.layers)}  # model layer -> mirror layer
         self._fn = RecallFn(self._on_layer)
         self._views: list[tuple[np.ndarray, np.ndarray]] | None = None  # per layer: K rows, V rows by cell
@@ -85,7 +84,7 @@ class Recall:
         """Before a decode of ``n`` tokens at ``pos0``: recall in it when something is frozen and it is short."""
         s = self.session
         self._armed = False
-        if not s.n_frozen or (n > self.max_rows and not self.prompt) or s.capture is None or not self.usable:
+        if not s.n_frozen or n > self.max_rows or s.capture is None or not self.usable:
             return
         if self._views is None:
             self._views = self._cache_views()
@@ -102,8 +101,7 @@ class Recall:
         self._layout = s.store.layout  # type: ignore[union-attr]
         self._frozen, self._cells, self._nf = frozen, cells[movable], len(frozen)
         self._kpos = np.concatenate([frozen, pos[movable]]).astype(np.int64)
-        self._pick = np.unique(np.round(np.linspace(0, n - 1, min(n, self.max_rows))).astype(np.int64))
-        self._qpos = pos0 + self._pick
+        self._qpos = np.arange(pos0, pos0 + n, dtype=np.int64)
         self._saved.clear()
         self._error = None
         self._armed = True
@@ -141,11 +139,10 @@ class Recall:
             return
         t = Tensor.from_address(tensor)
         d, h, n = int(t.ne[0]), int(t.ne[1]), int(t.ne[2])
-        first = int(self._pick[0])
-        q = np.empty((n - first, h, d), np.float32)
-        ggml_lib().ggml_backend_tensor_get(tensor, q.ctypes.data, first * int(t.nb[2]), q.nbytes)
+        q = np.empty((n, h, d), np.float32)
+        ggml_lib().ggml_backend_tensor_get(tensor, q.ctypes.data, 0, q.nbytes)
         imp = self.importance
-        mass = layer_mass(q[self._pick - first], self._qpos, imp.mirror(), mirror, self._kpos, imp.scale)
+        mass = layer_mass(q, self._qpos, imp.mirror(), mirror, self._kpos, imp.scale)
         frozen_mass, active_mass = mass[: self._nf], mass[self._nf :]
         k = min(self.size, len(frozen_mass), len(active_mass))
         top = np.argpartition(-frozen_mass, k - 1)[:k]

@@ -85,7 +85,7 @@ class Runner:
             self._importance.fetch = self._fetch_keys
             size = getattr(policy, "recall", 0)
             if size and model.n_gpu_layers == 0:
-                self.session.recall = Recall(self.session, self._importance, size, prompt=getattr(policy, "recall_prompt", False))
+                self.session.recall = Recall(self.session, self._importance, size)
 
     def close(self) -> None:
         self.session.close()

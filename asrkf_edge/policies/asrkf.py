@@ -123,7 +123,6 @@ class AsrKf(ScoringPolicy):
     read_twice: bool = False
     keep_share: float = 0.25
     recall: int = 0
-    recall_prompt: bool = False
     _ledger: Ledger = field(init=False, repr=False)
     _monitor: EntropyMonitor = field(init=False, repr=False)
     _bigrams: BigramIndex = field(init=False, repr=False)
