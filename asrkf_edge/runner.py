@@ -8,6 +8,7 @@ and re-decodes the newest token when a thaw changed the context its logits were 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +23,8 @@ from .policies.base import GGML_F16
 from .policies.selection import lowest_groups
 from .recall import Recall
 from .session import KvStats, Session
+
+log = logging.getLogger(__name__)
 
 
 def budget_cells(policy: Policy, budget: float | None, prompt_tokens: int, max_new: int) -> int:
@@ -86,6 +89,8 @@ class Runner:
             size = getattr(policy, "recall", 0)
             if size and model.n_gpu_layers == 0:
                 self.session.recall = Recall(self.session, self._importance, size)
+            elif size:
+                log.info("recall lends rows through the cache's host memory: off with layers on a GPU")
 
     def close(self) -> None:
         self.session.close()
