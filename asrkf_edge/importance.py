@@ -224,21 +224,27 @@ def _head_softmax(q: np.ndarray, qpos: np.ndarray, keys: np.ndarray, kpos: np.nd
                     acc += qs[i, e] * k[jj, e]
                 logit[i, j0 + jj] = acc
     for i in range(m):
-        r = i % n_r
-        top = np.float32(-np.inf)
-        for j in range(n):
-            if kpos[j] <= qpos[r] and logit[i, j] > top:
-                top = logit[i, j]
-        exp_shifted(logit[i], top)
-        total = np.float32(0.0)
-        for j in range(n):
-            if kpos[j] > qpos[r]:
-                logit[i, j] = np.float32(0.0)
-            total += logit[i, j]
-        inv = np.float32(1.0) / total
+        inv = _exp_visible(logit[i], kpos, qpos[i % n_r])
         for j in range(n):
             logit[i, j] *= inv
     return logit
+
+
+@numba.njit(**{**_JIT, "fastmath": {"reassoc", "contract"}})
+def _exp_visible(row: np.ndarray, kpos: np.ndarray, qpos: int) -> np.float32:
+    """A row of logits over keys at ``kpos`` into exp(logit - its visible top), keys after ``qpos`` zeroed; returns
+    1 / their sum, the factor that makes it the causal softmax."""
+    top = np.float32(-np.inf)
+    for j in range(len(kpos)):
+        if kpos[j] <= qpos and row[j] > top:
+            top = row[j]
+    exp_shifted(row, top)
+    total = np.float32(0.0)
+    for j in range(len(kpos)):
+        if kpos[j] > qpos:
+            row[j] = np.float32(0.0)
+        total += row[j]
+    return np.float32(1.0) / total
 
 
 _LOG2E, _LN2_HI, _LN2_LO = np.float32(1.44269504), np.float32(0.693359375), np.float32(-2.12194440e-4)
@@ -303,18 +309,7 @@ def _layer_mass(q: np.ndarray, qpos: np.ndarray, keys: np.ndarray, key_layer: in
                     acc += qs[i, e] * k[kh, jj, e]
                 logit[i, j0 + jj] = acc
     for i in range(m):
-        r = i % n_r
-        top = np.float32(-np.inf)
-        for j in range(n):
-            if kpos[j] <= qpos[r] and logit[i, j] > top:
-                top = logit[i, j]
-        exp_shifted(logit[i], top)
-        total = np.float32(0.0)
-        for j in range(n):
-            if kpos[j] > qpos[r]:
-                logit[i, j] = np.float32(0.0)
-            total += logit[i, j]
-        inv = np.float32(1.0) / total
+        inv = _exp_visible(logit[i], kpos, qpos[i % n_r])
         for j in range(n):
             out[j] += logit[i, j] * inv
 
