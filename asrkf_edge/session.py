@@ -322,12 +322,11 @@ class Session:
                 self.capture.reset()
             if self.recall is not None:
                 self.recall.arm(pos0, len(chunk))
-                try:
-                    self._decode(chunk, pos0, all_logits)
-                finally:
-                    self.recall.finish()
-            else:
+            try:
                 self._decode(chunk, pos0, all_logits)
+            finally:
+                if self.recall is not None:
+                    self.recall.finish()
             if self.capture is not None:
                 self.capture.check()
             self._chunks.append(pos0)

@@ -106,7 +106,7 @@ class FrozenStore:
         self._slot = np.zeros(0, np.int64)  # position -> slot in its arena
         self._hash = np.zeros(0, np.uint64)
         self._token = np.zeros(0, np.int32)
-        self._checked = np.zeros(0, bool)  # position -> its slot's hash checked since it was written (rows())
+        self._checked = np.zeros(0, bool)  # position -> its slot's hash checked since it was written (locate())
         self._n_frozen = 0
 
     # writing
