@@ -26,9 +26,9 @@ from . import native
 from .errors import LlamaError
 from .llama import Model, Tensor, TensorHead, ggml_lib
 
-PROBS, QUERIES, KEYS, OUT = 0, 1, 2, 3
+PROBS, QUERIES, KEYS = 0, 1, 2
 WANT, SPLIT = 1, 2  # bits of a slot's ``want``: copied when enabled; asked for in split mode
-_NAMES = {"kq_soft_max": PROBS, "Qcur": QUERIES, "Kcur": KEYS, "kqv_out": OUT}
+_NAMES = {"kq_soft_max": PROBS, "Qcur": QUERIES, "Kcur": KEYS}
 
 
 class _State(ctypes.Structure):
@@ -42,8 +42,8 @@ class _State(ctypes.Structure):
                 ("n_found", ctypes.c_int32), ("cache_kv", ctypes.c_void_p), ("recall", ctypes.c_void_p)]
 
 
-RecallFn = ctypes.CFUNCTYPE(None, ctypes.c_int32, ctypes.c_int32, ctypes.c_void_p)
-"""``recall(layer, stage, tensor)``: stage 0 once a layer's post-RoPE ``Qcur`` is computed, 1 once its ``kqv_out`` is."""
+RecallFn = ctypes.CFUNCTYPE(None, ctypes.c_int32, ctypes.c_void_p)
+"""``recall(layer, tensor)``: once a layer's post-RoPE ``Qcur`` is computed, before the layer's attention."""
 
 
 def _op(lib: ctypes.CDLL, name: bytes) -> int:
@@ -128,8 +128,8 @@ class Capture:
         self._recall: object | None = None  # the ctypes thunk handed to the callback, kept alive here
 
     def set_recall(self, fn: object | None) -> None:
-        """Hand every layer's post-RoPE queries (stage 0) and attention output (stage 1) of each decode to ``fn``
-        (a :data:`RecallFn`), in graph order, while llama.cpp computes the decode; None stops it."""
+        """Hand every layer's post-RoPE queries of each decode to ``fn`` (a :data:`RecallFn`), in graph order, while
+        llama.cpp computes the decode; None stops it."""
         self._recall = fn
         self._state.recall = ctypes.cast(fn, ctypes.c_void_p).value if fn is not None else None
 
@@ -197,17 +197,17 @@ class Capture:
         if ask and st.find_cache and TensorHead.from_address(tensor).op == st.set_rows_op:
             self._find_cache(tensor)
         head = TensorHead.from_address(tensor)
-        stage, layer = self._recall_stage(tensor, head) if st.recall else (-1, -1)
-        if not st.enabled and not st.split and stage < 0:
+        layer = self._recall_layer(tensor, head) if st.recall else -1
+        if not st.enabled and not st.split and layer < 0:
             return False
         slot = self._slot(tensor, head) if st.enabled or st.split else -1
         if ask:
-            return slot >= 0 or stage >= 0
+            return slot >= 0 or layer >= 0
         if slot >= 0 and st.enabled:
             self._copy(tensor, head, slot)
-        if stage >= 0:
+        if layer >= 0:
             assert self._recall is not None
-            self._recall(layer, stage, tensor)  # type: ignore[operator]
+            self._recall(layer, tensor)  # type: ignore[operator]
         return True
 
     def _parse(self, tensor: int) -> tuple[int, int]:
@@ -220,11 +220,10 @@ class Capture:
         layer = _atoi(idx)
         return (kind, layer) if layer < self.n_layer else (-1, -1)
 
-    def _recall_stage(self, tensor: int, head: TensorHead) -> tuple[int, int]:
+    def _recall_layer(self, tensor: int, head: TensorHead) -> int:
+        """C's recall_layer: the layer whose post-RoPE Qcur this node is, else -1."""
         kind, layer = self._parse(tensor)
-        if kind == QUERIES and head.op == self._state.rope_op:
-            return 0, layer
-        return (1, layer) if kind == OUT else (-1, -1)
+        return layer if kind == QUERIES and head.op == self._state.rope_op else -1
 
     def _find_cache(self, tensor: int) -> None:
         st = self._state
@@ -245,7 +244,7 @@ class Capture:
 
     def _slot(self, tensor: int, head: TensorHead) -> int:
         kind, layer = self._parse(tensor)
-        if kind < 0 or kind == OUT or (kind != PROBS and head.op != self._state.rope_op):
+        if kind < 0 or (kind != PROBS and head.op != self._state.rope_op):
             return -1
         slot = kind * self.n_layer + layer
         return slot if self._want[slot] & (SPLIT if self._state.split else WANT) else -1

@@ -4,10 +4,10 @@ The active set is shared by every layer and chosen from older queries; each laye
 something else. Once a layer's post-RoPE queries of a decode are computed (the capture's callback,
 :meth:`Capture.set_recall`), the frozen tokens they give the most attention (exact softmax over the key mirror,
 frozen and active keys together) take, in that layer's K and V only, the cells of the active tokens they give the
-least, where they would get more; once the layer's attention output is computed, those cells get their own rows
-back. No cell changes position or sequence, so llama.cpp, the cell map and the store see nothing of it: a cell's
-position only enters the causal mask, which every frozen token, older than the decode, passes, and a K row
-carries its own RoPE rotation.
+least, where they would get more; after the decode, those cells get their own rows back (a layer's K and V are
+read by that layer's attention only). No cell changes position or sequence, so llama.cpp, the cell map and the
+store see nothing of it: a cell's position only enters the causal mask, which every frozen token, older than the
+decode, passes, and a K row carries its own RoPE rotation.
 
 Measured before it was built (a scratch harness: the bench's text, 2,000 tokens read whole, 128 forced tokens,
 budget 0.35, streaming's set plus 32 per-layer recalled tokens; mean KL divergence from full): 0.0867 -> 0.0115
@@ -120,15 +120,12 @@ class Recall:
             raise err
 
     # inside the decode (the capture's callback)
-    def _on_layer(self, layer: int, stage: int, tensor: int) -> None:
+    def _on_layer(self, layer: int, tensor: int) -> None:
         if not self._armed or self._error is not None:
             return
         t0 = time.perf_counter()
         try:
-            if stage == 0:
-                self._swap_in(layer, tensor)
-            else:
-                self._restore(layer)
+            self._swap_in(layer, tensor)
         except BaseException as e:  # noqa: BLE001 - raised by finish(), after the decode
             self._error = e
         self.seconds += time.perf_counter() - t0
@@ -163,8 +160,6 @@ class Recall:
         self.rows += k
 
     def _restore(self, layer: int) -> None:
-        saved = self._saved.pop(layer, None)
-        if saved is not None:
-            cells, k, v = saved
-            kc, vc = self._views[layer]  # type: ignore[index]
-            kc[cells], vc[cells] = k, v
+        cells, k, v = self._saved.pop(layer)
+        kc, vc = self._views[layer]  # type: ignore[index]
+        kc[cells], vc[cells] = k, v

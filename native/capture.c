@@ -51,11 +51,10 @@ struct tensor_full {
 
 typedef const char *(*name_fn)(const void *tensor);
 typedef void (*get_fn)(const void *tensor, void *data, size_t offset, size_t size);
-/* Per-layer recall (asrkf_edge.recall): stage 0 once the layer's post-RoPE queries are computed, stage 1 once its
- * attention output is. */
-typedef void (*recall_fn)(int32_t layer, int32_t stage, const void *tensor);
+/* Per-layer recall (asrkf_edge.recall): called once a layer's post-RoPE queries are computed, before its attention. */
+typedef void (*recall_fn)(int32_t layer, const void *tensor);
 
-enum { KIND_PROBS = 0, KIND_Q = 1, KIND_K = 2, N_KINDS = 3, KIND_OUT = 3 /* kqv_out: recall only */ };
+enum { KIND_PROBS = 0, KIND_Q = 1, KIND_K = 2, N_KINDS = 3 };
 enum { ERR_NONE = 0, ERR_CAPACITY = 1, ERR_LAYOUT = 2 };
 enum { WANT = 1, SPLIT = 2 }; /* bits of want[slot]: copied when enabled; asked for in split mode */
 
@@ -83,7 +82,7 @@ typedef struct {
     int32_t layout_ok; /* -1 unchecked, 0 mismatch, 1 checked */
     int32_t n_found;
     void **cache_kv;  /* [2 * n_layer]: every layer's K cache, then every layer's V cache */
-    recall_fn recall; /* while set, every layer's Qcur and kqv_out are asked for and handed to it */
+    recall_fn recall; /* while set, every layer's post-RoPE Qcur is asked for and handed to it */
 } asrkf_capture;
 
 static int parse(const char *name, int32_t n_layer, int *kind) {
@@ -93,7 +92,6 @@ static int parse(const char *name, int32_t n_layer, int *kind) {
     if (len == 11 && memcmp(name, "kq_soft_max", 11) == 0) *kind = KIND_PROBS;
     else if (len == 4 && memcmp(name, "Qcur", 4) == 0) *kind = KIND_Q;
     else if (len == 4 && memcmp(name, "Kcur", 4) == 0) *kind = KIND_K;
-    else if (len == 7 && memcmp(name, "kqv_out", 7) == 0) *kind = KIND_OUT;
     else return -1;
     int layer = atoi(dash + 1);
     return layer < n_layer ? layer : -1;
@@ -102,7 +100,7 @@ static int parse(const char *name, int32_t n_layer, int *kind) {
 static int slot_of(const asrkf_capture *s, const struct tensor_head *t) {
     int kind = 0;
     int layer = parse(s->get_name(t), s->n_layer, &kind);
-    if (layer < 0 || kind == KIND_OUT) return -1;
+    if (layer < 0) return -1;
     if (kind != KIND_PROBS && t->op != s->rope_op) return -1;  /* Qcur/Kcur: only the post-RoPE node */
     int slot = kind * s->n_layer + layer;
     return (s->want[slot] & (s->split ? SPLIT : WANT)) ? slot : -1;
@@ -149,17 +147,11 @@ static void copy_node(asrkf_capture *s, const struct tensor_head *t, int slot) {
     s->hits[slot] += 1;
 }
 
-/* Recall's stage for a node: 0 for a layer's post-RoPE Qcur, 1 for its kqv_out, else -1. */
-static int recall_stage(const asrkf_capture *s, const struct tensor_head *t) {
+/* The layer whose post-RoPE Qcur this node is, else -1 (recall). */
+static int recall_layer(const asrkf_capture *s, const struct tensor_head *t) {
     int kind = 0;
-    if (parse(s->get_name(t), s->n_layer, &kind) < 0) return -1;
-    if (kind == KIND_Q && t->op == s->rope_op) return 0;
-    return kind == KIND_OUT ? 1 : -1;
-}
-
-static int stage_layer(const asrkf_capture *s, const struct tensor_head *t) {
-    int kind = 0;
-    return parse(s->get_name(t), s->n_layer, &kind);
+    int layer = parse(s->get_name(t), s->n_layer, &kind);
+    return kind == KIND_Q && t->op == s->rope_op ? layer : -1;
 }
 
 /* Slot of a KV cache tensor named exactly cache_k_l<layer> (layer) or cache_v_l<layer> (n_layer + layer), else -1. */
@@ -197,11 +189,11 @@ EXPORT bool asrkf_capture_cb(void *tensor, bool ask, void *user) {
         find_cache(s, (const struct tensor_head *)tensor);
     }
     const struct tensor_head *t = (const struct tensor_head *)tensor;
-    int stage = s->recall ? recall_stage(s, t) : -1;
-    if (!s->enabled && !s->split && stage < 0) return false;
+    int layer = s->recall ? recall_layer(s, t) : -1;
+    if (!s->enabled && !s->split && layer < 0) return false;
     int slot = (s->enabled || s->split) ? slot_of(s, t) : -1;
-    if (ask) return slot >= 0 || stage >= 0;
+    if (ask) return slot >= 0 || layer >= 0;
     if (slot >= 0 && s->enabled) copy_node(s, t, slot);
-    if (stage >= 0) s->recall(stage_layer(s, t), stage, tensor);
+    if (layer >= 0) s->recall(layer, tensor);
     return true;
 }

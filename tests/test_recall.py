@@ -95,13 +95,13 @@ def test_the_python_capture_lends_the_same_rows_as_the_native_one(real, monkeypa
     native = forced_decode(real, make_policy("asrkf-recall"), 0.35, ctx, tail)
     monkeypatch.setattr(capture_mod.native, "load", lambda: None)
     calls = []
-    twin = capture_mod.Capture._recall_stage
+    twin = capture_mod.Capture._recall_layer
 
     def counted(self, tensor, head):
         calls.append(1)
         return twin(self, tensor, head)
 
-    monkeypatch.setattr(capture_mod.Capture, "_recall_stage", counted)
+    monkeypatch.setattr(capture_mod.Capture, "_recall_layer", counted)
     python = forced_decode(real, make_policy("asrkf-recall"), 0.35, ctx, tail)
     assert calls  # the twin ran
     assert all(np.array_equal(a, b) for a, b in zip(native.logprobs, python.logprobs, strict=True))

@@ -544,7 +544,7 @@ class AsrKfFollow(AsrKf):
 class AsrKfRecall(AsrKf):
     """asrkf whose frozen tokens come back inside each decode, layer by layer: once a layer's query is computed,
     the frozen tokens it attends to most take the cells of the active ones it attends to least, in that layer only,
-    until its attention is done (:mod:`asrkf_edge.recall`). CPU caches only.
+    for that decode (:mod:`asrkf_edge.recall`). CPU caches only.
 
     Measured (benchmarks/kld_variants.py, context 2000, 128 tokens, mean KLD from full over the bench's text and five
     licences, 2-core EPYC): 0.019 / 0.010 at budget 0.35 / 0.5 against asrkf's 0.067 / 0.035 and streaming's
