@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .capture import RecallFn
-from .importance import Importance, layer_mass
+from .importance import Importance, layer_mass, pick_swaps
 from .kvcopy import k_view, v_view
 from .llama import Tensor, ggml_lib
 
@@ -50,6 +50,7 @@ class Recall:
         self._armed = False
         self._saved: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # layer -> cells, their K, their V
         self._error: BaseException | None = None
+        self._top, self._low = np.empty(size, np.int64), np.empty(size, np.int64)
         self.rows = 0  # (token, layer) rows recalled so far
         self.seconds = 0.0  # in the layers' callbacks
 
@@ -140,16 +141,10 @@ class Recall:
         ggml_lib().ggml_backend_tensor_get(tensor, q.ctypes.data, 0, q.nbytes)
         imp = self.importance
         mass = layer_mass(q, self._qpos, imp.mirror(), mirror, self._kpos, imp.scale)
-        frozen_mass, active_mass = mass[: self._nf], mass[self._nf :]
-        k = min(self.size, len(frozen_mass), len(active_mass))
-        top = np.argpartition(-frozen_mass, k - 1)[:k]
-        top = top[np.argsort(-frozen_mass[top], kind="stable")]
-        low = np.argpartition(active_mass, k - 1)[:k]
-        low = low[np.argsort(active_mass[low], kind="stable")]
-        k = int(np.count_nonzero(frozen_mass[top] > active_mass[low]))  # both sorted: a prefix wins
+        k = pick_swaps(mass, self._nf, self.size, self._top, self._low)
         if not k:
             return
-        cells, picked = self._cells[low[:k]], top[:k]
+        cells, picked = self._cells[self._low[:k]], self._top[:k]
         kc, vc = self._views[layer]  # type: ignore[index]
         self._saved[layer] = (cells, kc[cells], vc[cells])
         sides, slots = self._side_of[picked], self._slot_of[picked]
