@@ -105,3 +105,25 @@ def test_the_python_capture_lends_the_same_rows_as_the_native_one(real, monkeypa
     python = forced_decode(real, make_policy("asrkf-recall"), 0.35, ctx, tail)
     assert calls  # the twin ran
     assert all(np.array_equal(a, b) for a, b in zip(native.logprobs, python.logprobs, strict=True))
+
+
+@pytest.mark.real
+def test_the_question_is_read_again_decode_by_decode_with_recall(real, monkeypatch) -> None:
+    """After a prompt, the tokens read again with what the question brought back (the question itself) go in
+    decodes short enough for recall, each of its queries lending rows of its own; not in one chunk that no layer's
+    recall sees."""
+    decodes = []
+    arm = recall_mod.Recall.arm
+
+    def counted(self, pos0, n):
+        before = self.rows
+        arm(self, pos0, n)
+        decodes.append((n, self._armed, before))
+
+    monkeypatch.setattr(recall_mod.Recall, "arm", counted)
+    prompt = _text_tokens(real, 800) + real.tokenize(" Question: what colour is the grass? Answer:", add_bos=False)
+    with real.runner(make_policy("asrkf-recall"), 256) as run:
+        run.prefill(prompt)
+        short = [(n, armed) for n, armed, _ in decodes if n <= run.session.recall.max_rows]
+        assert len(short) >= 4 and all(armed for _, armed in short)  # the 32 re-read tokens, recall on in each
+        assert run.session.recall.rows > decodes[-len(short)][2]  # and they lent rows
