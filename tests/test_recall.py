@@ -127,23 +127,3 @@ def test_the_question_is_read_again_decode_by_decode_with_recall(real, monkeypat
         short = [(n, armed) for n, armed, _ in decodes if n <= run.session.recall.max_rows]
         assert len(short) >= 4 and all(armed for _, armed in short)  # the 32 re-read tokens, recall on in each
         assert run.session.recall.rows > decodes[-len(short)][2]  # and they lent rows
-
-
-def test_lend_rows_keeps_each_cells_rows_and_copies_only_the_pairs_it_is_given() -> None:
-    """The copy under every lent layer, on a transposed (strided) V: the cells' own rows into the keep buffers, the
-    store's rows into the cells, pairs outside ``which`` and cells outside the pairs untouched."""
-    rng = np.random.default_rng(0)
-    kc = rng.integers(0, 255, (300, 400), dtype=np.uint8)[:, :384]  # a cache's K rows: a strided view
-    vc = rng.integers(0, 255, 192 * 300 * 2, dtype=np.uint8).reshape(192, 300, 2).transpose(1, 0, 2)
-    sk = rng.integers(0, 255, (500, 384), dtype=np.uint8)
-    sv = rng.integers(0, 255, (500, 192, 2), dtype=np.uint8)
-    cells, slots = rng.choice(300, 40, replace=False), rng.choice(500, 40, replace=False)
-    which = np.arange(0, 40, 2)  # this store side's pairs
-    k0, v0 = kc.copy(), vc.copy()
-    keep_k, keep_v = np.zeros((40, 384), np.uint8), np.zeros((40, 192, 2), np.uint8)
-    recall_mod.lend_rows(kc, vc, sk, sv, cells, slots, which, keep_k, keep_v)
-    mine = cells[which]
-    assert np.array_equal(keep_k[which], k0[mine]) and np.array_equal(keep_v[which], v0[mine])
-    assert np.array_equal(kc[mine], sk[slots[which]]) and np.array_equal(vc[mine], sv[slots[which]])
-    rest = np.setdiff1d(np.arange(300), mine)
-    assert np.array_equal(kc[rest], k0[rest]) and np.array_equal(vc[rest], v0[rest])
