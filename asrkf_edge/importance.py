@@ -288,8 +288,9 @@ def layer_mass(q: np.ndarray, qpos: np.ndarray, keys: np.ndarray, key_layer: int
 
 
 # Blocks of keys on Numba's threads: inside llama.cpp's graph its own (OpenMP) threads wait for the next node, and
-# Numba's OpenMP layer runs on the same idle team: recall's scoring 6.2 -> 4.1 ms a token at 2k, the token 16.5-17.2
-# -> 14.3-15.1 ms (2-core EPYC; serial kernels fought llama.cpp's threads outside the graph, see attention_mass)
+# Numba's OpenMP layer runs on that idle team: recall's scoring 6.2 -> 4.1 ms a token at 2k, the token 16.5-17.2 ->
+# 14.3-15.1 ms (2-core EPYC, both on libgomp; builds with ggml's own thread pool unmeasured). Blocks write disjoint
+# logits and the softmax stays serial: the serial kernel's masses bit for bit.
 @numba.njit(parallel=True, **{**_JIT, "fastmath": {"reassoc", "contract"}})
 def _layer_mass(q: np.ndarray, qpos: np.ndarray, keys: np.ndarray, key_layer: int, kpos: np.ndarray, scale: np.float32,
                 work: np.ndarray, out: np.ndarray) -> None:

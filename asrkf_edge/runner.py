@@ -160,7 +160,8 @@ class Runner:
             tokens = self.session.rewind(n)
             # with recall, in decodes it lends rows to, each query its own (the bench's multi-turn at 4k: 3 -> 4 of
             # 10, 1k: 8 -> 9, full 6 and 9)
-            step = self.session.recall.max_rows if self.session.recall is not None else len(tokens)
+            recall = self.session.recall
+            step = recall.max_rows if recall is not None and recall.usable else len(tokens)
             for i in range(0, len(tokens), step):
                 self.session.eval(tokens[i : i + step])
         finally:
