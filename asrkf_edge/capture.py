@@ -196,11 +196,14 @@ class Capture:
         st = self._state
         if ask and st.find_cache and TensorHead.from_address(tensor).op == st.set_rows_op:
             self._find_cache(tensor)
+        if not st.enabled and not st.split and not st.recall:
+            return False
         head = TensorHead.from_address(tensor)
-        layer = self._recall_layer(tensor, head) if st.recall else -1
+        kind, parsed = self._parse(tensor)  # once for both uses
+        layer = self._recall_layer(head, kind, parsed) if st.recall else -1
         if not st.enabled and not st.split and layer < 0:
             return False
-        slot = self._slot(tensor, head) if st.enabled or st.split else -1
+        slot = self._slot(head, kind, parsed) if st.enabled or st.split else -1
         if ask:
             return slot >= 0 or layer >= 0
         if slot >= 0 and st.enabled:
@@ -220,9 +223,8 @@ class Capture:
         layer = _atoi(idx)
         return (kind, layer) if layer < self.n_layer else (-1, -1)
 
-    def _recall_layer(self, tensor: int, head: TensorHead) -> int:
-        """C's recall_layer: the layer whose post-RoPE Qcur this node is, else -1."""
-        kind, layer = self._parse(tensor)
+    def _recall_layer(self, head: TensorHead, kind: int, layer: int) -> int:
+        """C's recall_layer: the layer whose post-RoPE Qcur a node parsed as (kind, layer) is, else -1."""
         return layer if kind == QUERIES and head.op == self._state.rope_op else -1
 
     def _find_cache(self, tensor: int) -> None:
@@ -242,8 +244,8 @@ class Capture:
             if st.n_found == 2 * self.n_layer:
                 st.find_cache = 0
 
-    def _slot(self, tensor: int, head: TensorHead) -> int:
-        kind, layer = self._parse(tensor)
+    def _slot(self, head: TensorHead, kind: int, layer: int) -> int:
+        """C's slot_of: the capture slot of a node parsed as (kind, layer), else -1."""
         if kind < 0 or (kind != PROBS and head.op != self._state.rope_op):
             return -1
         slot = kind * self.n_layer + layer

@@ -97,9 +97,8 @@ static int parse(const char *name, int32_t n_layer, int *kind) {
     return layer < n_layer ? layer : -1;
 }
 
-static int slot_of(const asrkf_capture *s, const struct tensor_head *t) {
-    int kind = 0;
-    int layer = parse(s->get_name(t), s->n_layer, &kind);
+/* The capture slot of a node parsed as (kind, layer), else -1. */
+static int slot_of(const asrkf_capture *s, const struct tensor_head *t, int kind, int layer) {
     if (layer < 0) return -1;
     if (kind != KIND_PROBS && t->op != s->rope_op) return -1;  /* Qcur/Kcur: only the post-RoPE node */
     int slot = kind * s->n_layer + layer;
@@ -147,10 +146,8 @@ static void copy_node(asrkf_capture *s, const struct tensor_head *t, int slot) {
     s->hits[slot] += 1;
 }
 
-/* The layer whose post-RoPE Qcur this node is, else -1 (recall). */
-static int recall_layer(const asrkf_capture *s, const struct tensor_head *t) {
-    int kind = 0;
-    int layer = parse(s->get_name(t), s->n_layer, &kind);
+/* The layer whose post-RoPE Qcur a node parsed as (kind, layer) is, else -1 (recall). */
+static int recall_layer(const asrkf_capture *s, const struct tensor_head *t, int kind, int layer) {
     return kind == KIND_Q && t->op == s->rope_op ? layer : -1;
 }
 
@@ -189,9 +186,12 @@ EXPORT bool asrkf_capture_cb(void *tensor, bool ask, void *user) {
         find_cache(s, (const struct tensor_head *)tensor);
     }
     const struct tensor_head *t = (const struct tensor_head *)tensor;
-    int layer = s->recall ? recall_layer(s, t) : -1;
+    if (!s->enabled && !s->split && !s->recall) return false;
+    int kind = -1;
+    const int parsed = parse(s->get_name(t), s->n_layer, &kind);  /* once for both uses */
+    int layer = s->recall ? recall_layer(s, t, kind, parsed) : -1;
     if (!s->enabled && !s->split && layer < 0) return false;
-    int slot = (s->enabled || s->split) ? slot_of(s, t) : -1;
+    int slot = (s->enabled || s->split) ? slot_of(s, t, kind, parsed) : -1;
     if (ask) return slot >= 0 || layer >= 0;
     if (slot >= 0 && s->enabled) copy_node(s, t, slot);
     if (layer >= 0) s->recall(layer, tensor);

@@ -97,9 +97,9 @@ def test_the_python_capture_lends_the_same_rows_as_the_native_one(real, monkeypa
     calls = []
     twin = capture_mod.Capture._recall_layer
 
-    def counted(self, tensor, head):
+    def counted(self, head, kind, layer):
         calls.append(1)
-        return twin(self, tensor, head)
+        return twin(self, head, kind, layer)
 
     monkeypatch.setattr(capture_mod.Capture, "_recall_layer", counted)
     python = forced_decode(real, make_policy("asrkf-recall"), 0.35, ctx, tail)
