@@ -17,6 +17,7 @@ node writes ``cache_k_l<il>`` or ``cache_v_l<il>``), so that cells can be copied
 from __future__ import annotations
 
 import ctypes
+import time
 from dataclasses import dataclass
 
 import llama_cpp.llama_cpp as L  # noqa: N812
@@ -39,11 +40,12 @@ class _State(ctypes.Structure):
                 ("error", ctypes.c_int32), ("err_slot", ctypes.c_int32), ("want", ctypes.c_void_p),
                 ("buf", ctypes.c_void_p), ("cap", ctypes.c_void_p), ("shape", ctypes.c_void_p), ("hits", ctypes.c_void_p),
                 ("set_rows_op", ctypes.c_int32), ("find_cache", ctypes.c_int32), ("layout_ok", ctypes.c_int32),
-                ("n_found", ctypes.c_int32), ("cache_kv", ctypes.c_void_p), ("recall", ctypes.c_void_p)]
+                ("n_found", ctypes.c_int32), ("cache_kv", ctypes.c_void_p), ("recall", ctypes.c_void_p),
+                ("recall_user", ctypes.c_void_p), ("recall_ns", ctypes.c_int64)]
 
 
-RecallFn = ctypes.CFUNCTYPE(None, ctypes.c_int32, ctypes.c_void_p)
-"""``recall(layer, tensor)``: once a layer's post-RoPE ``Qcur`` is computed, before the layer's attention."""
+RecallFn = ctypes.CFUNCTYPE(None, ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p)
+"""``recall(layer, tensor, user)``: once a layer's post-RoPE ``Qcur`` is computed, before the layer's attention."""
 
 
 def _op(lib: ctypes.CDLL, name: bytes) -> int:
@@ -127,11 +129,17 @@ class Capture:
         self.user_data = ctypes.cast(ctypes.pointer(st), ctypes.c_void_p)
         self._recall: object | None = None  # the ctypes thunk handed to the callback, kept alive here
 
-    def set_recall(self, fn: object | None) -> None:
-        """Hand every layer's post-RoPE queries of each decode to ``fn`` (a :data:`RecallFn`), in graph order, while
-        llama.cpp computes the decode; None stops it."""
+    def set_recall(self, fn: object | None, user: int = 0) -> None:
+        """Hand every layer's post-RoPE queries of each decode to ``fn`` (a :data:`RecallFn`) with ``user``, in graph
+        order, while llama.cpp computes the decode; None stops it."""
         self._recall = fn
         self._state.recall = ctypes.cast(fn, ctypes.c_void_p).value if fn is not None else None
+        self._state.recall_user = user
+
+    def recall_seconds(self) -> float:
+        """Seconds spent in the recall callback since the last call."""
+        ns, self._state.recall_ns = self._state.recall_ns, 0
+        return ns / 1e9
 
     @property
     def enabled(self) -> bool:
@@ -210,7 +218,9 @@ class Capture:
             self._copy(tensor, head, slot)
         if layer >= 0:
             assert self._recall is not None
-            self._recall(layer, tensor)  # type: ignore[operator]
+            t0 = time.perf_counter_ns()
+            self._recall(layer, tensor, st.recall_user)  # type: ignore[operator]
+            st.recall_ns += time.perf_counter_ns() - t0
         return True
 
     def _parse(self, tensor: int) -> tuple[int, int]:

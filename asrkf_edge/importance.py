@@ -283,7 +283,7 @@ def layer_mass(q: np.ndarray, qpos: np.ndarray, keys: np.ndarray, key_layer: int
     q = np.ascontiguousarray(q, np.float32)
     m, n = q.shape[0] * q.shape[1], len(kpos)
     out = np.zeros(n, np.float32)
-    _layer_mass(q, qpos, keys, key_layer, kpos, np.float32(scale), _workspace(m * n), out)
+    layer_mass_into(q, qpos, keys, key_layer, kpos, np.float32(scale), _workspace(m * n), out)
     return out
 
 
@@ -292,8 +292,10 @@ def layer_mass(q: np.ndarray, qpos: np.ndarray, keys: np.ndarray, key_layer: int
 # 14.3-15.1 ms (2-core EPYC, both on libgomp; builds with ggml's own thread pool unmeasured). Blocks write disjoint
 # logits and the softmax stays serial: the serial kernel's masses bit for bit.
 @numba.njit(parallel=True, **{**_JIT, "fastmath": {"reassoc", "contract"}})
-def _layer_mass(q: np.ndarray, qpos: np.ndarray, keys: np.ndarray, key_layer: int, kpos: np.ndarray, scale: np.float32,
-                work: np.ndarray, out: np.ndarray) -> None:
+def layer_mass_into(q: np.ndarray, qpos: np.ndarray, keys: np.ndarray, key_layer: int, kpos: np.ndarray, scale: np.float32,
+                    work: np.ndarray, out: np.ndarray) -> None:
+    """:func:`layer_mass`'s kernel: the masses added into ``out`` (zeroed by the caller), the logits in ``work`` (at least
+    R * H * N); callable from other kernels (:mod:`.recall`'s callback)."""
     n_r, n_h, d = q.shape
     n_kv, n = keys.shape[2], len(kpos)
     gm = n_h // n_kv * n_r  # query rows a KV head serves

@@ -16,6 +16,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #if defined(_WIN32)
 #define EXPORT __declspec(dllexport)
@@ -51,8 +52,9 @@ struct tensor_full {
 
 typedef const char *(*name_fn)(const void *tensor);
 typedef void (*get_fn)(const void *tensor, void *data, size_t offset, size_t size);
-/* Per-layer recall (asrkf_edge.recall): called once a layer's post-RoPE queries are computed, before its attention. */
-typedef void (*recall_fn)(int32_t layer, const void *tensor);
+/* Per-layer recall (asrkf_edge.recall): called once a layer's post-RoPE queries are computed, before its attention,
+ * with the caller's recall_user. */
+typedef void (*recall_fn)(int32_t layer, const void *tensor, void *user);
 
 enum { KIND_PROBS = 0, KIND_Q = 1, KIND_K = 2, N_KINDS = 3 };
 enum { ERR_NONE = 0, ERR_CAPACITY = 1, ERR_LAYOUT = 2 };
@@ -83,7 +85,15 @@ typedef struct {
     int32_t n_found;
     void **cache_kv;  /* [2 * n_layer]: every layer's K cache, then every layer's V cache */
     recall_fn recall; /* while set, every layer's post-RoPE Qcur is asked for and handed to it */
+    void *recall_user;
+    int64_t recall_ns; /* nanoseconds spent in recall since the caller last cleared it */
 } asrkf_capture;
+
+static int64_t now_ns(void) {
+    struct timespec ts;
+    timespec_get(&ts, TIME_UTC);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
 
 static int parse(const char *name, int32_t n_layer, int *kind) {
     const char *dash = strrchr(name, '-');
@@ -194,6 +204,10 @@ EXPORT bool asrkf_capture_cb(void *tensor, bool ask, void *user) {
     int slot = (s->enabled || s->split) ? slot_of(s, t, kind, parsed) : -1;
     if (ask) return slot >= 0 || layer >= 0;
     if (slot >= 0 && s->enabled) copy_node(s, t, slot);
-    if (layer >= 0) s->recall(layer, tensor);
+    if (layer >= 0) {
+        const int64_t t0 = now_ns();
+        s->recall(layer, tensor, s->recall_user);
+        s->recall_ns += now_ns() - t0;
+    }
     return true;
 }

@@ -10,6 +10,7 @@ from asrkf_edge import blob as blobfmt
 from asrkf_edge import capture as capture_mod
 from asrkf_edge import recall as recall_mod
 from asrkf_edge.bench.suites import _text_tokens, forced_decode
+from asrkf_edge.errors import LlamaError
 from asrkf_edge.kvcopy import blob_side, k_view, v_view
 from asrkf_edge.policies import make_policy
 
@@ -53,23 +54,22 @@ def test_recall_lends_frozen_rows_inside_a_decode_and_gives_every_cell_its_own_b
 
 @pytest.mark.real
 def test_a_failure_inside_the_graph_is_raised_after_the_decode_with_every_row_back(real, monkeypatch) -> None:
-    """An error in a layer's recall (here the scoring, at the tenth layer) cannot leave a cell holding another
-    token's rows: the decode ends, every lent row is put back, then the error reaches the caller."""
+    """A layer whose queries are not what recall reads (here the tenth, told to expect another head count) cannot
+    leave a cell holding another token's rows: the layers after it lend nothing, the decode ends, every lent row is
+    put back, then the error reaches the caller."""
     with _reading(real) as run:
         before = _rows_by_position(run)
-        calls = []
-        real_mass = recall_mod.layer_mass
+        arm = recall_mod.Recall.arm
 
-        def failing(*args, **kwargs):
-            calls.append(1)
-            if len(calls) == 10:
-                raise RuntimeError("scoring failed")
-            return real_mass(*args, **kwargs)
+        def arm_wrong(self, pos0, n):
+            arm(self, pos0, n)
+            self._layers[10, recall_mod.HEADS_OF] += 1
 
-        monkeypatch.setattr(recall_mod, "layer_mass", failing)
-        with pytest.raises(RuntimeError, match="scoring failed"):
+        monkeypatch.setattr(recall_mod.Recall, "arm", arm_wrong)
+        rows = run.session.recall.rows
+        with pytest.raises(LlamaError, match="layer 10"):
             run.decode(int(np.argmax(run.logits())))
-        assert len(calls) == 10  # no layer tried again once one failed
+        assert run.session.recall.rows > rows  # the layers before it lent rows
         after = _rows_by_position(run)
         assert all(before[p] == after[p] for p in set(before) & set(after))
 
@@ -118,7 +118,7 @@ def test_the_question_is_read_again_decode_by_decode_with_recall(real, monkeypat
     def counted(self, pos0, n):
         before = self.rows
         arm(self, pos0, n)
-        decodes.append((n, self._armed, before))
+        decodes.append((n, bool(self._regs[recall_mod.ARMED]), before))
 
     monkeypatch.setattr(recall_mod.Recall, "arm", counted)
     prompt = _text_tokens(real, 800) + real.tokenize(" Question: what colour is the grass? Answer:", add_bos=False)
