@@ -547,11 +547,12 @@ class AsrKfRecall(AsrKf):
     for that decode (:mod:`asrkf_edge.recall`). CPU caches only.
 
     Measured (benchmarks/kld_variants.py, context 2000, 128 tokens, mean KLD from full over the bench's text and five
-    licences, 2-core EPYC): 0.016 / 0.009 at budget 0.35 / 0.5 against asrkf's 0.067 / 0.035 and streaming's
-    0.062 / 0.037, at 0.68-0.75x of full's decode speed at 512-8k (asrkf 1.07-1.67x): the cost is scoring every key
-    of every layer (about 4 ms a token at 2k on 2 cores), not the rows moved. ``recall`` rows a layer: 16 / 32 / 64 gave KLD
-    0.0271 / 0.0234 / 0.0224 on the bench's text at 0.35, the speed alike, and 8 / 7 / 8 of the 10 multi-turn
-    answers at 1k (asrkf 8, full 9)."""
+    licences, 2-core EPYC): 0.016 / 0.009 at budget 0.35 / 0.5 with 64 rows a layer, against asrkf's 0.067 / 0.035
+    and streaming's 0.062 / 0.037; the cost is scoring every key of every layer (about 4 ms a token at 2k on 2
+    cores), not the rows moved. ``recall`` rows a layer at 0.35, six texts: 64 / 128 / 192 gave 0.0159 / 0.0140 /
+    0.0134, the callback 2.0-2.5 / 2.2-3.0 ms a token at 512 tokens (once the rows were copied by address, fifteenth
+    session); 128 answered as 64 did on the 1k and 2k needle, multi-turn and passkey suites but for one multi-turn
+    case at 1k (8 of 10 against 9; full 9)."""
 
     name: ClassVar[str] = "asrkf-recall"
-    recall: int = 64
+    recall: int = 128
