@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 # The callback's registers (int64): flags, counts, and the addresses of the arrays :meth:`Recall.arm` fills in.
 (ARMED, ERROR, ROWS, N_ROWS, QPOS, MIRROR, MIRROR_L, MIRROR_P, N_KV, HEAD_DIM, KPOS, N, NF, SCALE, WORK, MASS, TOP,
  LOW, SIZE, CELLS, SIDE_OF, SLOT_OF, SIDES, N_SIDES, LAYERS, N_LAYER, K_ROW, V_ROW, V_EL, V_TRANS, SAVED_N,
- SAVED_CELLS, SAVED_K, SAVED_V, T_NE, T_NB, T_DATA, N_REGS) = range(38)
+ SAVED_CELLS, SAVED_K, SAVED_V, T_NE, T_NB, T_DATA, SCORED, STRIDE, N_REGS) = range(40)
 # Columns of the per-layer table (LAYERS): the cache's K data, its bytes from cell to cell, the V data, the cells,
 # the mirror's layer (-1: not mirrored, no recall), and the query heads the layer's Qcur must have.
 K_DATA, K_STRIDE, V_DATA, CELLS_OF, MIRROR_OF, HEADS_OF, N_COLS = range(7)
@@ -122,9 +122,10 @@ def _lend(layer: int, tensor: object, r: np.ndarray) -> None:
     keys = numba.carray(_address(r[MIRROR]), (r[MIRROR_L], r[MIRROR_P], r[N_KV], d), np.uint16)
     mass = numba.carray(_address(r[MASS]), (n,), np.float32)
     mass[:] = 0.0
-    work = numba.carray(_address(r[WORK]), (rows * h * n,), np.float32)
+    work = numba.carray(_address(r[WORK]), (r[SCORED] * h * n,), np.float32)
     scale = numba.carray(_address(r[SCALE]), (1,), np.float32)[0]
-    layer_mass_into(q, qpos, keys, mirror_layer, kpos, scale, work, mass)
+    first = rows - 1 - (r[SCORED] - 1) * r[STRIDE]  # the rows that choose: all of a short decode's, some of a chunk's
+    layer_mass_into(q[first :: r[STRIDE]], qpos[first :: r[STRIDE]], keys, mirror_layer, kpos, scale, work, mass)
     size = r[SIZE]
     top, low = _ints(r[TOP], size), _ints(r[LOW], size)
     k = pick_swaps(mass, nf, size, top, low)
@@ -191,12 +192,17 @@ def _callback() -> RecallFn:
 
 
 class Recall:
-    """Per-layer recall of up to ``size`` frozen tokens in the decodes of at most ``max_rows`` tokens."""
+    """Per-layer recall of up to ``size`` frozen tokens in the decodes of at most ``max_rows`` tokens, each query row
+    choosing; with ``prompt_rows``, in longer decodes (a prompt's chunks) too, chosen by that many of the chunk's
+    query rows spread over it."""
 
-    def __init__(self, session: Session, importance: Importance, size: int, max_rows: int = 8) -> None:
+    def __init__(self, session: Session, importance: Importance, size: int, max_rows: int = 8, prompt_rows: int = 0) -> None:
         if size < 1:
             raise ValueError(f"recall size must be >= 1, got {size}")
+        if prompt_rows < 0:
+            raise ValueError(f"recall prompt rows must be >= 0, got {prompt_rows}")
         self.session, self.importance, self.size, self.max_rows = session, importance, size, max_rows
+        self.prompt_rows = prompt_rows
         self._fn = _callback()
         self._regs = np.zeros(N_REGS, np.int64)
         self._layers: np.ndarray | None = None  # the LAYERS table, once the cache's tensors are known
@@ -252,7 +258,8 @@ class Recall:
         """Before a decode of ``n`` tokens at ``pos0``: recall in it when something is frozen and it is short."""
         s, r = self.session, self._regs
         r[ARMED] = 0
-        if not s.n_frozen or n > self.max_rows or s.capture is None or not self.usable:
+        chunk = n > self.max_rows
+        if not s.n_frozen or (chunk and not self.prompt_rows) or s.capture is None or not self.usable:
             return
         if self._layers is None:
             self._layers = self._layer_table()
@@ -275,9 +282,10 @@ class Recall:
             table[i, SIDE_K_OFF:] = np.concatenate([side.k_off, side.v_off])
         mirror = imp.mirror()
         kpos = np.concatenate([frozen, pos[movable]]).astype(np.int64)
+        scored = min(n, self.prompt_rows) if chunk else n
         work = self._keep.get("work")
-        if work is None or len(work) < n * imp.model.n_head * len(kpos):
-            work = np.empty(2 * n * imp.model.n_head * len(kpos), np.float32)
+        if work is None or len(work) < scored * imp.model.n_head * len(kpos):
+            work = np.empty(2 * scored * imp.model.n_head * len(kpos), np.float32)
         self._point(WORK, "work", work)
         self._point(MASS, "mass", np.empty(len(kpos), np.float32))
         self._point(KPOS, "kpos", kpos)
@@ -289,6 +297,7 @@ class Recall:
         self._point(MIRROR, "mirror", mirror)
         r[MIRROR_L], r[MIRROR_P], r[N_KV], r[HEAD_DIM] = mirror.shape
         r[N], r[NF], r[N_SIDES], r[N_ROWS], r[ERROR] = len(kpos), len(frozen), len(sides), n, 0
+        r[SCORED], r[STRIDE] = scored, n // scored
         r[ARMED] = 1
         s.capture.set_recall(self._fn, r.ctypes.data)
 

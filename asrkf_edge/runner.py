@@ -88,7 +88,8 @@ class Runner:
             self._importance.fetch = self._fetch_keys
             size = getattr(policy, "recall", 0)
             if size and model.n_gpu_layers == 0:
-                self.session.recall = Recall(self.session, self._importance, size)
+                self.session.recall = Recall(self.session, self._importance, size,
+                                             prompt_rows=getattr(policy, "recall_prompt_rows", 0))
             elif size:
                 log.info("recall lends rows through the cache's host memory: off with layers on a GPU")
 

@@ -127,3 +127,17 @@ def test_the_question_is_read_again_decode_by_decode_with_recall(real, monkeypat
         short = [(n, armed) for n, armed, _ in decodes if n <= run.session.recall.max_rows]
         assert len(short) >= 4 and all(armed for _, armed in short)  # the 32 re-read tokens, recall on in each
         assert run.session.recall.rows > decodes[-len(short)][2]  # and they lent rows
+
+
+@pytest.mark.real
+def test_a_prompt_chunk_lends_rows_chosen_by_some_of_its_queries(real) -> None:
+    """With ``recall_prompt_rows`` a prompt's long chunks recall frozen rows too, chosen by that many of their query
+    rows; without it they lend none. (Read with ``final=False``: no question re-read, whose short decodes recall.)"""
+    tokens = _text_tokens(real, 800)
+    lent = {}
+    for rows in (0, 32):
+        with real.runner(make_policy("asrkf-recall", recall_prompt_rows=rows), 256) as run:
+            run.prefill(tokens, final=False)
+            assert run.session.n_frozen > 400
+            lent[rows] = run.session.recall.rows
+    assert lent[0] == 0 and lent[32] > 0, lent

@@ -123,6 +123,7 @@ class AsrKf(ScoringPolicy):
     read_twice: bool = False
     keep_share: float = 0.25
     recall: int = 0
+    recall_prompt_rows: int = 0
     _ledger: Ledger = field(init=False, repr=False)
     _monitor: EntropyMonitor = field(init=False, repr=False)
     _bigrams: BigramIndex = field(init=False, repr=False)
@@ -552,7 +553,12 @@ class AsrKfRecall(AsrKf):
     cores), not the rows moved. ``recall`` rows a layer at 0.35, six texts: 64 / 128 / 192 gave 0.0159 / 0.0140 /
     0.0134, the callback 2.0-2.5 / 2.2-3.0 ms a token at 512 tokens (once the rows were copied by address, fifteenth
     session); 128 answered as 64 did on the 1k and 2k needle, multi-turn and passkey suites but for one multi-turn
-    case at 1k (8 of 10 against 9; full 9)."""
+    case at 1k (8 of 10 against 9; full 9). ``recall_prompt_rows``: a prompt's chunks (256 tokens) recall too, chosen
+    by that many of their query rows spread over the chunk: a third of what divergence is left came from reading the
+    prompt in the bounded cache (benchmarks/prefill_fidelity.py). 32 rows: mean KLD 0.0140 -> 0.0116, better on all
+    six texts (all 256 rows: 0.0105, at eight times the scoring, which grows with the square of the prompt); the 40
+    needle and multi-turn answers at 2k (``--keys 4``) the same counts, 35 the same strings."""
 
     name: ClassVar[str] = "asrkf-recall"
     recall: int = 128
+    recall_prompt_rows: int = 32
