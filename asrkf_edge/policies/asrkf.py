@@ -553,12 +553,12 @@ class AsrKfRecall(AsrKf):
     cores), not the rows moved. ``recall`` rows a layer at 0.35, six texts: 64 / 128 / 192 gave 0.0159 / 0.0140 /
     0.0134, the callback 2.0-2.5 / 2.2-3.0 ms a token at 512 tokens (once the rows were copied by address, fifteenth
     session); 128 answered as 64 did on the 1k and 2k needle, multi-turn and passkey suites but for one multi-turn
-    case at 1k (8 of 10 against 9; full 9). ``recall_prompt_rows``: a prompt's chunks (256 tokens) recall too, chosen
-    by that many of their query rows spread over the chunk: a third of what divergence is left came from reading the
-    prompt in the bounded cache (benchmarks/prefill_fidelity.py). 32 rows: mean KLD 0.0140 -> 0.0116, better on all
-    six texts (all 256 rows: 0.0105, at eight times the scoring, which grows with the square of the prompt); the 40
-    needle and multi-turn answers at 2k (``--keys 4``) the same counts, 35 the same strings."""
+    case at 1k (8 of 10 against 9; full 9). ``recall_prompt_rows`` (off): a prompt's chunks (256 tokens) recall too,
+    chosen by that many of their query rows spread over the chunk; a third of what divergence is left came from
+    reading the prompt in the bounded cache (benchmarks/prefill_fidelity.py). 32 rows: mean KLD 0.0140 -> 0.0116,
+    lower on all six texts, reading up to 8% slower; but multi-turn 2k 7 -> 6 and 4k 4 -> 3 of 10 (full 7, 6; the
+    40 needle and multi-turn answers at 2k with ``--keys 4`` kept their counts): off until more question cases
+    settle it."""
 
     name: ClassVar[str] = "asrkf-recall"
     recall: int = 128
-    recall_prompt_rows: int = 32
