@@ -87,17 +87,25 @@ def _copy(dst: int, src: int, n: int) -> None:
 
 
 @numba.njit(**_JIT)
-def _gather(dst: int, src: int, runs: int, stride: int, el: int) -> None:
-    """``runs`` elements of ``el`` bytes, ``stride`` bytes apart from ``src``, packed into ``dst``."""
-    for e in range(runs):
-        _copy(dst + e * el, src + e * stride, el)
+def _move(dst_k: int, dst_v: int, dst_step: int, src_k: int, src_v: int, src_step: int, r: np.ndarray) -> None:
+    """One token's K row and V of one layer: V's elements ``step`` bytes apart on each side (the element size where
+    they are packed: one copy)."""
+    _copy(dst_k, src_k, r[K_ROW])
+    el = r[V_EL]
+    if dst_step == el and src_step == el:
+        _copy(dst_v, src_v, r[V_ROW])
+    else:
+        for e in range(r[V_ROW] // el):
+            _copy(dst_v + e * dst_step, src_v + e * src_step, el)
 
 
 @numba.njit(**_JIT)
-def _scatter(dst: int, src: int, runs: int, stride: int, el: int) -> None:
-    """The packed elements at ``src`` out to ``dst``, ``stride`` bytes apart."""
-    for e in range(runs):
-        _copy(dst + e * stride, src + e * el, el)
+def _cache_cell(r: np.ndarray, table: np.ndarray, layer: int, cell: int) -> tuple[int, int, int]:
+    """Where a cell's K row and V lie in one layer's cache, and V's step (rows, or [n_e, cells, el] transposed)."""
+    k_at = table[layer, K_DATA] + cell * table[layer, K_STRIDE]
+    if r[V_TRANS]:
+        return k_at, table[layer, V_DATA] + cell * r[V_EL], table[layer, CELLS_OF] * r[V_EL]
+    return k_at, table[layer, V_DATA] + cell * r[V_ROW], r[V_EL]
 
 
 @numba.njit(**_JIT)
@@ -136,22 +144,14 @@ def _lend(layer: int, tensor: object, r: np.ndarray) -> None:
     width = SIDE_K_OFF + 2 * n_layer
     sides = _ints(r[SIDES], r[N_SIDES] * width).reshape((r[N_SIDES], width))
     saved_cells = _ints(r[SAVED_CELLS], n_layer * size).reshape((n_layer, size))
-    n_cells = table[layer, CELLS_OF]
-    k_base, k_stride, v_base = table[layer, K_DATA], table[layer, K_STRIDE], table[layer, V_DATA]
     saved_k, saved_v = r[SAVED_K] + layer * size * k_row, r[SAVED_V] + layer * size * v_row
     for i in range(k):
         cell, side, slot = cells[low[i]], sides[side_of[top[i]]], slot_of[top[i]]
         saved_cells[layer, i] = cell
-        k_at, v_at = k_base + cell * k_stride, v_base + cell * v_row
-        _copy(saved_k + i * k_row, k_at, k_row)
-        _copy(k_at, side[SIDE_BASE] + side[SIDE_K_OFF + layer] + slot * side[SIDE_K_STRIDE], k_row)
-        v_src = side[SIDE_BASE] + side[SIDE_K_OFF + n_layer + layer] + slot * side[SIDE_V_STRIDE]
-        if r[V_TRANS]:  # [n_e, cells, el]: a cell's V is one element in each of n_e runs
-            _gather(saved_v + i * v_row, v_base + cell * el, v_row // el, n_cells * el, el)
-            _scatter(v_base + cell * el, v_src, v_row // el, n_cells * el, el)
-        else:
-            _copy(saved_v + i * v_row, v_at, v_row)
-            _copy(v_at, v_src, v_row)
+        k_at, v_at, step = _cache_cell(r, table, layer, cell)
+        _move(saved_k + i * k_row, saved_v + i * v_row, el, k_at, v_at, step, r)
+        _move(k_at, v_at, step, side[SIDE_BASE] + side[SIDE_K_OFF + layer] + slot * side[SIDE_K_STRIDE],
+              side[SIDE_BASE] + side[SIDE_K_OFF + n_layer + layer] + slot * side[SIDE_V_STRIDE], el, r)
     _ints(r[SAVED_N], n_layer)[layer] = k
     r[ROWS] += k
 
@@ -159,20 +159,15 @@ def _lend(layer: int, tensor: object, r: np.ndarray) -> None:
 @numba.njit(**_JIT)
 def _restore(r: np.ndarray) -> None:
     """Every lent cell's own K and V back, every layer."""
-    n_layer, size, k_row, v_row, el = r[N_LAYER], r[SIZE], r[K_ROW], r[V_ROW], r[V_EL]
+    n_layer, size, k_row, v_row = r[N_LAYER], r[SIZE], r[K_ROW], r[V_ROW]
     table = _ints(r[LAYERS], n_layer * N_COLS).reshape((n_layer, N_COLS))
     saved_n = _ints(r[SAVED_N], n_layer)
     saved_cells = _ints(r[SAVED_CELLS], n_layer * size).reshape((n_layer, size))
     for layer in range(n_layer):
-        n_cells, k_base, k_stride, v_base = table[layer, CELLS_OF], table[layer, K_DATA], table[layer, K_STRIDE], table[layer, V_DATA]
         saved_k, saved_v = r[SAVED_K] + layer * size * k_row, r[SAVED_V] + layer * size * v_row
         for i in range(saved_n[layer]):
-            cell = saved_cells[layer, i]
-            _copy(k_base + cell * k_stride, saved_k + i * k_row, k_row)
-            if r[V_TRANS]:
-                _scatter(v_base + cell * el, saved_v + i * v_row, v_row // el, n_cells * el, el)
-            else:
-                _copy(v_base + cell * v_row, saved_v + i * v_row, v_row)
+            k_at, v_at, step = _cache_cell(r, table, layer, saved_cells[layer, i])
+            _move(k_at, v_at, step, saved_k + i * k_row, saved_v + i * v_row, r[V_EL], r)
         saved_n[layer] = 0
 
 
@@ -241,7 +236,7 @@ class Recall:
         r = self._regs
         r[N_LAYER], r[K_ROW], r[V_ROW] = n_layer, layout.k_row, layout.v_row
         r[V_EL], r[V_TRANS] = layout.v_el or layout.v_row, int(layout.v_trans)
-        r[SIZE], r[N_ROWS] = self.size, 0
+        r[SIZE] = self.size
         r[T_NE], r[T_NB], r[T_DATA] = Tensor.ne.offset // 8, Tensor.nb.offset // 8, Tensor.data.offset // 8
         self._point(SAVED_N, "saved_n", np.zeros(n_layer, np.int64))
         self._point(SAVED_CELLS, "saved_cells", np.zeros((n_layer, self.size), np.int64))
