@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 import pytest
 from scoring import greedy, observed_scores, rank_overlap
 
 from asrkf_edge import capture as capture_mod
+from asrkf_edge import importance
 from asrkf_edge import session as session_mod
 from asrkf_edge.capture import CaptureSpec
 from asrkf_edge.gather import RowGather
@@ -51,6 +53,24 @@ def test_kernels_reuse_their_scratch_without_touching_earlier_results() -> None:
             assert np.abs(heads - head_scores_reference(q, qpos, keys, kpos, 0.25)).max() < 1e-5
 
 
+@numba.njit
+def _by_instruction(h: np.ndarray, out: np.ndarray) -> None:
+    for i in range(len(h)):
+        out[i] = importance._fpext_half(h[i])
+
+
+@numba.njit
+def _by_bits(h: np.ndarray, out: np.ndarray) -> None:
+    for i in range(len(h)):
+        out[i] = importance._half_by_bits(h[i])
+
+
+def _converted(convert, h: np.ndarray) -> np.ndarray:  # noqa: ANN001
+    out = np.empty(len(h), np.float32)
+    convert(h, out)
+    return out.view(np.uint32)
+
+
 def test_kernels_match_numpy_references() -> None:
     rng = np.random.default_rng(1)
     q = rng.standard_normal((3, 5, 6, 16)).astype(np.float32)
@@ -77,15 +97,25 @@ def test_kernels_match_numpy_references() -> None:
         assert np.abs(one - layer_mass_reference(q[layer], qpos, keys, layer, kpos, 0.25)).max() < 1e-5
         assert np.allclose(one, heads.reshape(3, 6, -1)[layer].sum(axis=0), atol=1e-4)
 
+    for heads, rows in ((8, 1), (10, 2)):  # 4 and 5 query rows to a KV head: the three-row dot's remainders
+        q4 = rng.standard_normal((rows, heads, 16)).astype(np.float32)
+        got = layer_mass(q4, qpos[:rows], keys, 1, kpos, 0.25)
+        assert np.abs(got - layer_mass_reference(q4, qpos[:rows], keys, 1, kpos, 0.25)).max() < 1e-5
+
     every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)  # each float16: normal, subnormal, zero, inf, nan
+    want = every.view(np.float16).astype(np.float32)
+    nan = np.isnan(want)
+    for convert in (_by_instruction, _by_bits) if importance._hardware_f16() else (_by_bits,):  # no F16C: no link
+        got = np.empty(len(every), np.float32)
+        convert(every, got)
+        assert np.array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))  # exact, -0 and subnormals too
+        assert np.isnan(got[nan]).all() and np.array_equal(np.signbit(got[nan]), np.signbit(want[nan]))
+    assert np.array_equal(_converted(_by_bits, every), want.view(np.uint32))  # integer steps: nan payloads too
     bits = np.empty((1024, 64), np.uint32)
     order = rng.permutation(1024)  # rows gathered by position, in any order
     f16_to_f32(every.reshape(1, 1024, 1, 64), 0, order, 0, bits)
-    want = every.view(np.float16).astype(np.float32).reshape(1024, 64)[order]
-    assert np.array_equal(bits, want.view(np.uint32))  # bit for bit, nan payloads too
-    finite = order[(order % 512) < 496]  # rows 496-511 and 1008-1023 hold inf and nan: without them, no third pass
-    f16_to_f32(every.reshape(1, 1024, 1, 64), 0, finite, 0, bits[: len(finite)])
-    assert np.array_equal(bits[: len(finite)], want[(order % 512) < 496].view(np.uint32))
+    rows_nan = nan.reshape(1024, 64)[order]
+    assert np.array_equal(bits[~rows_nan], want.reshape(1024, 64)[order][~rows_nan].view(np.uint32))
 
     for trial in range(200):  # recall's exchange: ties (drawn from a few values) broken by index, as lexsort does
         n, size = int(rng.integers(2, 300)), int(rng.integers(1, 80))
