@@ -558,7 +558,11 @@ class AsrKfRecall(AsrKf):
     reading the prompt in the bounded cache (benchmarks/prefill_fidelity.py). 32 rows: mean KLD 0.0140 -> 0.0116,
     lower on all six texts, reading up to 8% slower; but multi-turn 2k 7 -> 6 and 4k 4 -> 3 of 10 (full 7, 6; the
     40 needle and multi-turn answers at 2k with ``--keys 4`` kept their counts): off until more question cases
-    settle it."""
+    settle it. No recovery trigger: with every layer recalling each token, the entropy-mass trigger's thaws and
+    second decodes bought nothing (benchmarks/trigger_ablation.py --base asrkf-recall, 1k and 2k: the same answer
+    in every case, the trigger never fired; kld_variants.py, 512 tokens: 6 recoveries in 128 tokens, KLD 0.0229
+    with and without) and cost a decode each (at 512 tokens 5 in 64, 1.2 ms a token)."""
 
     name: ClassVar[str] = "asrkf-recall"
     recall: int = 128
+    trigger: Trigger = "none"
