@@ -108,6 +108,7 @@ class FrozenStore:
         self._token = np.zeros(0, np.int32)
         self._checked = np.zeros(0, bool)  # position -> its slot's hash checked since it was written (locate())
         self._n_frozen = 0
+        self.changes = 0  # puts and releases so far: what caches of the frozen set (recall's) key on
 
     # writing
     def put(self, pos: np.ndarray, tokens: np.ndarray, src: Side, src_rows: np.ndarray) -> None:
@@ -140,6 +141,7 @@ class FrozenStore:
         self._hash[pos], self._token[pos] = hashes, tokens
         self._checked[pos] = False
         self._n_frozen += n
+        self.changes += 1
 
     def _open_arena(self) -> Arena:
         """An arena with a free slot: an open one, or a new file (twice the last one's size, up to 1 GiB)."""
@@ -223,6 +225,7 @@ class FrozenStore:
         self._arena[p] = -1
         self._checked[p] = False
         self._n_frozen -= len(p)
+        self.changes += 1
 
     def is_frozen(self, positions: np.ndarray) -> np.ndarray:
         """Mask: which of ``positions`` are frozen here."""
@@ -307,6 +310,7 @@ class FrozenStore:
             self._hash[pos], self._token[pos] = a["hash"].astype(np.uint64), a["tokens"].astype(np.int32)
             arena.used = len(pos)
             self._n_frozen += len(pos)
+            self.changes += 1
 
     def _take_segments(self, state: dict[str, Any]) -> None:
         """Copy the frozen rows of a format-2 store (segments of ``[n_layer, n, row]`` K then V) into slots."""
@@ -336,6 +340,7 @@ class FrozenStore:
         self._arenas.clear()
         self._arena = np.full(0, -1, np.int64)
         self._n_frozen = 0
+        self.changes += 1
 
 
 def _span(positions: np.ndarray) -> str:

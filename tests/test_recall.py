@@ -53,6 +53,27 @@ def test_recall_lends_frozen_rows_inside_a_decode_and_gives_every_cell_its_own_b
 
 
 @pytest.mark.real
+def test_a_decode_after_freezes_and_thaws_lends_from_the_new_frozen_set(real) -> None:
+    """Recall keeps the frozen side's registers (positions, store slots) from decode to decode; once tokens are
+    frozen and thawed between two decodes (the thawed ones' slots taken by the newly frozen), the next decode lends
+    from the store as it now is: the same logits as with those registers built afresh."""
+    def changed(cold: bool) -> np.ndarray:
+        with _reading(real) as run:
+            run.decode(int(np.argmax(run.logits())))  # the frozen side kept after this decode
+            s = run.session
+            back = s.frozen_positions()[100:140]
+            act = s.active_positions()
+            assert s.freeze_positions(act[~s.protected(act)][:40]) == 40
+            assert s.thaw_positions(back) == 40
+            if cold:
+                s.recall._frozen_of = (None, -1)
+            run.decode(int(np.argmax(run.logits())))
+            return run.logits().copy()
+
+    assert np.array_equal(changed(cold=False), changed(cold=True))
+
+
+@pytest.mark.real
 def test_a_failure_inside_the_graph_is_raised_after_the_decode_with_every_row_back(real, monkeypatch) -> None:
     """A layer whose queries are not what recall reads (here the tenth, told to expect another head count) cannot
     leave a cell holding another token's rows: the layers after it lend nothing, the decode ends, every lent row is
