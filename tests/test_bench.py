@@ -15,7 +15,7 @@ def test_bench_all_writes_records_report_and_plots(real, tmp_path) -> None:
     out, plots, report = tmp_path / "b.json", tmp_path / "img", tmp_path / "RESULTS.md"
     args = ["bench", "all", "--policies", "full,asrkf,shift", "--budgets", "0.35,0.5", "--lengths", "300", "--needle-lengths",
             "300", "--depths", "0,1", "--cwe-lengths", "250",
-            "--ppl-context", "300", "--ppl-tokens", "8", "--speed-lengths", "300", "--speed-tokens", "4",
+            "--ppl-context", "300", "--ppl-tokens", "8", "--speed-lengths", "300", "--speed-tokens", "4", "--speed-runs", "2",
             "--json", str(out), "--plots", str(plots), "--report", str(report)]
     res = CliRunner().invoke(main, args, catch_exceptions=False)
     assert res.exit_code == 0, res.output
@@ -33,9 +33,11 @@ def test_bench_all_writes_records_report_and_plots(real, tmp_path) -> None:
     for r in by["passkey"]:  # the same prompt for every policy
         assert r["length"] == next(q["length"] for q in by["passkey"] if q["depth"] == r["depth"] and q["policy"] == "full")
     assert all(r["decode_tokens_per_s"] > 0 and r["rss_mb"] > 0 for r in by["speed"])
+    # two interleaved rounds a policy: the figures of the slower (the median's lower of two), both rounds kept
+    assert all(len(r["decode_runs"]) == 2 and r["decode_tokens_per_s"] == min(r["decode_runs"]) for r in by["speed"])
     assert data["machine"]["cores"] >= 1 and data["model"]["name"]
     text = report.read_text()
-    for title in ("Passkey retrieval", "Perplexity and KL divergence", "Speed and memory", "Targets"):
+    for title in ("Passkey retrieval", "Perplexity and KL divergence", "Speed and memory", "Targets", "median of runs"):
         assert title in text
     assert text.strip() in res.output
     pngs = sorted(p.name for p in plots.iterdir())

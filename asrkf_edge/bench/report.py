@@ -71,16 +71,20 @@ def ppl_table(records: Sequence[Record]) -> str:
 def speed_table(records: Sequence[Record]) -> str:
     full = {r["length"]: float(r["decode_tokens_per_s"]) for r in records if r["policy"] == "full"}
     gpu = any(r.get("gpu_used_mb") is not None for r in records)  # layers offloaded: the GPU's memory in use too
+    many = any(len(r.get("decode_runs", ())) > 1 for r in records)
     rows = []
     for (length, policy), rs in _groups(records, "length", "policy"):
         r = rs[0]
         ratio = f"{float(r['decode_tokens_per_s']) / full[length]:.2f}x" if length in full else "-"
-        rows.append([length, policy, f"{float(r['prefill_tokens_per_s']):.0f}", f"{float(r['decode_tokens_per_s']):.1f}", ratio,
+        runs = [float(x) for x in r.get("decode_runs", [])]
+        spread = f" ({min(runs):.1f}-{max(runs):.1f})" if len(runs) > 1 else ""
+        rows.append([length, policy, f"{float(r['prefill_tokens_per_s']):.0f}", f"{float(r['decode_tokens_per_s']):.1f}{spread}", ratio,
                      f"{float(r['kv_peak_pct']):.0f}", f"{float(r['rss_mb']):.0f}",
                      *([f"{float(r['gpu_used_mb']):.0f}"] if gpu else []), f"{float(r['observe_ms_per_token']):.2f}",
                      f"{float(r['freeze_ms_per_token']):.2f}", f"{float(r['thaw_ms_per_token']):.2f}",
                      f"{float(r['policy_ms_per_token']):.2f}", r["decode_recoveries"]])
-    return _table(["context", "policy", "prefill tok/s", "decode tok/s", "vs full", "peak KV % of full", "RSS MB",
+    decode = "decode tok/s (median of runs, range)" if many else "decode tok/s"
+    return _table(["context", "policy", "prefill tok/s", decode, "vs full", "peak KV % of full", "RSS MB",
                    *(["GPU MB in use"] if gpu else []), "scoring ms/tok", "freeze ms/tok", "thaw ms/tok",
                    "policy ms/tok (all)", "recoveries"], rows)
 

@@ -44,6 +44,8 @@ def _floats(text: str) -> list[float]:
 @click.option("--ppl-tokens", type=click.IntRange(min=1), default=256, show_default=True, help="ppl: tokens scored.")
 @click.option("--speed-lengths", default="512,1000,2000,4000,8000", show_default=True, help="speed: context lengths.")
 @click.option("--speed-tokens", type=click.IntRange(min=2), default=64, show_default=True, help="speed: tokens decoded.")
+@click.option("--speed-runs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="speed: rounds of every policy, interleaved; figures of the median round, with the range.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write every raw figure to this file.")
 @click.option("--plots", "plots_dir", type=click.Path(path_type=Path, file_okay=False), help="Write PNG charts here.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path, dir_okay=False),
@@ -52,7 +54,7 @@ def _floats(text: str) -> list[float]:
               help="Append this Markdown file to the report as it is (sections measured elsewhere, e.g. on a GPU).")
 def bench(suite: str, model: Path | None, flash_attn: bool, gpu_layers: int, policies: str, budget: float, budgets: str | None,
           lengths: str, needle_lengths: str, depths: str, keys: int, cwe_lengths: str, ppl_context: int, ppl_tokens: int,
-          speed_lengths: str, speed_tokens: int, json_path: Path | None, plots_dir: Path | None, report_path: Path | None,
+          speed_lengths: str, speed_tokens: int, speed_runs: int, json_path: Path | None, plots_dir: Path | None, report_path: Path | None,
           includes: tuple[Path, ...]) -> None:
     """Measure every policy side by side on the same prompts: SUITE is passkey, needle, ppl (with KL
     divergence; kld is the same), speed or all. Markdown on stdout; --json, --plots and --report write files."""
@@ -65,7 +67,7 @@ def bench(suite: str, model: Path | None, flash_attn: bool, gpu_layers: int, pol
             raise click.BadParameter(f"unknown policy {', '.join(bad) or '(none)'}; choose from {', '.join(policy_names(bench=True))}")
         levels = [BudgetType().convert(b, None, None) for b in budgets.split(",") if b.strip()] if budgets else [budget]
         plan = Plan(names, levels, _ints(lengths), _floats(depths), keys, _ints(needle_lengths), _ints(cwe_lengths), ppl_context,
-                    ppl_tokens, _ints(speed_lengths), speed_tokens)
+                    ppl_tokens, _ints(speed_lengths), speed_tokens, speed_runs)
     except ValueError as e:
         raise click.BadParameter(str(e)) from e
     if any(not 0 <= d <= 1 for d in plan.depths):
