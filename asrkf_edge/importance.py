@@ -370,18 +370,19 @@ def _three_dots(qs: np.ndarray, i0: int, i1: int, i2: int, key: np.ndarray, logi
 
 
 @numba.njit(**_JIT)
-def pick_swaps(mass: np.ndarray, nf: int, size: int, top: np.ndarray, low: np.ndarray) -> int:
+def pick_swaps(mass: np.ndarray, nf: int, size: int, top: np.ndarray, low: np.ndarray, ratio: float = 1.0) -> int:
     """Recall's exchange (:mod:`.recall`), ``mass`` = frozen tokens' then active tokens' (from ``nf`` on): the
     ``size`` most attended frozen into ``top`` (most first) and the ``size`` least attended active into ``low``
-    (least first; ties by index), returns how many pairs gain (the i-th frozen above the i-th active: a prefix).
-    In one call: NumPy's partitions and sorts cost 22 us a layer in Python (1,900 keys, 2-core EPYC)."""
+    (least first; ties by index), returns how many pairs gain (the i-th frozen above ``ratio`` times the i-th
+    active: a prefix). In one call: NumPy's partitions and sorts cost 22 us a layer in Python (1,900 keys, 2-core
+    EPYC)."""
     k = min(size, nf, len(mass) - nf)
     if k < 1:
         return 0
     _top_k(-mass[:nf], k, top)
     _top_k(mass[nf:], k, low)
     gain = 0
-    while gain < k and mass[top[gain]] > mass[nf + low[gain]]:
+    while gain < k and mass[top[gain]] > np.float32(ratio) * mass[nf + low[gain]]:
         gain += 1
     return gain
 
@@ -405,7 +406,7 @@ def _top_k(x: np.ndarray, k: int, out: np.ndarray) -> None:
     out[:k] = out[:k][order]
 
 
-def pick_swaps_reference(mass: np.ndarray, nf: int, size: int) -> tuple[np.ndarray, np.ndarray, int]:
+def pick_swaps_reference(mass: np.ndarray, nf: int, size: int, ratio: float = 1.0) -> tuple[np.ndarray, np.ndarray, int]:
     """NumPy twin of :func:`pick_swaps`: (top, low, gain)."""
     k = min(size, nf, len(mass) - nf)
     if k < 1:
@@ -413,7 +414,7 @@ def pick_swaps_reference(mass: np.ndarray, nf: int, size: int) -> tuple[np.ndarr
     f, a = mass[:nf], mass[nf:]
     top = np.lexsort((np.arange(nf), -f))[:k]
     low = np.lexsort((np.arange(len(a)), a))[:k]
-    return top, low, int(np.count_nonzero(f[top] > a[low]))
+    return top, low, int(np.count_nonzero(f[top] > np.float32(ratio) * a[low]))
 
 
 def layer_mass_reference(q: np.ndarray, qpos: np.ndarray, keys: np.ndarray, key_layer: int, kpos: np.ndarray,

@@ -44,8 +44,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# The callback's registers (int64): flags, counts, and the addresses of the arrays :meth:`Recall.arm` fills in.
-(ARMED, ERROR, ROWS, N_ROWS, QPOS, MIRROR, MIRROR_L, MIRROR_P, N_KV, HEAD_DIM, KPOS, N, NF, SCALE, WORK, MASS, TOP,
+# The callback's registers (int64): flags, counts, and the addresses of the arrays :meth:`Recall.arm` fills in
+# (FLOATS: the softmax scale and the swap ratio, float32).
+(ARMED, ERROR, ROWS, N_ROWS, QPOS, MIRROR, MIRROR_L, MIRROR_P, N_KV, HEAD_DIM, KPOS, N, NF, FLOATS, WORK, MASS, TOP,
  LOW, SIZE, CELLS, SIDE_OF, SLOT_OF, SIDES, N_SIDES, LAYERS, N_LAYER, K_ROW, V_ROW, V_EL, V_TRANS, SAVED_N,
  SAVED_CELLS, SAVED_K, SAVED_V, T_NE, T_NB, T_DATA, SCORED, STRIDE, N_REGS) = range(40)
 # Columns of the per-layer table (LAYERS): the cache's K data, its bytes from cell to cell, the V data, the cells,
@@ -131,12 +132,12 @@ def _lend(layer: int, tensor: object, r: np.ndarray) -> None:
     mass = numba.carray(_address(r[MASS]), (n,), np.float32)
     mass[:] = 0.0
     work = numba.carray(_address(r[WORK]), (r[SCORED] * h * n,), np.float32)
-    scale = numba.carray(_address(r[SCALE]), (1,), np.float32)[0]
+    scale, ratio = numba.carray(_address(r[FLOATS]), (2,), np.float32)
     first = rows - 1 - (r[SCORED] - 1) * r[STRIDE]  # the rows that choose: all of a short decode's, some of a chunk's
     layer_mass_into(q[first :: r[STRIDE]], qpos[first :: r[STRIDE]], keys, mirror_layer, kpos, scale, work, mass)
     size = r[SIZE]
     top, low = _ints(r[TOP], size), _ints(r[LOW], size)
-    k = pick_swaps(mass, nf, size, top, low)
+    k = pick_swaps(mass, nf, size, top, low, ratio)
     if k == 0:
         return
     k_row, v_row, el = r[K_ROW], r[V_ROW], r[V_EL]
@@ -189,15 +190,17 @@ def _callback() -> RecallFn:
 class Recall:
     """Per-layer recall of up to ``size`` frozen tokens in the decodes of at most ``max_rows`` tokens, each query row
     choosing; with ``prompt_rows``, in longer decodes (a prompt's chunks) too, chosen by that many of the chunk's
-    query rows spread over it."""
+    query rows spread over it. A frozen token takes an active token's cell where it gets more than ``ratio`` times
+    that token's attention."""
 
-    def __init__(self, session: Session, importance: Importance, size: int, max_rows: int = 8, prompt_rows: int = 0) -> None:
+    def __init__(self, session: Session, importance: Importance, size: int, max_rows: int = 8, prompt_rows: int = 0,
+                 ratio: float = 1.0) -> None:
         if size < 1:
             raise ValueError(f"recall size must be >= 1, got {size}")
-        if prompt_rows < 0:
-            raise ValueError(f"recall prompt rows must be >= 0, got {prompt_rows}")
+        if prompt_rows < 0 or not ratio >= 1:
+            raise ValueError(f"recall prompt rows must be >= 0 and the ratio >= 1, got {prompt_rows}, {ratio}")
         self.session, self.importance, self.size, self.max_rows = session, importance, size, max_rows
-        self.prompt_rows = prompt_rows
+        self.prompt_rows, self.ratio = prompt_rows, ratio
         self._frozen_of: tuple[object, int] = (None, -1)  # the store and its changes that the frozen side is of
         self._fn = _callback()
         self._regs = np.zeros(N_REGS, np.int64)
@@ -245,7 +248,7 @@ class Recall:
         self._point(SAVED_V, "saved_v", np.zeros((n_layer, self.size, layout.v_row), np.uint8))
         self._point(TOP, "top", np.zeros(self.size, np.int64))
         self._point(LOW, "low", np.zeros(self.size, np.int64))
-        self._point(SCALE, "scale", np.array([self.importance.scale], np.float32))
+        self._point(FLOATS, "floats", np.array([self.importance.scale, self.ratio], np.float32))
         self._point(LAYERS, "layers", table)
         return table
 

@@ -89,7 +89,8 @@ class Runner:
             size = getattr(policy, "recall", 0)
             if size and model.n_gpu_layers == 0:
                 self.session.recall = Recall(self.session, self._importance, size,
-                                             prompt_rows=getattr(policy, "recall_prompt_rows", 0))
+                                             prompt_rows=getattr(policy, "recall_prompt_rows", 0),
+                                             ratio=getattr(policy, "recall_ratio", 1.0))
             elif size:
                 log.info("recall lends rows through the cache's host memory: off with layers on a GPU")
 
