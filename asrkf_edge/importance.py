@@ -9,15 +9,13 @@ the captured post-RoPE queries and a mirror of the keys (the same f16 rows the c
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import os
 import platform
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import cache
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import llvmlite.binding as llvm
 import numba
@@ -50,29 +48,12 @@ def attention_mass(q: np.ndarray, qpos: np.ndarray, keys: np.ndarray, kpos: np.n
     ``parallel`` spreads (layer, KV head) pairs over Numba's threads: worth it only when llama.cpp's own
     threads are idle (layers on a GPU); on a CPU backend the two thread pools fight and serial is faster.
     """
-    out = np.zeros((q.shape[1], len(kpos)), np.float32)
-    attention_sum_into(q, qpos, keys, kpos, scale, out, parallel, layers)
-    _divide(out, q.shape[0] * q.shape[2])
-    return out
-
-
-def attention_sum_into(q: np.ndarray, qpos: np.ndarray, keys: np.ndarray, kpos: np.ndarray, scale: float,
-                       out: np.ndarray, parallel: bool = False, layers: np.ndarray | None = None) -> None:
-    """:func:`attention_mass` before its mean: each (layer, query head)'s softmax rows added into ``out`` [R, N]. A
-    mass computed over the layers in consecutive pieces, then divided by layers x heads (:func:`_divide`), has
-    the bits of one serial call: the worker computes a long one in pieces (:meth:`Importance.mass_job`)."""
     q, lay = np.ascontiguousarray(q, np.float32), _key_layers(q, layers)
     m, n = (q.shape[2] // keys.shape[2]) * q.shape[1], len(kpos)
     if not parallel:
-        _mass_serial(q, qpos, keys, kpos, np.float32(scale), lay, _workspace(m * n), out)
-        return
+        return _mass_serial(q, qpos, keys, kpos, np.float32(scale), lay, _workspace(m * n))
     g = _groups(len(lay) * keys.shape[2])
-    _mass_parallel(q, qpos, keys, kpos, np.float32(scale), lay, _workspace(g * (m + q.shape[1]) * n), g, out)
-
-
-@numba.njit(**_JIT)
-def _divide(out: np.ndarray, count: int) -> None:
-    out /= count
+    return _mass_parallel(q, qpos, keys, kpos, np.float32(scale), lay, _workspace(g * (m + q.shape[1]) * n), g)
 
 
 def _key_layers(q: np.ndarray, layers: np.ndarray | None) -> np.ndarray:
@@ -105,17 +86,20 @@ def _workspace(size: int) -> np.ndarray:
 
 @numba.njit(**_JIT)
 def _mass_serial(q: np.ndarray, qpos: np.ndarray, keys: np.ndarray, kpos: np.ndarray, scale: np.float32,
-                 layers: np.ndarray, work: np.ndarray, out: np.ndarray) -> None:
+                 layers: np.ndarray, work: np.ndarray) -> np.ndarray:
     n_l, n_kv, n_r = q.shape[0], keys.shape[2], q.shape[1]
+    out = np.zeros((n_r, len(kpos)), np.float32)
     for t in range(n_l * n_kv):
         p = _head_softmax(q, qpos, keys, kpos, scale, t // n_kv, layers[t // n_kv], t % n_kv, work)
         for i in range(p.shape[0]):
             out[i % n_r] += p[i]
+    out /= n_l * q.shape[2]
+    return out
 
 
 @numba.njit(parallel=True, **_JIT)
 def _mass_parallel(q: np.ndarray, qpos: np.ndarray, keys: np.ndarray, kpos: np.ndarray, scale: np.float32,
-                   layers: np.ndarray, work: np.ndarray, groups: int, out: np.ndarray) -> None:
+                   layers: np.ndarray, work: np.ndarray, groups: int) -> np.ndarray:
     """Group g takes tasks g, g + groups, ... in its own slice of ``work``: softmax rows, then its partial sum."""
     n_l, n_kv, n_r, n = q.shape[0], keys.shape[2], q.shape[1], len(kpos)
     m = (q.shape[2] // n_kv) * n_r
@@ -128,8 +112,11 @@ def _mass_parallel(q: np.ndarray, qpos: np.ndarray, keys: np.ndarray, kpos: np.n
             p = _head_softmax(q, qpos, keys, kpos, scale, t // n_kv, layers[t // n_kv], t % n_kv, mine)
             for i in range(p.shape[0]):
                 part[i % n_r] += p[i]
+    out = np.zeros((n_r, n), np.float32)
     for g in range(groups):
         out += work[g * span + m * n : (g + 1) * span].reshape((n_r, n))
+    out /= n_l * q.shape[2]
+    return out
 
 
 def head_scores(q: np.ndarray, qpos: np.ndarray, keys: np.ndarray, kpos: np.ndarray, scale: float,
@@ -551,44 +538,10 @@ class QueryWindow:
 # tracker -----------------------------------------------------------------------------------------
 
 
-class _Worker:
-    """The one thread that runs background host attention (each tracker waits only for its own jobs): by
-    :data:`URGENT`, :data:`FOLD`, :data:`BULK`, then in the order queued. Numba's thread pool takes one parallel
-    kernel at a time, so the jobs share one thread; the levels let the trigger's check, which a token waits for,
-    pass the folds and re-evaluations queued before it."""
-
-    def __init__(self) -> None:
-        self._jobs: list[tuple[int, int, Future[Any], Callable[[], Any]]] = []
-        self._order = itertools.count()
-        self._ready = threading.Condition()
-        threading.Thread(target=self._run, name="asrkf-fold", daemon=True).start()
-
-    def submit(self, level: int, job: Callable[[], T]) -> Future[T]:
-        done: Future[T] = Future()
-        with self._ready:
-            heapq.heappush(self._jobs, (level, next(self._order), done, job))
-            self._ready.notify()
-        return done
-
-    def _run(self) -> None:
-        while True:
-            with self._ready:
-                while not self._jobs:
-                    self._ready.wait()
-                _, _, done, job = heapq.heappop(self._jobs)
-            if done.set_running_or_notify_cancel():
-                try:
-                    done.set_result(job())
-                except BaseException as e:  # noqa: BLE001 - handed to whoever waits for the job
-                    done.set_exception(e)
-
-
-URGENT, FOLD, BULK = 0, 1, 2
-
-
 @cache
-def _worker() -> _Worker:
-    return _Worker()
+def _worker() -> ThreadPoolExecutor:
+    """The one thread that runs background folds (each tracker waits only for its own)."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="asrkf-fold")
 
 
 class Importance:
@@ -730,57 +683,32 @@ class Importance:
             q = (q if q is not None else self.queries())[:, -rows:]
             if self.background:
                 self.ensure_keys(kpos)  # llama.cpp calls stay on this thread
-                self._queue_mass(q, qpos, kpos, self.fold, FOLD,
-                                 lambda mass: self._fold_from_mirror(mass, kpos, qpos, gamma, weight))
+                self._queue(self._fold_from_mirror, True, q, qpos, kpos, self.mirror(), gamma, weight)
                 return
             mass = self.mass(q, qpos, kpos, self.fold)
         fold(self._scores, np.ascontiguousarray(mass, np.float32), kpos.astype(np.int64), qpos, gamma, weight)
 
-    def _fold_from_mirror(self, mass: np.ndarray, kpos: np.ndarray, qpos: np.ndarray, gamma: float, weight: float) -> None:
-        fold(self._scores, mass, kpos, qpos, gamma, weight)
+    def _fold_from_mirror(self, q: np.ndarray, qpos: np.ndarray, kpos: np.ndarray, keys: np.ndarray, gamma: float,
+                          weight: float) -> None:
+        fold(self._scores, np.ascontiguousarray(self._mass(q, qpos, kpos, self.fold, keys), np.float32), kpos, qpos,
+             gamma, weight)
 
-    def _queue(self, job: Callable[[], T], folds: bool, qpos: np.ndarray, kpos: np.ndarray, level: int = BULK) -> Future[T]:
-        """Run ``job()`` on the worker thread at ``level`` (``folds``: it writes the scores, and runs at :data:`FOLD`)
-        about queries at ``qpos`` and keys at ``kpos``."""
-        done = _worker().submit(FOLD if folds else level, job)
+    def _queue(self, job: Callable[..., T], folds: bool, q: np.ndarray, qpos: np.ndarray, kpos: np.ndarray,
+               *args: object) -> Future[T]:
+        """Run ``job(q, qpos, kpos, *args)`` on the worker thread, after the jobs queued before it (``folds``: it
+        writes the scores)."""
+        done = _worker().submit(job, q, qpos, kpos, *args)
         upto = max(int(qpos.max(initial=-1)) + 1, int(kpos.max(initial=-1)) + 1)
         self._pending.append((done, folds, upto))
         self._upto = max(self._upto, upto)
         return done
 
-    def _queue_mass(self, q: np.ndarray, qpos: np.ndarray, kpos: np.ndarray, layers: tuple[int, ...] | None, level: int,
-                    finish: Callable[[np.ndarray], T]) -> Future[T]:
-        """:meth:`_mass` on the worker thread in pieces of a few layers (as many (layer, KV head) tasks as Numba has
-        threads), then ``finish(mass)``; the same bits as one serial call. A job queued at a lower level waits for
-        one piece, not a whole job: on an H200's host a re-evaluation's attention (8 rows over every key of 8
-        layers, 8B shape) took 50-90 ms at 16k-32k tokens, and the trigger's check queued behind one made its token
-        wait 80-90 ms (docs/gpu.md, fourteenth session)."""
-        keys, sel = self.mirror(), list(range(len(self.layers))) if layers is None else list(layers)
-        q, qpos = np.ascontiguousarray(np.asarray(q, np.float32)[sel]), qpos.copy()
-        out = np.zeros((q.shape[1], len(kpos)), np.float32)
-        per = max(1, -(-numba.get_num_threads() // self.model.n_head_kv))
-        parts: list[Future[None]] = []
-
-        def piece(a: int, b: int) -> None:
-            attention_sum_into(q[a:b], qpos, keys, kpos, self.scale, out, self.parallel, np.asarray(sel[a:b], np.int64))
-
-        def last(a: int) -> T:
-            for part in parts:
-                part.result()  # done (they ran before it); raises what one raised
-            piece(a, len(sel))
-            _divide(out, q.shape[0] * q.shape[2])
-            return finish(out)
-
-        starts = list(range(0, len(sel), per))
-        for a in starts[:-1]:
-            parts.append(_worker().submit(level, lambda a=a: piece(a, a + per)))
-        return self._queue(lambda: last(starts[-1]), level == FOLD, qpos, kpos, level)
-
     def _wait(self, folds_only: bool = False) -> None:
         """Finish the jobs on the worker thread: all of them before a kernel runs here (Numba's thread pool takes
-        one parallel kernel at a time) or positions are read again; the folds only for a reader of the scores."""
-        done = [p for p in self._pending if p[1] or not folds_only]
-        self._pending = [p for p in self._pending if not (p[1] or not folds_only)]
+        one parallel kernel at a time) or positions are read again; up to the last fold for a reader of the scores
+        (the worker runs jobs in order)."""
+        last = max((i for i, (_, folds, _) in enumerate(self._pending) if folds), default=-1) if folds_only else len(self._pending) - 1
+        done, self._pending = self._pending[: last + 1], self._pending[last + 1 :]
         self._upto = max((upto for _, _, upto in self._pending), default=0)
         for job, _, _ in done:
             job.result()
@@ -877,21 +805,22 @@ class Importance:
         self.ensure_keys(kpos)
         return self._mass(q, qpos, kpos, layers)
 
-    def mass_job(self, q: np.ndarray, qpos: np.ndarray, kpos: np.ndarray, layers: tuple[int, ...] | None = None,
-                 urgent: bool = False) -> Future[np.ndarray]:
-        """:meth:`mass`, on the worker thread when the tracker folds in the background (its result is then ready a
-        few decodes later; ``urgent``: before the folds and other jobs not yet started), else here and now. The keys
-        it needs are read back first, here."""
+    def mass_job(self, q: np.ndarray, qpos: np.ndarray, kpos: np.ndarray,
+                 layers: tuple[int, ...] | None = None) -> Future[np.ndarray]:
+        """:meth:`mass`, on the worker thread after the fold when the tracker folds in the background (its result
+        is then ready a few decodes later), else here and now. The keys it needs are read back first, here."""
         kpos = kpos.astype(np.int64)
         if not self.background:
             done: Future[np.ndarray] = Future()
             done.set_result(self.mass(q, qpos, kpos, layers))
             return done
         self.ensure_keys(kpos)
-        return self._queue_mass(q, qpos, kpos, layers, URGENT if urgent else BULK, lambda mass: mass)
+        return self._queue(self._mass, False, np.array(q), qpos.copy(), kpos, layers, self.mirror())
 
-    def _mass(self, q: np.ndarray, qpos: np.ndarray, kpos: np.ndarray, layers: tuple[int, ...] | None) -> np.ndarray:
+    def _mass(self, q: np.ndarray, qpos: np.ndarray, kpos: np.ndarray, layers: tuple[int, ...] | None,
+              keys: np.ndarray | None = None) -> np.ndarray:
+        """``keys``: the mirror as a queued job found it (a later growth replaces the array, not the rows)."""
         picks = None
         if layers is not None and len(layers) < len(self.layers):
             q, picks = q[list(layers)], np.asarray(layers, np.int64)
-        return attention_mass(q, qpos, self.mirror(), kpos, self.scale, self.parallel, picks)
+        return attention_mass(q, qpos, self.mirror() if keys is None else keys, kpos, self.scale, self.parallel, picks)

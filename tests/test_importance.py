@@ -17,7 +17,6 @@ from asrkf_edge.importance import (
     QueryWindow,
     attention_mass,
     attention_mass_reference,
-    attention_sum_into,
     entropy,
     entropy_reference,
     exp_shifted,
@@ -88,12 +87,6 @@ def test_kernels_match_numpy_references() -> None:
     ref = attention_mass_reference(q[:2], qpos, keys[picks], kpos, 0.25)
     for parallel in (False, True):
         assert np.abs(attention_mass(q[:2], qpos, keys, kpos, 0.25, parallel, picks) - ref).max() < 1e-5
-    for parallel in (False, True):  # in pieces of layers, as the worker computes a long one: one call's bits serially
-        out = np.zeros_like(got)
-        for a, b in ((0, 1), (1, 3)):
-            attention_sum_into(q[a:b], qpos, keys, kpos, 0.25, out, parallel, np.arange(a, b))
-        importance._divide(out, 3 * 6)
-        assert np.array_equal(out, got) if not parallel else np.abs(out - want).max() < 1e-5
     heads = head_scores_reference(q, qpos, keys, kpos, 0.25)  # [layers x heads, keys], summed over the 5 rows
     for parallel in (False, True):
         assert np.abs(head_scores(q, qpos, keys, kpos, 0.25, parallel=parallel) - heads).max() < 1e-5
@@ -440,22 +433,3 @@ def test_split_mode_generates_what_a_normal_capture_does(tiny10) -> None:
             seen.append((toks, logits, imp.scores[: run.n_logical].copy(), run.frozen()))
     (t0, l0, s0, f0), (t1, l1, s1, f1) = seen
     assert t0 == t1 and np.array_equal(l0, l1) and np.array_equal(s0, s1) and np.array_equal(f0, f1)
-
-
-def test_the_worker_runs_the_trigger_s_check_before_queued_folds_and_re_evaluations() -> None:
-    """Background jobs share one thread: a job a token waits for (the trigger's check) passes the folds and the
-    re-evaluations queued before it and not yet started; folds pass re-evaluations; each level keeps its order."""
-    import threading
-
-    go, ran = threading.Event(), []
-    worker = importance._worker()
-    held = worker.submit(importance.BULK, lambda: go.wait(10))
-    jobs = [worker.submit(level, lambda name=name: ran.append(name)) for level, name in
-            ((importance.BULK, "reeval 1"), (importance.FOLD, "fold 1"), (importance.BULK, "reeval 2"),
-             (importance.FOLD, "fold 2"), (importance.URGENT, "check"))]
-    go.set()
-    assert held.result() and all(j.result() is None for j in jobs)
-    assert ran == ["check", "fold 1", "fold 2", "reeval 1", "reeval 2"]
-    failed = worker.submit(importance.URGENT, lambda: 1 / 0)
-    with pytest.raises(ZeroDivisionError):
-        failed.result()

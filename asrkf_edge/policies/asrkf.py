@@ -58,7 +58,7 @@ class AsrKf(ScoringPolicy):
     context 2000, 128 tokens) 0.0673 / 0.0348 at budget 0.35 / 0.5 against 0.0671 / 0.0352 every 32nd step (every
     16th, on two texts: no better than 32nd).
     relevance_rows: newest query rows that judge expired tokens (8; 2 gave mean KLD 0.0694 / 0.0380 over the six).
-    reeval_lag: with the layers on a GPU, decode steps (at least) from a re-evaluation's queries to its landing, its host
+    reeval_lag: with the layers on a GPU, decode steps from a re-evaluation's queries to its landing, its host
     attention computed beside the decodes in between. 8: on five licence texts (benchmarks/kld_variants.py
     --gpu-mode --text ..., context 2000, 128 tokens, budget 0.35) mean KLD 0.0641 against 0.0649 computed at once,
     0.0690 at 16 and 0.0687 at the next step: single texts moved by up to 0.02 either way, the mean did not.
@@ -257,15 +257,12 @@ class AsrKf(ScoringPolicy):
 
         When the tracker works in the background (layers on a GPU), a decode step's judgement lands ``reeval_lag``
         steps after its queries were taken (0: at the next step), its host attention computed on the worker thread
-        meanwhile (23 ms a call at 32k on an H200's host, default shape, where a token took 4.8 ms), or later, once
-        that attention is done: waiting for it cost the 8B shape's decode 20 ms a re-evaluation at 16k on an H200
-        (docs/gpu.md, fourteenth session). It waits only when the next re-evaluation is due."""
+        meanwhile (23 ms a call at 32k on an H200's host, default shape, where a token took 4.8 ms)."""
         step = ctx.step
         if n == 1 and self.trigger in ("mass", "entropy-mass") and ctx.n_frozen and ctx.importance.background:
             self._query_mass(ctx)  # the trigger's check, ready before the entropy spikes
-        j = self._judging
-        if j is not None and (n > 1 or step % self.reeval_every == 0 or (step >= j.at and j.job.done())):
-            self._judge(ctx)  # not before its attention is done, unless the next re-evaluation is due
+        if self._judging is not None and (n > 1 or step >= self._judging.at):
+            self._judge(ctx)
         if (n == 1 and step % self.reeval_every) or ctx.n_logical < self.min_cache:
             return
         self._ledger.grow(ctx.n_logical)
@@ -455,7 +452,7 @@ class AsrKf(ScoringPolicy):
         q, qpos = imp.recent_queries(1)
         key = (int(qpos[-1]), imp.generation)
         if self._check is None or self._check[:2] != key:
-            self._check = (*key, imp.mass_job(q, qpos, np.arange(key[0] + 1, dtype=np.int64), imp.fold, urgent=True))
+            self._check = (*key, imp.mass_job(q, qpos, np.arange(key[0] + 1, dtype=np.int64), imp.fold))
         return self._check[2]
 
     def _relevance(self, ctx: PolicyContext, act: np.ndarray, frozen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
