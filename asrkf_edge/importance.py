@@ -204,15 +204,33 @@ def _half_by_bits(h16: np.uint16) -> np.float32:
 def _hardware_f16() -> bool:
     """Whether Numba's code for this machine converts float16 in hardware: every ARMv8 CPU, x86's with F16C (since
     2012); without it LLVM would call a helper that Numba's JIT may not link. NUMBA_CPU_NAME (a portable cache) turns
-    the host's features off."""
+    the host's features off; NUMBA_CPU_FEATURES, when set, is what Numba compiles for."""
     if os.environ.get("NUMBA_CPU_NAME"):
         return False
-    if platform.machine().lower() in ("arm64", "aarch64"):
+    if (features := os.environ.get("NUMBA_CPU_FEATURES")) is not None:
+        return "+f16c" in features.split(",")
+    machine = platform.machine().lower()
+    if machine in ("arm64", "aarch64"):
         return True
+    return machine in ("x86_64", "amd64") and "f16c" in _x86_features()
+
+
+def _x86_features() -> set[str]:
+    """The CPU's feature flags: /proc/cpuinfo's on Linux, else LLVM's view of the host. llvmlite's
+    ``get_host_cpu_features`` aborted the process ("free(): invalid pointer") on an H200's host, Python 3.12,
+    llvmlite 0.50, once llama.cpp's CUDA build was loaded and Numba had compiled: importing asrkf_edge aborted there
+    (docs/gpu.md, eighteenth session)."""
     try:
-        return bool(llvm.get_host_cpu_features().get("f16c", False))
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
+            for line in info:
+                if line.startswith("flags"):
+                    return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    try:
+        return {name for name, on in llvm.get_host_cpu_features().items() if on}
     except RuntimeError:  # features unknown on this host
-        return False
+        return set()
 
 
 half_to_float = _fpext_half if _hardware_f16() else _half_by_bits

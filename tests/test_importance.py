@@ -433,3 +433,31 @@ def test_split_mode_generates_what_a_normal_capture_does(tiny10) -> None:
             seen.append((toks, logits, imp.scores[: run.n_logical].copy(), run.frozen()))
     (t0, l0, s0, f0), (t1, l1, s1, f1) = seen
     assert t0 == t1 and np.array_equal(l0, l1) and np.array_equal(s0, s1) and np.array_equal(f0, f1)
+
+
+def test_the_float16_path_is_chosen_without_llvm_s_host_query_on_linux(monkeypatch) -> None:
+    """llvmlite's host-feature query aborted the process on a GPU host once llama.cpp's CUDA build was loaded and
+    Numba had compiled, so importing asrkf_edge failed there: on Linux the choice reads /proc/cpuinfo instead, and
+    Numba's own feature settings override it. Importing after llama.cpp and a compile must work."""
+    import platform
+    import subprocess
+    import sys
+
+    def abort() -> None:
+        raise AssertionError("llvmlite's host query was called")
+
+    monkeypatch.delenv("NUMBA_CPU_NAME", raising=False)
+    monkeypatch.delenv("NUMBA_CPU_FEATURES", raising=False)
+    monkeypatch.setattr(importance.llvm, "get_host_cpu_features", abort)
+    if sys.platform.startswith("linux") and platform.machine().lower() in ("x86_64", "amd64"):
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+        assert importance._hardware_f16() == ("f16c" in flags)
+    monkeypatch.setenv("NUMBA_CPU_FEATURES", "+avx2,-f16c")
+    assert not importance._hardware_f16()
+    monkeypatch.setenv("NUMBA_CPU_FEATURES", "+avx2,+f16c")
+    assert importance._hardware_f16()
+    monkeypatch.setenv("NUMBA_CPU_NAME", "generic")
+    assert not importance._hardware_f16()
+    code = "import llama_cpp, numba; numba.njit(lambda: 0)(); import asrkf_edge.importance; print('ok')"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
