@@ -21,6 +21,9 @@ def load() -> ctypes.CDLL | None:
     try:
         from . import _native  # type: ignore[attr-defined]
     except ImportError:
-        log.debug("native library not built; using the Python paths")
+        # Said once, loudly: on an H200 the Python capture callback (a call per graph node) made asrkf's decode
+        # 2.9x slower on the default model's shape (4.3 against 1.5 ms; docs/gpu.md, eighteenth session).
+        log.warning("asrkf_edge's native library is not built: capture and copies take the Python paths, several "
+                    "times slower per decode on a GPU; reinstall with a C compiler (pip install -e .)")
         return None
     return ctypes.CDLL(_native.__file__)
