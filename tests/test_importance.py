@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numba
 import numpy as np
 import pytest
@@ -450,7 +452,7 @@ def test_the_float16_path_is_chosen_without_llvm_s_host_query_on_linux(monkeypat
     monkeypatch.delenv("NUMBA_CPU_FEATURES", raising=False)
     monkeypatch.setattr(importance.llvm, "get_host_cpu_features", abort)
     if sys.platform.startswith("linux") and platform.machine().lower() in ("x86_64", "amd64"):
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
         assert importance._hardware_f16() == ("f16c" in flags)
     monkeypatch.setenv("NUMBA_CPU_FEATURES", "+avx2,-f16c")
     assert not importance._hardware_f16()
