@@ -90,7 +90,9 @@ class Runner:
             if size and model.n_gpu_layers == 0:
                 self.session.recall = Recall(self.session, self._importance, size,
                                              prompt_rows=getattr(policy, "recall_prompt_rows", 0),
-                                             ratio=getattr(policy, "recall_ratio", 1.0))
+                                             ratio=getattr(policy, "recall_ratio", 1.0),
+                                             prompt_size=getattr(policy, "recall_prompt_size", 0),
+                                             prompt_tail=getattr(policy, "recall_prompt_tail", 0))
             elif size:
                 log.info("recall lends rows through the cache's host memory: off with layers on a GPU")
 
@@ -104,16 +106,17 @@ class Runner:
         self.close()
 
     # decoding
-    def prefill(self, tokens: Sequence[int], final: bool = True) -> None:
+    def prefill(self, tokens: Sequence[int], final: bool = True, rest: int = 0) -> None:
         """Read the prompt (in chunks, evicting as the policy says); logits of its last token are ready.
 
-        ``final=False``: more of the same prompt follows (the policy's end-of-prompt step waits for it). A prompt
+        ``final=False``: more of the same prompt follows (the policy's end-of-prompt step waits for it), ``rest``
+        tokens of it where the caller knows (recall reads a prompt's newest tokens with more care). A prompt
         read into an empty session is read a second time, from a fresh session, when the policy asks for it
         (:meth:`~asrkf_edge.policies.Policy.read_again`)."""
         if self._prompt_from is None:
             self._prompt_from = self.session.n_logical
-        self._reserve(len(tokens))
-        self.session.eval(tokens)
+        self._reserve(len(tokens) + rest)
+        self.session.eval(tokens, rest=rest)
         if not final:
             return
         fresh, self._prompt_from = self._prompt_from == 0, None

@@ -301,10 +301,11 @@ class Session:
         self._rm(SCRATCH_SEQ)
 
     # evaluation
-    def eval(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
+    def eval(self, tokens: Sequence[int], all_logits: bool = False, rest: int = 0) -> np.ndarray:
         """Append ``tokens`` at the next positions; the last token's logits (float32 [n_vocab]).
 
-        With ``all_logits`` the result is [len(tokens), n_vocab], one row per token.
+        With ``all_logits`` the result is [len(tokens), n_vocab], one row per token. ``rest``: tokens of the same
+        prompt that later calls bring (recall's prompt tail counts them).
         """
         if len(tokens) == 0:
             raise ValueError("eval needs at least one token")
@@ -321,7 +322,7 @@ class Session:
             if self.capture is not None:
                 self.capture.reset()
             if self.recall is not None:
-                self.recall.arm(pos0, len(chunk))
+                self.recall.arm(pos0, len(chunk), len(tokens) - i - len(chunk) + rest)
             try:
                 self._decode(chunk, pos0, all_logits)
             finally:

@@ -82,8 +82,8 @@ def test_a_failure_inside_the_graph_is_raised_after_the_decode_with_every_row_ba
         before = _rows_by_position(run)
         arm = recall_mod.Recall.arm
 
-        def arm_wrong(self, pos0, n):
-            arm(self, pos0, n)
+        def arm_wrong(self, pos0, n, left=0):
+            arm(self, pos0, n, left)
             self._layers[10, recall_mod.HEADS_OF] += 1
 
         monkeypatch.setattr(recall_mod.Recall, "arm", arm_wrong)
@@ -136,9 +136,9 @@ def test_the_question_is_read_again_decode_by_decode_with_recall(real, monkeypat
     decodes = []
     arm = recall_mod.Recall.arm
 
-    def counted(self, pos0, n):
+    def counted(self, pos0, n, left=0):
         before = self.rows
-        arm(self, pos0, n)
+        arm(self, pos0, n, left)
         decodes.append((n, bool(self._regs[recall_mod.ARMED]), before))
 
     monkeypatch.setattr(recall_mod.Recall, "arm", counted)
@@ -162,3 +162,39 @@ def test_a_prompt_chunk_lends_rows_chosen_by_some_of_its_queries(real) -> None:
             assert run.session.n_frozen > 400
             lent[rows] = run.session.recall.rows
     assert lent[0] == 0 and lent[32] > 0, lent
+
+
+@pytest.mark.real
+def test_only_the_newest_tokens_of_a_prompt_recall_in_its_chunks(real, monkeypatch) -> None:
+    """``recall_prompt_tail``: a prompt's chunks lend rows only where they start within its newest tokens, counted
+    to the prompt's end across ``prefill`` calls (``rest``); every chunk is armed with how much of the prompt follows."""
+    calls = []
+    arm = recall_mod.Recall.arm
+
+    def seen(self, pos0, n, left=0):
+        arm(self, pos0, n, left)
+        calls.append((pos0, n, left, bool(self._regs[recall_mod.ARMED])))
+
+    monkeypatch.setattr(recall_mod.Recall, "arm", seen)
+    tokens = _text_tokens(real, 1024)
+    pol = make_policy("asrkf-recall", recall_prompt_tail=300)
+    with real.runner(pol, 256) as run:
+        run.prefill(tokens[:512], final=False, rest=512)
+        run.prefill(tokens[512:], final=False)
+    chunks = [(pos0, n, left, armed) for pos0, n, left, armed in calls if n > run.session.recall.max_rows]
+    assert [pos0 + n + left for pos0, n, left, _ in chunks] == [1024] * len(chunks)  # the prompt's end, every time
+    assert all(armed == (n + left <= 300) for _, n, left, armed in chunks[1:])  # the first: nothing frozen yet
+    assert sum(armed for *_, armed in chunks) >= 2
+
+
+@pytest.mark.real
+def test_recall_in_the_prompt_s_newest_chunks_brings_the_continuation_closer_to_full(real) -> None:
+    """Acceptance (issue 14): 1,500 tokens of prose read at budget 0.35, then 32 forced tokens: reading the prompt's
+    newest chunks with recall gives next-token distributions closer to full's than reading them without it."""
+    tokens = _text_tokens(real, 1532)
+    ctx, tail = tokens[:1500], tokens[1500:]
+    ref = forced_decode(real, make_policy("full"), None, ctx, tail)
+    off = forced_decode(real, make_policy("asrkf-recall", recall_prompt_rows=0), 0.35, ctx, tail)
+    on = forced_decode(real, make_policy("asrkf-recall"), 0.35, ctx, tail)
+    assert on.stats.active_tokens_peak == off.stats.active_tokens_peak
+    assert on.kld(ref) < 0.8 * off.kld(ref), (on.kld(ref), off.kld(ref))

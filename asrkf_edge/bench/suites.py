@@ -194,7 +194,7 @@ def forced_decode(engine: Engine, pol: Policy, budget: float | None, ctx: Sequen
     with engine.runner(pol, budget_cells(pol, budget if pol.bounded else None, len(ctx), len(tail))) as run:
         trace: list[tuple[int, int]] = []
         for i in range(0, len(ctx), 256):
-            run.prefill(ctx[i : i + 256], final=i + 256 >= len(ctx))
+            run.prefill(ctx[i : i + 256], final=i + 256 >= len(ctx), rest=max(0, len(ctx) - i - 256))
             trace.append((run.session.n_logical, run.session.kv_stats().active_tokens))
         thaws = run.session.thaw_events
         logprobs = []

@@ -124,6 +124,8 @@ class AsrKf(ScoringPolicy):
     keep_share: float = 0.25
     recall: int = 0
     recall_prompt_rows: int = 0
+    recall_prompt_size: int = 0
+    recall_prompt_tail: int = 0
     recall_ratio: float = 1.0
     _ledger: Ledger = field(init=False, repr=False)
     _monitor: EntropyMonitor = field(init=False, repr=False)
@@ -554,12 +556,15 @@ class AsrKfRecall(AsrKf):
     cores), not the rows moved. ``recall`` rows a layer at 0.35, six texts: 64 / 128 / 192 gave 0.0159 / 0.0140 /
     0.0134, the callback 2.0-2.5 / 2.2-3.0 ms a token at 512 tokens (once the rows were copied by address, fifteenth
     session); 128 answered as 64 did on the 1k and 2k needle, multi-turn and passkey suites but for one multi-turn
-    case at 1k (8 of 10 against 9; full 9). ``recall_prompt_rows`` (off): a prompt's chunks (256 tokens) recall too,
-    chosen by that many of their query rows spread over the chunk; a third of what divergence is left came from
-    reading the prompt in the bounded cache (benchmarks/prefill_fidelity.py). 32 rows: mean KLD 0.0140 -> 0.0116,
-    lower on all six texts, reading up to 8% slower; but multi-turn 2k 7 -> 6 and 4k 4 -> 3 of 10 (full 7, 6; the
-    40 needle and multi-turn answers at 2k with ``--keys 4`` kept their counts): off until more question cases
-    settle it. No recovery trigger: with every layer recalling each token, the entropy-mass trigger's thaws and
+    case at 1k (8 of 10 against 9; full 9). ``recall_prompt_rows``, ``_size``, ``_tail``: the chunks of a
+    prompt's newest 2,048 tokens recall too, up to 512 tokens a layer chosen by every one of their query rows: a
+    third of the divergence and the 4k multi-turn misses came from reading the prompt in the bounded cache
+    (benchmarks/prefill_fidelity.py; the nineteenth session: the misses are answered when only the document's last
+    ~900 tokens, the side turns and the question are read with every cell). 4k, the bench's text, 64 tokens (2-core
+    Xeon): KLD 0.0272 -> 0.0088 at 0.35, 0.0115 -> 0.0058 at 0.5 (newest 1,024 tokens: 0.0121, 0.0059); 32 rows
+    spread over every chunk, as the fifteenth session had it: 0.0178 and multi-turn 2k and 4k one answer down each.
+    The cost is every row scoring every key: reading 4k tokens 16 -> 26 s on 2 cores (one row's scores over 4,000
+    keys cost half of what this 135M model's weights cost a token; for an 8B model's, about a sixteenth). No recovery trigger: with every layer recalling each token, the entropy-mass trigger's thaws and
     second decodes bought nothing (benchmarks/trigger_ablation.py --base asrkf-recall, 1k and 2k: the same answer
     in every case, the trigger never fired; kld_variants.py, 512 tokens: 6 recoveries in 128 tokens, KLD 0.0229
     with and without) and cost a decode each (at 512 tokens 5 in 64, 1.2 ms a token). ``recall_ratio`` 4: a
@@ -570,5 +575,8 @@ class AsrKfRecall(AsrKf):
 
     name: ClassVar[str] = "asrkf-recall"
     recall: int = 128
+    recall_prompt_rows: int = 512
+    recall_prompt_size: int = 512
+    recall_prompt_tail: int = 2048
     recall_ratio: float = 4.0
     trigger: Trigger = "none"
