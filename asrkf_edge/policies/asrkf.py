@@ -561,10 +561,12 @@ class AsrKfRecall(AsrKf):
     third of the divergence and the 4k multi-turn misses came from reading the prompt in the bounded cache
     (benchmarks/prefill_fidelity.py; the nineteenth session: the misses are answered when only the document's last
     ~900 tokens, the side turns and the question are read with every cell). 4k, the bench's text, 64 tokens (2-core
-    Xeon): KLD 0.0272 -> 0.0088 at 0.35, 0.0115 -> 0.0058 at 0.5 (newest 1,024 tokens: 0.0121, 0.0059); 32 rows
-    spread over every chunk, as the fifteenth session had it: 0.0178 and multi-turn 2k and 4k one answer down each.
-    The cost is every row scoring every key: reading 4k tokens 16 -> 26 s on 2 cores (one row's scores over 4,000
-    keys cost half of what this 135M model's weights cost a token; for an 8B model's, about a sixteenth). No recovery trigger: with every layer recalling each token, the entropy-mass trigger's thaws and
+    Xeon): KLD 0.0272 -> 0.0078 at 0.35 (128 lent a layer: 0.0088; at 0.5 0.0115 -> 0.0058; newest 1,024 tokens:
+    0.0121, 0.0059); bench needle 4k, multi-turn 3 -> 5 and 4 -> 5 of full's 6 at 0.35 and 0.5, needle 9 -> 8 (full
+    7). 32 rows spread over every chunk, as the fifteenth session had it: 0.0178 and multi-turn 2k and 4k one answer
+    down each. The cost is every row scoring every key: reading 4k tokens 18.7 -> 21.9 s on 2 cores (one row's
+    scores over 4,000 keys cost half of what this 135M model's weights cost a token; an 8B model's, a sixteenth).
+    No recovery trigger: with every layer recalling each token, the entropy-mass trigger's thaws and
     second decodes bought nothing (benchmarks/trigger_ablation.py --base asrkf-recall, 1k and 2k: the same answer
     in every case, the trigger never fired; kld_variants.py, 512 tokens: 6 recoveries in 128 tokens, KLD 0.0229
     with and without) and cost a decode each (at 512 tokens 5 in 64, 1.2 ms a token). ``recall_ratio`` 4: a
