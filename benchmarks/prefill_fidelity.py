@@ -35,10 +35,15 @@ def read_whole_then_reselect(eng: Engine, policy: str, prompt: list[int], budget
     run = eng.runner(make_policy(policy), len(prompt) + 256)
     for i in range(0, len(prompt), chunk):
         run.prefill(prompt[i : i + chunk], final=i + chunk >= len(prompt))
+    cut(run, budget)
+    return run
+
+
+def cut(run: Runner, budget: int) -> None:
+    """Bring ``run``'s active set down to ``budget`` cells by the question-time reselection."""
     run.session.budget = budget
     run.policy.reselect(run)
     run._settle()  # the re-read's logits
-    return run
 
 
 def answer(eng: Engine, run: Runner, tokens: int = 24) -> str:
@@ -91,16 +96,14 @@ def split(eng: Engine, policy: str, length: int, cases: list[int], at: list[int]
                 with eng.runner(make_policy(policy), len(prompt) + 256) as run:
                     whole = run.session.budget
                     run.session.budget = cells if bounded_first else whole
-                    run.prefill(prompt[:x], final=False)
+                    run.prefill(prompt[:x], final=False, rest=len(prompt) - x)  # recall's tail: the prompt's end
                     if bounded_first:
                         run.session.budget = whole
                         run.session.thaw(0, x)
                     else:
                         run.session.budget = cells
                     run.prefill(prompt[x:])
-                    run.session.budget = cells
-                    run.policy.reselect(run)
-                    run._settle()
+                    cut(run, cells)
                     text = answer(eng, run)
                 how = f"bounded before {x}, whole after" if bounded_first else f"whole before {x}, bounded after"
                 print(f"case {idx} ({len(prompt)} tokens, {cells} cells), {how}: {int(c.correct(text))} {text!r}",
