@@ -166,6 +166,7 @@ class Session:
         self.stale_from: int | None = None  # first position decoded while something was frozen
         self._chunks: list[int] = []  # first position of every decode: refresh replays the same batches
         self.recall: Recall | None = None  # frozen tokens lent to each layer inside short decodes (:mod:`.recall`)
+        self._recalled_before = (0, 0.0)  # rows and seconds of recall in the sessions this one continues
 
     # lifecycle
     def close(self) -> None:
@@ -225,9 +226,16 @@ class Session:
             active_tokens_mean=self._active_sum / self._decodes if self._decodes else 0.0,
             dropped_tokens=self.dropped,
             upload_runs=self.upload_runs,
-            recalled_rows=self.recall.rows if self.recall is not None else 0,
-            recall_seconds=self.recall.seconds if self.recall is not None else 0.0,
+            recalled_rows=self._recalled()[0],
+            recall_seconds=self._recalled()[1],
         )
+
+    def _recalled(self) -> tuple[int, float]:
+        """(token, layer) rows recall lent and the seconds it took, counting the sessions this one continues."""
+        rows, seconds = self._recalled_before
+        if self.recall is not None:
+            rows, seconds = rows + self.recall.rows, seconds + self.recall.seconds
+        return rows, seconds
 
     def add_counts(self, other: Session) -> None:
         """Count ``other``'s copies and decodes as this session's (a prompt read again into a fresh session)."""
@@ -239,6 +247,9 @@ class Session:
         self.active_peak = max(self.active_peak, other.active_peak)
         self._active_sum += other._active_sum
         self._decodes += other._decodes
+        rows, seconds = self._recalled_before
+        other_rows, other_seconds = other._recalled()
+        self._recalled_before = (rows + other_rows, seconds + other_seconds)
 
     # llama.cpp memory calls, each with its cell-map update
     def _decode(self, chunk: list[int], pos0: int, all_logits: bool) -> None:
@@ -672,7 +683,8 @@ class Session:
             "counters": {"shifted": self.shifted, "dropped": self.dropped, "freeze_events": self.freeze_events,
                          "thaw_events": self.thaw_events, "upload_runs": self.upload_runs, "freeze_seconds": self.freeze_seconds,
                          "thaw_seconds": self.thaw_seconds, "active_peak": self.active_peak,
-                         "active_sum": self._active_sum, "decodes": self._decodes, "stale_from": self.stale_from},
+                         "active_sum": self._active_sum, "decodes": self._decodes, "stale_from": self.stale_from,
+                         "recalled_rows": self._recalled()[0], "recall_seconds": self._recalled()[1]},
             "active": active,
             "store": self.store.state() if self.store is not None else None,
         }
@@ -709,6 +721,7 @@ class Session:
         self.freeze_seconds, self.thaw_seconds = float(c["freeze_seconds"]), float(c["thaw_seconds"])
         self.active_peak, self._active_sum, self._decodes = int(c["active_peak"]), int(c["active_sum"]), int(c["decodes"])
         self.stale_from = None if c["stale_from"] is None else int(c["stale_from"])
+        self._recalled_before = (int(c.get("recalled_rows", 0)), float(c.get("recall_seconds", 0.0)))  # before: from 0
         if state["store"] is not None:
             self.store = FrozenStore.from_state(state["store"], self._store_dir, self._keep)
 

@@ -134,8 +134,9 @@ def test_resume_continues_exactly_with_dropping_policies(tiny, tmp_path: Path, p
         _continue_equals_resume(tiny, chat, tmp_path, "pass key of the sky", 12)
 
 
-def test_resume_continues_exactly_real_model(real, tmp_path: Path):
-    with real.chat("You are a helpful assistant.", policy="asrkf", budget=96, ctx=2048) as chat:
+@pytest.mark.parametrize("policy", ["asrkf", "asrkf-recall"])
+def test_resume_continues_exactly_real_model(real, tmp_path: Path, policy: str):
+    with real.chat("You are a helpful assistant.", policy=policy, budget=96, ctx=2048) as chat:
         chat.send("Name three colors of the rainbow. " * 20, max_tokens=24)
         assert chat.kv_stats()["frozen_tokens"] > 0
         _continue_equals_resume(real, chat, tmp_path, "And what is the capital of France?", 20)
