@@ -22,7 +22,7 @@ from . import persist
 from .errors import AsrkfError, PromptTooLongError, SessionFileError
 from .generate import Generation, GenerationStats, Sampling
 from .models import fingerprint
-from .policies import Policy, make_policy, policy_class
+from .policies import DEFAULT_POLICY, Policy, make_policy, policy_class
 from .runner import Runner, budget_cells
 
 if TYPE_CHECKING:
@@ -75,7 +75,7 @@ class Chat:
     reach (default: the model's context); ``budget``/``cells``: the KV cache size (see :func:`chat_cells`).
     """
 
-    def __init__(self, engine: Engine, *, system: str | None = None, policy: str | Policy = "asrkf",
+    def __init__(self, engine: Engine, *, system: str | None = None, policy: str | Policy = DEFAULT_POLICY,
                  budget: float | None = None, ctx: int | None = None, cells: int | None = None,
                  sampling: Sampling | None = None, name: str | None = None) -> None:
         self.engine = engine

@@ -13,7 +13,7 @@ from .errors import PromptTooLongError
 from .generate import Generation, GenerationStats, Sampling
 from .llama import Model
 from .models import default_model_path, inspect
-from .policies import Policy, make_policy
+from .policies import DEFAULT_POLICY, Policy, make_policy
 from .runner import Runner, budget_cells
 from .session import Session
 
@@ -105,7 +105,7 @@ class Engine:
         prompt: str,
         max_tokens: int = 256,
         *,
-        policy: str | Policy = "asrkf",
+        policy: str | Policy = DEFAULT_POLICY,
         budget: float | None = None,
         temperature: float = 0.0,
         top_k: int = 40,

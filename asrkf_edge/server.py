@@ -28,6 +28,7 @@ from typing import Any
 from .chat import Chat, Message
 from .engine import Engine
 from .errors import AsrkfError, PromptTooLongError
+from .policies import DEFAULT_POLICY
 
 try:
     from starlette.applications import Starlette
@@ -48,7 +49,7 @@ class ServerConfig:
 
     model_id: str
     api_key: str | None = None
-    policy: str = "asrkf"
+    policy: str = DEFAULT_POLICY
     budget: float | None = None
     ctx: int | None = None
     max_sessions: int = 16

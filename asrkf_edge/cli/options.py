@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from ..errors import AsrkfError
-from ..policies import policy_names
+from ..policies import DEFAULT_POLICY, policy_names
 
 if TYPE_CHECKING:
     from ..engine import Engine
@@ -51,7 +51,7 @@ def model_options(fn: F) -> F:
 
 def policy_option(help: str = "KV policy.") -> Callable[[F], F]:
     """``--policy`` with every registered policy as a choice."""
-    return click.option("--policy", type=click.Choice(policy_names()), default="asrkf", show_default=True, help=help)
+    return click.option("--policy", type=click.Choice(policy_names()), default=DEFAULT_POLICY, show_default=True, help=help)
 
 
 class BudgetType(click.ParamType):
