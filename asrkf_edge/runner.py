@@ -18,7 +18,7 @@ import numpy as np
 
 from .importance import Importance
 from .llama import Model
-from .policies import Policy, ScoringPolicy
+from .policies import AsrKf, Policy, ScoringPolicy
 from .policies.base import GGML_F16
 from .policies.selection import lowest_groups
 from .recall import Recall
@@ -52,6 +52,9 @@ class Runner:
 
     def __init__(self, model: Model, policy: Policy, cells: int, *, flash_attn: bool = False, n_batch: int = 512,
                  store_dir: str | Path | None = None) -> None:
+        if isinstance(policy, AsrKf) and policy.recall and model.n_gpu_layers != 0:
+            log.info("recall lends rows through the cache's host memory: %s runs as asrkf with layers on a GPU", policy.name)
+            policy = policy.without_recall()
         self.policy = policy
         self.step = 0
         self.stale_logits = False  # a thaw after the last decode: its logits miss the thawed tokens
@@ -87,14 +90,12 @@ class Runner:
             self._importance.capture = self.session.capture
             self._importance.fetch = self._fetch_keys
             size = getattr(policy, "recall", 0)
-            if size and model.n_gpu_layers == 0:
+            if size:
                 self.session.recall = Recall(self.session, self._importance, size,
                                              prompt_rows=getattr(policy, "recall_prompt_rows", 0),
                                              ratio=getattr(policy, "recall_ratio", 1.0),
                                              prompt_size=getattr(policy, "recall_prompt_size", 0),
                                              prompt_tail=getattr(policy, "recall_prompt_tail", 0))
-            elif size:
-                log.info("recall lends rows through the cache's host memory: off with layers on a GPU")
 
     def close(self) -> None:
         self.session.close()

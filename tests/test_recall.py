@@ -217,3 +217,13 @@ def test_run_recalls_by_default(real_path, tmp_path) -> None:
     assert default["policy"] == "asrkf-recall" and default["frozen_tokens"] > 300
     assert default["recalled_rows"] > 0
     assert plain["recalled_rows"] == 0
+
+
+def test_asrkf_recall_runs_as_asrkf_with_layers_on_a_gpu(tiny_path) -> None:
+    """Where recall cannot lend rows (layers on a GPU) the default policy is asrkf, recovery trigger included: not
+    asrkf without its trigger."""
+    with Engine.load(tiny_path, n_gpu_layers=1) as eng, eng.runner(make_policy("asrkf-recall"), 64) as run:
+        assert run.session.recall is None
+        assert run.policy.name == "asrkf-recall" and run.policy.trigger == make_policy("asrkf").trigger != "none"
+    with Engine.load(tiny_path) as eng, eng.runner(make_policy("asrkf-recall"), 64) as run:
+        assert run.session.recall is not None and run.policy.trigger == "none"

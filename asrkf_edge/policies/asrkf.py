@@ -14,7 +14,7 @@ itself brings frozen context back: on an entropy spike whose query would put rea
 from __future__ import annotations
 
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -181,6 +181,10 @@ class AsrKf(ScoringPolicy):
         """Every layer unless ``layers`` says otherwise: the heads that find a fact from its question sit in
         different layers per model (measured: 35/36 needle answers with all 30 layers, 32/36 with 8)."""
         return self.layers or tuple(range(n_layer))
+
+    def without_recall(self) -> AsrKf:
+        """This policy where recall cannot lend rows (layers on a GPU): the same, recall off."""
+        return replace(self, recall=0)
 
     # question-time reselection
     def read_again(self, ctx: PolicyContext) -> bool:
@@ -582,3 +586,8 @@ class AsrKfRecall(AsrKf):
     recall_prompt_tail: int = 2048
     recall_ratio: float = 4.0
     trigger: Trigger = "none"
+
+    def without_recall(self) -> AsrKf:
+        """asrkf as it is: recall off and asrkf's recovery trigger back (this policy has none only because recall
+        brings frozen tokens back inside every decode)."""
+        return replace(self, recall=0, trigger=AsrKf.trigger)
