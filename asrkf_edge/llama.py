@@ -162,6 +162,8 @@ class ContextConfig:
     type_k: int = 1  # GGML_TYPE_F16
     type_v: int = 1
     n_threads: int = 0  # 0 = every core
+    host_ops: bool = False  # every op on the CPU: no layer's work sent to a GPU (llama.cpp's op_offload) when the
+    # weights stay in host memory, so that recall finds the queries and the cache it writes in host memory
 
 
 class Context:
@@ -178,6 +180,8 @@ class Context:
         p.type_k, p.type_v = cfg.type_k, cfg.type_v
         p.n_threads = p.n_threads_batch = cfg.n_threads or default_threads()
         p.no_perf = True
+        if cfg.host_ops:
+            p.op_offload = False
         if cb_eval is not None:
             p.cb_eval = cb_eval
             p.cb_eval_user_data = cb_user

@@ -109,7 +109,8 @@ class Session:
     ``sinks`` first positions and the ``recent`` newest ones are never frozen (the newest token must stay:
     llama.cpp continues a sequence from its highest cached position). ``evict`` picks what leaves when
     cells run out; with ``drop`` it is discarded (the irreversible baselines) instead of frozen.
-    ``capture`` copies attention tensors out of every decode for ``on_decode``.
+    ``capture`` copies attention tensors out of every decode for ``on_decode``. ``host_ops`` keeps every op on the
+    CPU where the weights are (no op sent to a GPU of a GPU build): what :mod:`.recall` needs.
 
     Every llama.cpp memory call goes through one method here that also updates the :class:`CellMap`
     mirror (``_decode``, ``_rm``, ``_cp``, ``_rm_at``, ``_cp_at``, ``_add``, ``_land``), so the two cannot drift apart.
@@ -135,11 +136,12 @@ class Session:
         on_decode: OnDecode | None = None,
         before_decode: OnDecode | None = None,
         on_copy: OnCopy | None = None,
+        host_ops: bool = False,
     ) -> None:
         self.model = model
         self.capture = Capture(model, capture, n_ctx, n_batch) if capture is not None else None
         cb = (self.capture.callback, self.capture.user_data) if self.capture is not None else (None, None)
-        self.ctx = Context(model, ContextConfig(n_ctx, n_batch, flash_attn, type_k, type_v), *cb)
+        self.ctx = Context(model, ContextConfig(n_ctx, n_batch, flash_attn, type_k, type_v, host_ops=host_ops), *cb)
         self.cells = CellMap(self.ctx.n_ctx)
         self.budget = min(n_ctx, self.ctx.n_ctx)
         self.sinks, self.recent = sinks, max(1, recent)

@@ -13,6 +13,7 @@ from scoring import observed_scores, rank_overlap
 
 from asrkf_edge import Engine, llama
 from asrkf_edge.importance import Importance
+from asrkf_edge.policies import make_policy
 
 
 def _has_gpu() -> bool:
@@ -121,3 +122,14 @@ def test_asrkf_runs_with_flash_attention_on_gpu(real_path):
     assert st.active_tokens_peak <= cells
     assert st.frozen_tokens > 0 and st.freeze_events > 0
     assert st.logical_tokens == 2032
+
+
+def test_recall_with_every_layer_on_the_cpu_of_a_gpu_build(tiny_path):
+    """With the weights in host memory (``--gpu-layers 0``, the command line's default) a GPU build still sent a
+    prompt's ops to the GPU (llama.cpp's op_offload), and recall, reading the queries there as host memory, crashed
+    the process; recall's contexts keep every op on the CPU."""
+    with Engine.load(tiny_path) as eng, eng.runner(make_policy("asrkf-recall"), 256) as run:  # chunks of 110 tokens
+        run.prefill(eng.tokenize("the sky is blue and the grass is green " * 60))
+        for _ in range(4):
+            run.decode(int(np.argmax(run.logits())))
+        assert run.session.recall is not None and run.session.recall.rows > 0
