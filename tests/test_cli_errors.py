@@ -104,7 +104,7 @@ def test_json_and_stats_report_the_kv(tiny_path: Path):
     for key in ("active_tokens_peak", "recoveries", "logical_tokens", "active_tokens", "frozen_tokens",
                 "active_kv_bytes", "frozen_kv_bytes", "store_bytes", "freeze_events", "thaw_events"):
         assert key in out, key
-    assert out["policy"] == "asrkf-recall" and out["budget_tokens"] == 100
+    assert out["policy"] == "asrkf" and out["budget_tokens"] == 100
     assert out["active_tokens_peak"] <= out["budget_tokens"] < out["prompt_tokens"]
     assert out["active_tokens"] + out["frozen_tokens"] == out["logical_tokens"]
-    assert "KV asrkf-recall: logical" in res.stderr and "peak active" in res.stderr
+    assert "KV asrkf: logical" in res.stderr and "peak active" in res.stderr

@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from asrkf_edge import Engine
 from asrkf_edge import blob as blobfmt
 from asrkf_edge import capture as capture_mod
 from asrkf_edge import recall as recall_mod
 from asrkf_edge.bench.suites import _text_tokens, forced_decode
-from asrkf_edge.bench.tasks import haystack_text
-from asrkf_edge.cli import main
 from asrkf_edge.errors import LlamaError
 from asrkf_edge.kvcopy import blob_side, k_view, v_view
 from asrkf_edge.policies import make_policy
@@ -205,23 +200,9 @@ def test_recall_in_the_prompt_s_newest_chunks_brings_the_continuation_closer_to_
     assert on.kld(ref) < 0.8 * off.kld(ref), (on.kld(ref), off.kld(ref))
 
 
-@pytest.mark.real
-def test_run_recalls_by_default(real_path, tmp_path) -> None:
-    """``asrkf-edge run`` with no ``--policy`` on a document larger than its cache lends frozen rows back (the default
-    policy is asrkf-recall); ``--policy asrkf`` lends none."""
-    doc = tmp_path / "doc.txt"
-    doc.write_text(haystack_text()[:4000] + "\n\nWhat does this text protect?", encoding="utf-8")
-    args = ["run", "--model", str(real_path), "--raw", "-n", "4", "--json", "--budget", "300", "-f", str(doc)]
-    default = json.loads(CliRunner().invoke(main, args, catch_exceptions=False).output)
-    plain = json.loads(CliRunner().invoke(main, [*args, "--policy", "asrkf"], catch_exceptions=False).output)
-    assert default["policy"] == "asrkf-recall" and default["frozen_tokens"] > 300
-    assert default["recalled_rows"] > 0
-    assert plain["recalled_rows"] == 0
-
-
 def test_asrkf_recall_runs_as_asrkf_with_layers_on_a_gpu(tiny_path) -> None:
-    """Where recall cannot lend rows (layers on a GPU) the default policy is asrkf, recovery trigger included: not
-    asrkf without its trigger."""
+    """Where recall cannot lend rows (layers on a GPU) asrkf-recall is asrkf, recovery trigger included: not asrkf
+    without its trigger."""
     with Engine.load(tiny_path, n_gpu_layers=1) as eng, eng.runner(make_policy("asrkf-recall"), 64) as run:
         assert run.session.recall is None
         assert run.policy.name == "asrkf-recall" and run.policy.trigger == make_policy("asrkf").trigger != "none"

@@ -35,7 +35,7 @@ def _read_prompt(prompt: str | None, file: Path | None) -> str:
 @click.option("--seed", type=int, default=None, help="Sampling seed (default: random).")
 @click.option("--ctx", type=click.IntRange(min=16), default=None, help="Logical context in tokens (default: the model's).")
 @click.option("--chat/--raw", default=True, show_default=True, help="Wrap the prompt in the model's chat template.")
-@policy_option("KV policy: asrkf-recall (freeze/thaw, frozen tokens recalled layer by layer), asrkf (freeze/thaw), "
+@policy_option("KV policy: asrkf (freeze/thaw), asrkf-recall (asrkf, frozen tokens lent back layer by layer), "
                "full (plain llama.cpp), streaming, h2o or shift (drop), q8_0 or q4_0 (llama.cpp's quantized cache).")
 @click.option("--budget", type=BudgetType(), default=None,
               help="Cap the KV cache: a fraction of the prompt (0.4) or tokens (800). Default: the policy's "

@@ -11,11 +11,13 @@ from .quantized import Q4Cache, Q8Cache
 from .recovery import EntropyRule, Recovery
 from .schedule import Schedule
 
-DEFAULT_POLICY = AsrKfRecall.name
-"""What ``run``, ``chat``, ``serve`` and the Python API use unless told otherwise: asrkf with recall, which keeps full's
-answers at a third of the KV where plain asrkf loses them (bench, budget 0.35, 4k: multi-turn 5 and 3 of full's 6,
-mean KL divergence at 2k 0.014 against 0.067; docs/RESULTS.md) at full's decode speed or better from 2k tokens on two
-CPU cores. With layers on a GPU it runs as asrkf (recall writes the cache through host memory)."""
+DEFAULT_POLICY = AsrKf.name
+"""What ``run``, ``chat``, ``serve`` and the Python API use unless told otherwise. asrkf, not asrkf-recall: recall
+diverges a third to a fifth as much from full (mean KLD at 2k, 0.35: 0.014 against 0.067 over six texts), yet on
+prose and facts it was never tuned on it answered no more (Apache-2.0 + MPL-2.0, 1k / 2k / 4k, 0.35: needle 3 / 4 / 6
+against asrkf's 4 / 6 / 5, multi-turn 3 / 4 / 3 against 3 / 4 / 3; full 5 / 6 / 4 and 3 / 5 / 3) and decodes a
+2k document at 39 tok/s against asrkf's 68 and full's 54 (2 Xeon cores, flash attention off; docs/RESULTS.md,
+twentieth session)."""
 
 __all__ = ["DEFAULT_POLICY", "H2O", "AsrKf", "AsrKfFollow", "AsrKfQ8", "AsrKfRecall", "AsrKfTwice", "ContextShift", "EntropyRule", "Full",
            "Oracle", "OracleNext", "Policy", "PolicyContext", "Q4Cache", "Q8Cache", "Recovery", "Schedule", "ScoringPolicy",
