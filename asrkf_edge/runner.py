@@ -85,7 +85,7 @@ class Runner:
             capture=self._importance.spec() if self._importance else None, on_decode=self._on_decode,
             before_decode=self._before_decode if self._importance else None,
             on_copy=self._importance.on_copy if self._importance else None,
-            host_ops=bool(getattr(policy, "recall", 0)),  # a CUDA build sent a prompt's layers to the GPU
+            host_ops=bool(getattr(policy, "recall", 0)),  # recall reads Qcur and writes the cache in host memory
         )
         if self._importance is not None:
             self._importance.capture = self.session.capture
