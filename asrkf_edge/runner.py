@@ -77,6 +77,7 @@ class Runner:
             self._importance = Importance(model, layers, policy.window, flash_attn, decay=policy.attention == "ema",
                                           mirror_keys=policy.reversible, stride=policy.observe_every,
                                           keep_queries=policy.obs_window)
+        size = getattr(policy, "recall", 0) if self._importance is not None else 0  # recall's rows a layer
         self.session = Session(
             model, cells, flash_attn=flash_attn, n_batch=n_batch, sinks=policy.sinks, recent=policy.recent,
             type_k=policy.cache_type, type_v=policy.cache_type,
@@ -85,12 +86,11 @@ class Runner:
             capture=self._importance.spec() if self._importance else None, on_decode=self._on_decode,
             before_decode=self._before_decode if self._importance else None,
             on_copy=self._importance.on_copy if self._importance else None,
-            host_ops=bool(getattr(policy, "recall", 0)),  # recall reads Qcur and writes the cache in host memory
+            host_ops=size > 0,  # recall reads Qcur and writes the cache in host memory
         )
         if self._importance is not None:
             self._importance.capture = self.session.capture
             self._importance.fetch = self._fetch_keys
-            size = getattr(policy, "recall", 0)
             if size:
                 self.session.recall = Recall(self.session, self._importance, size,
                                              prompt_rows=getattr(policy, "recall_prompt_rows", 0),

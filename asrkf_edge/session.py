@@ -211,6 +211,7 @@ class Session:
     def kv_stats(self) -> KvStats:
         active = len(self.cells.cells_of(0))
         frozen = self.n_frozen
+        recalled_rows, recall_seconds = self._recalled()
         return KvStats(
             logical_tokens=self.n_logical,
             active_tokens=active,
@@ -228,8 +229,8 @@ class Session:
             active_tokens_mean=self._active_sum / self._decodes if self._decodes else 0.0,
             dropped_tokens=self.dropped,
             upload_runs=self.upload_runs,
-            recalled_rows=self._recalled()[0],
-            recall_seconds=self._recalled()[1],
+            recalled_rows=recalled_rows,
+            recall_seconds=recall_seconds,
         )
 
     def _recalled(self) -> tuple[int, float]:
@@ -675,6 +676,7 @@ class Session:
                 raise LlamaError("internal error: KV cell map out of sync with llama.cpp")
             self._normalize_head(parsed.layout)
         left = sorted(self._left.items())
+        recalled_rows, recall_seconds = self._recalled()
         return {
             "tokens": np.asarray(self.tokens, np.int32),
             "cell_pos": self.cells.pos.copy(),
@@ -686,7 +688,7 @@ class Session:
                          "thaw_events": self.thaw_events, "upload_runs": self.upload_runs, "freeze_seconds": self.freeze_seconds,
                          "thaw_seconds": self.thaw_seconds, "active_peak": self.active_peak,
                          "active_sum": self._active_sum, "decodes": self._decodes, "stale_from": self.stale_from,
-                         "recalled_rows": self._recalled()[0], "recall_seconds": self._recalled()[1]},
+                         "recalled_rows": recalled_rows, "recall_seconds": recall_seconds},
             "active": active,
             "store": self.store.state() if self.store is not None else None,
         }
