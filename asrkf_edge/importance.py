@@ -591,8 +591,8 @@ class Importance:
     def __init__(self, model: Model, layers: tuple[int, ...], window: int, flash_attn: bool,
                  decay: bool = True, mirror_keys: bool = True, stride: int = 1, keep_queries: int = 0,
                  fold_layers: int = 8) -> None:
-        if stride < 1:
-            raise ValueError(f"stride must be >= 1, got {stride}")
+        if stride < 1 or fold_layers < 1:
+            raise ValueError(f"stride and fold_layers must be >= 1, got {stride} and {fold_layers}")
         self.model = model
         self.mirror_keys = mirror_keys or flash_attn
         self.sparse = mirror_keys  # decode steps captured only when observed (keys can be read back)

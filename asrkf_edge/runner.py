@@ -76,7 +76,7 @@ class Runner:
             layers = policy.capture_layers(model.n_layer)
             self._importance = Importance(model, layers, policy.window, flash_attn, decay=policy.attention == "ema",
                                           mirror_keys=policy.reversible, stride=policy.observe_every,
-                                          keep_queries=policy.obs_window)
+                                          keep_queries=policy.obs_window, fold_layers=policy.fold_layers)
         size = getattr(policy, "recall", 0) if self._importance is not None else 0  # recall's rows a layer
         self.session = Session(
             model, cells, flash_attn=flash_attn, n_batch=n_batch, sinks=policy.sinks, recent=policy.recent,

@@ -95,6 +95,8 @@ class Policy:
     sinks, recent: first and newest tokens never evicted. window: queries observed per decode (and the
     horizon of the decayed score). layers: layers whose attention is captured (None: 8 evenly spaced).
     observe_every: with flash attention (attention computed on the host), decode steps per observation.
+    fold_layers: how many of the captured layers (evenly spaced) the decayed score, the re-evaluation and the
+    recovery check read; with the layers on a GPU, also the nodes every decode is cut at.
     """
 
     name: ClassVar[str] = ""
@@ -110,6 +112,7 @@ class Policy:
     window: int = 32
     layers: tuple[int, ...] | None = None
     observe_every: int = 4
+    fold_layers: int = 8
     obs_window: int = 0  # query rows kept across decodes for scoring at question time (0: none)
     budget: float | None = None  # used when generate() gets none: fraction of the prompt or tokens
     min_cache: int = 512  # the policy's own budget never shrinks the cache below this many tokens
