@@ -532,6 +532,7 @@ class AsrKfTwice(AsrKf):
 
     name: ClassVar[str] = "asrkf-twice"
     read_twice: bool = True
+    fold_layers: int = 8  # what its answers were measured with; with asrkf's 4 it lost the 1k needle its test pins
 
 
 @dataclass
@@ -552,6 +553,7 @@ class AsrKfFollow(AsrKf):
     observe_every: int = 1  # the check needs each token's own query
     pin: int = 0  # the swap keeps a token only while it beats others; pinned for 32 tokens, what came back
     # filled the cache and the KL divergence tripled (0.118 against 0.041, 1,000 tokens at 0.35)
+    fold_layers: int = 8  # its check (every token) is what its KLD above was measured with
 
 
 @dataclass
