@@ -74,9 +74,12 @@ class Runner:
         self._importance: Importance | None = None
         if policy.attention is not None or policy.reversible:
             layers = policy.capture_layers(model.n_layer)
+            fold = policy.fold_layers
+            if model.n_gpu_layers != 0 and policy.gpu_fold_layers is not None:
+                fold = policy.gpu_fold_layers  # where each decode is cut at the scored layers
             self._importance = Importance(model, layers, policy.window, flash_attn, decay=policy.attention == "ema",
                                           mirror_keys=policy.reversible, stride=policy.observe_every,
-                                          keep_queries=policy.obs_window, fold_layers=policy.fold_layers)
+                                          keep_queries=policy.obs_window, fold_layers=fold)
         size = getattr(policy, "recall", 0) if self._importance is not None else 0  # recall's rows a layer
         self.session = Session(
             model, cells, flash_attn=flash_attn, n_batch=n_batch, sinks=policy.sinks, recent=policy.recent,

@@ -8,9 +8,10 @@ import numba
 import numpy as np
 import pytest
 from scoring import greedy, observed_scores, rank_overlap
+from tiny_gguf import write_tiny_llama
 
+from asrkf_edge import Engine, importance
 from asrkf_edge import capture as capture_mod
-from asrkf_edge import importance
 from asrkf_edge import session as session_mod
 from asrkf_edge.capture import CaptureSpec
 from asrkf_edge.gather import RowGather
@@ -465,14 +466,16 @@ def test_the_float16_path_is_chosen_without_llvm_s_host_query_on_linux(monkeypat
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
 
 
-def test_asrkf_scores_four_of_its_layers_and_a_gpu_decode_is_cut_at_them(tiny10) -> None:
-    """asrkf captures every layer but folds its scores (and, with the layers on a GPU, cuts each decode) at 4 evenly
-    spaced ones: on the LLaMA-3-8B shape 4 instead of 8 gave an H100 0.86-0.95x of full's decode instead of
-    0.81-0.89x at 4k-32k, for the same mean KLD (AsrKf's docstring). Other scoring policies keep 8."""
-    with Runner(tiny10.model, AsrKf(), 256, flash_attn=True) as run:
-        spec = run.importance.spec()
-        assert spec.layers == tuple(range(10)) and spec.prob_layers == spec.split_layers == (0, 3, 6, 9)
-    with Runner(tiny10.model, make_policy("h2o"), 256, flash_attn=False) as run:
-        assert len(run.importance.spec().prob_layers) == 8
-    with pytest.raises(ValueError, match="fold_layers"):
-        Runner(tiny10.model, AsrKf(fold_layers=0), 256, flash_attn=True)
+def test_with_layers_on_a_gpu_asrkf_scores_four_layers_and_cuts_each_decode_at_them(tmp_path) -> None:
+    """asrkf captures every layer; its scores fold 8 of them on the CPU and 4 with the layers on a GPU, where each
+    decode is cut at those layers' queries: on the LLaMA-3-8B shape an H100 decoded at 0.86-0.95x of full instead
+    of 0.81-0.89x at 4k-32k, for the same mean KLD (AsrKf's docstring). A fold of no layer is an error."""
+    path = write_tiny_llama(tmp_path / "tiny10.gguf", n_layer=10)
+    for gpu_layers, scored in ((0, (0, 1, 3, 4, 5, 6, 8, 9)), (1, (0, 3, 6, 9))):
+        with Engine.load(path, n_gpu_layers=gpu_layers) as eng, eng.runner(AsrKf(), 256) as run:
+            spec = run.importance.spec()
+            assert spec.layers == tuple(range(10)) and spec.prob_layers == scored
+        with Engine.load(path, n_gpu_layers=gpu_layers) as eng, eng.runner(make_policy("h2o"), 256) as run:
+            assert len(run.importance.spec().prob_layers) == 8
+    with Engine.load(path) as eng, pytest.raises(ValueError, match="fold_layers"):
+        eng.runner(AsrKf(fold_layers=0), 256)

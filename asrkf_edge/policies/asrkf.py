@@ -76,11 +76,13 @@ class AsrKf(ScoringPolicy):
     decoded 336.7 / 266.2 tok/s against 262.1 / 232.3 at 4k / 16k (default model's shape) and 114.5 / 94.2
     against 98.5 / 61.2 (8B shape); KLD at 2k (128 tokens) 0.0785 / 0.0443 against 0.0786 / 0.0474 at budget
     0.35 / 0.5 (every 16th: 0.0806 at 0.35).
-    fold_layers: 4 of the captured layers feed the decayed score, the re-evaluation and the trigger's check (the
-    base's 8 for the other scoring policies); with the layers on a GPU every decode is cut at those 4 layers'
-    queries instead of 8, and the host attention beside the decode reads half the keys. Mean KLD from full over
-    four texts (the bench's, Apache+MPL, GFDL-1.3, LGPL-2.1; context 2000, 128 tokens, budget 0.35, tracker as on a
-    GPU): 0.0628 against 0.0620 with 8 (2 layers: 0.0771).
+    gpu_fold_layers: with the layers on a GPU, 4 of the captured layers feed the decayed score, the re-evaluation
+    and the trigger's check, and every decode is cut at their queries, instead of 8: LLaMA-3-8B shape on an H100
+    (benchmarks/gpu_breakdown.py, one process, medians of 3) 0.86x / 0.87x / 0.95x of full's decode at 4k / 16k /
+    32k against 0.81x / 0.81x / 0.89x (llama.cpp's decode call 0.1-0.3 ms a token shorter, the rest fewer
+    recoveries in those runs). Mean KLD over four texts as on a GPU (context 2000, 128 tokens, budget 0.35) 0.0628
+    against 0.0620 (2 layers: 0.0771). Not on the CPU, where it buys no speed: a chat whose replies the model writes
+    (benchmarks/chat_turns.py, flash attention off, 16 cases) gave 1 answer with 4 layers against 4 with 8 (full 3).
     read_twice: a prompt that did not fit is read a second time keeping, from the moment each is read, the
     ``keep_share`` of the budget its question scored highest (:meth:`read_again`; the policy ``asrkf-twice``). Off
     by default: it doubles the prompt's reading time (4k: 11.2 -> 21.6 s median on 2 EPYC cores) for one more
@@ -95,7 +97,7 @@ class AsrKf(ScoringPolicy):
 
     recent: int = 32
     observe_every: int = 8
-    fold_layers: int = 4
+    gpu_fold_layers: int | None = 4
     budget: float | None = 0.4
     threshold: float = 0.5
     schedule: Schedule = field(default_factory=Schedule)
@@ -532,7 +534,6 @@ class AsrKfTwice(AsrKf):
 
     name: ClassVar[str] = "asrkf-twice"
     read_twice: bool = True
-    fold_layers: int = 8  # what its answers were measured with; with asrkf's 4 it lost the 1k needle its test pins
 
 
 @dataclass
@@ -553,7 +554,6 @@ class AsrKfFollow(AsrKf):
     observe_every: int = 1  # the check needs each token's own query
     pin: int = 0  # the swap keeps a token only while it beats others; pinned for 32 tokens, what came back
     # filled the cache and the KL divergence tripled (0.118 against 0.041, 1,000 tokens at 0.35)
-    fold_layers: int = 8  # its check (every token) is what its KLD above was measured with
 
 
 @dataclass

@@ -96,7 +96,8 @@ class Policy:
     horizon of the decayed score). layers: layers whose attention is captured (None: 8 evenly spaced).
     observe_every: with flash attention (attention computed on the host), decode steps per observation.
     fold_layers: how many of the captured layers (evenly spaced) the decayed score, the re-evaluation and the
-    recovery check read; with the layers on a GPU, also the nodes every decode is cut at.
+    recovery check read; with the layers on a GPU, also the nodes every decode is cut at. gpu_fold_layers: the
+    same with the layers on a GPU (None: ``fold_layers``).
     """
 
     name: ClassVar[str] = ""
@@ -113,6 +114,7 @@ class Policy:
     layers: tuple[int, ...] | None = None
     observe_every: int = 4
     fold_layers: int = 8
+    gpu_fold_layers: int | None = None
     obs_window: int = 0  # query rows kept across decodes for scoring at question time (0: none)
     budget: float | None = None  # used when generate() gets none: fraction of the prompt or tokens
     min_cache: int = 512  # the policy's own budget never shrinks the cache below this many tokens
