@@ -6,8 +6,8 @@ multi-turn suite reads the same shape as one prompt with written replies). Every
 
 Facts are other_prose.py's (never tuned on), texts the Apache-2.0 and MPL-2.0 licences by default; the side
 questions differ from the bench's. ``--budget`` is a share of the chat's context (``--tokens`` + 700), as
-``asrkf-edge chat --budget`` takes it. Prints one line per case and policy (the answer's start, active and logical
-tokens when the answer was given), then the counts right as JSON.
+``asrkf-edge chat --budget`` takes it (policies that hold the whole context ignore it). Prints one line per case and
+policy (the answer's start, active and logical tokens when the answer was given), then the counts right as JSON.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from asrkf_edge import Engine
 from asrkf_edge.bench.tasks import insert_at_depth
 
 SIDE = ("Can you suggest a good name for a golden retriever puppy?", "How do I keep a basil plant alive on a windowsill?")
-UNBOUNDED = ("full", "q8_0", "q4_0")
 
 
 def main() -> None:
@@ -47,8 +46,7 @@ def main() -> None:
                 doc = insert_at_depth(text[(i * 3000) % 8000 :][:lo], fact.fact, depth)
                 for policy in a.policies.split(","):
                     t0 = time.time()
-                    budget = None if policy in UNBOUNDED else a.budget
-                    with eng.chat(policy=policy, budget=budget, ctx=a.tokens + 700) as chat:
+                    with eng.chat(policy=policy, budget=a.budget, ctx=a.tokens + 700) as chat:  # full, q8_0, q4_0: ignored
                         chat.send(f"Please read this document carefully; I will ask you about it later.\n\n{doc}", max_tokens=40)
                         for question in SIDE:
                             chat.send(question, max_tokens=40)
