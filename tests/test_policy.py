@@ -47,6 +47,12 @@ def test_entropy_spike_rule() -> None:
     assert not mon.observe(0.9)  # below the floor: never a spike
     absolute = EntropyMonitor(EntropyRule(absolute=3.0, warmup=100))
     assert absolute.observe(3.5) and not absolute.observe(2.5)
+    # an entropy that barely moves (random weights: +-0.0003 nats): k standard deviations are noise, not a spike
+    flat = 10.689 + 0.0003 * rng.standard_normal(64)
+    for rise, spikes in ((0.0, True), (0.25, False)):
+        mon = EntropyMonitor(EntropyRule(rise=rise))
+        assert any([mon.observe(h) for h in flat]) == spikes
+    assert mon.observe(10.689 + 0.3)  # a rise of a quarter nat still is
 
 
 def test_budget_is_a_fraction_of_the_prompt_or_a_token_count() -> None:
@@ -363,8 +369,8 @@ def test_the_trigger_s_entropy_is_taken_beside_the_next_decode_where_no_swap_can
     seen = {}
     for later in (False, True):
         for share in (0.5, 1.01):  # on this model: some steps swap and some cannot / no step can swap
-            with Runner(tiny.model, AsrKf(min_cache=64, trigger_mass=share, entropy_later=later), 160,
-                        flash_attn=True) as run:
+            pol = AsrKf(min_cache=64, trigger_mass=share, entropy_later=later, entropy=EntropyRule(rise=0.0))
+            with Runner(tiny.model, pol, 160, flash_attn=True) as run:  # rise 0: this model's flat entropy spikes
                 pol, imp = run.policy, run.importance
                 imp.background = True
                 run.prefill(tiny.tokenize(text)[:400])
