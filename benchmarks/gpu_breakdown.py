@@ -4,8 +4,8 @@ read-backs (peeks), thaws, freezes, and the wait for the logits.
 Usage: python benchmarks/gpu_breakdown.py MODEL.gguf --lengths 4096 16384 --runs 3 \\
            --variants '[["full", "full", {}], ["asrkf", "asrkf", {}], ["inline", "asrkf", {"_background": false}]]'
 
-Each variant is [label, policy, field overrides] (``entropy`` as a dict of EntropyRule's fields); the overrides
-``_background`` and ``_split`` set the tracker's
+Each variant is [label, policy, field overrides] (a dict for a dataclass field: {"entropy": {"rise": 0}}); the
+overrides ``_background`` and ``_split`` set the tracker's
 background fold and split capture (both on by default when the layers are on a GPU). Prompts are random token ids,
 the same for every variant of one run and length (seeded by both), so variants compare paired. Every layer goes to
 the GPU when there is one (``--allow-cpu`` runs it on the CPU); flash attention is on unless ``--no-flash-attn``
@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from asrkf_edge import Engine, importance, llama, session
-from asrkf_edge.policies import EntropyRule, asrkf, make_policy
+from asrkf_edge.policies import asrkf, make_policy
 from asrkf_edge.runner import budget_cells
 
 _TIMED = ("decode", "logits", "peek")
@@ -79,8 +79,6 @@ def run_variant(eng: Engine, policy: str, over: dict[str, Any], n: int, n_decode
     each hook, with ``hooks``)."""
     over = dict(over)
     background, split = over.pop("_background", None), over.pop("_split", None)
-    if isinstance(over.get("entropy"), dict):
-        over["entropy"] = EntropyRule(**over["entropy"])
     toks = [int(t) for t in np.random.default_rng(seed * 100_003 + n).integers(300, eng.model.n_vocab, n)]
     pol = make_policy(policy, **over)
     with eng.runner(pol, budget_cells(pol, budget if pol.bounded else None, n, n_decode)) as run:

@@ -224,5 +224,11 @@ def policy_class(name: str) -> type[Policy]:
 
 
 def make_policy(name: str, **overrides: Any) -> Policy:
-    """A fresh policy by name (one of :func:`policy_names`) with fields overridden."""
-    return policy_class(name)(**overrides)
+    """A fresh policy by name (one of :func:`policy_names`) with fields overridden; a field that holds a dataclass
+    (asrkf's entropy rule, its schedule) also takes a dict of the fields to change in it (the benchmarks' JSON)."""
+    cls = policy_class(name)
+    nested = {f.name: f.default_factory for f in dataclasses.fields(cls) if f.default_factory is not dataclasses.MISSING}
+    for key, value in overrides.items():
+        if isinstance(value, dict) and key in nested:
+            overrides[key] = dataclasses.replace(nested[key](), **value)
+    return cls(**overrides)
