@@ -698,6 +698,8 @@ class Session:
         cell it held, so logits continue bit for bit."""
         if self.n_logical or len(self.cells.cells_of(0)):
             raise LlamaError("load_state needs a fresh session")
+        if self.capture is not None:
+            self._learn_cache()
         saved_pos, saved_seqs = state["cell_pos"], state["cell_seqs"]
         if len(saved_pos) != self.cells.size:
             raise LlamaError(f"saved with {len(saved_pos)} KV cells, this context has {self.cells.size}")
@@ -728,6 +730,14 @@ class Session:
         self._recalled_before = (int(c.get("recalled_rows", 0)), float(c.get("recall_seconds", 0.0)))  # before: from 0
         if state["store"] is not None:
             self.store = FrozenStore.from_state(state["store"], self._store_dir, self._keep)
+
+    def _learn_cache(self) -> None:
+        """Let the capture note llama.cpp's K and V cache tensors (it finds them in a decode's graph) before anything
+        is restored: one token decoded in the scratch sequence of the empty cache and removed, which leaves the cells
+        and the search start as they were. Without it a resumed chat read its next message without recall (no cache
+        tensors to lend rows through yet) where the chat it continues lent 391 rows, and answered otherwise."""
+        self.ctx.decode([0], 0, seq=SCRATCH_SEQ)
+        self.ctx.seq_rm(SCRATCH_SEQ, -1, -1)
 
     def _normalize_head(self, layout: blobfmt.Layout) -> None:
         """Move llama.cpp's search start down to the lowest free cell (what a restore leaves), via dummy cells."""
