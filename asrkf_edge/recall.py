@@ -221,16 +221,16 @@ def _callback() -> RecallFn:
 
 
 class Recall:
-    """Per-layer recall of up to ``size`` frozen tokens in the decodes of at most ``max_rows`` tokens, each query row
-    choosing; with ``prompt_rows``, in longer decodes (a prompt's chunks) too: up to ``prompt_size`` tokens a layer
+    """Per-layer recall of up to ``size`` frozen tokens in the decodes of at most ``max_rows`` tokens (none: 0), each
+    query row choosing; with ``prompt_rows``, in longer decodes (a prompt's chunks) too: up to ``prompt_size`` tokens a layer
     (``size`` when 0), chosen by that many of the chunk's query rows spread over it, in the chunks that start within
     the newest ``prompt_tail`` tokens of a prompt (0: every chunk). A frozen token takes an active token's cell where
     it gets more than ``ratio`` times that token's attention."""
 
     def __init__(self, session: Session, importance: Importance, size: int, max_rows: int = 8, prompt_rows: int = 0,
                  ratio: float = 1.0, prompt_size: int = 0, prompt_tail: int = 0) -> None:
-        if size < 1:
-            raise ValueError(f"recall size must be >= 1, got {size}")
+        if size < 0 or (size == 0 and not (prompt_rows and prompt_size)):
+            raise ValueError(f"recall size must be >= 1, or 0 with prompt rows and size (a prompt's chunks only), got {size}")
         if min(prompt_rows, prompt_size, prompt_tail) < 0 or not ratio >= 1:
             raise ValueError("recall's prompt rows, size and tail must be >= 0 and the ratio >= 1, got "
                              f"{prompt_rows}, {prompt_size}, {prompt_tail}, {ratio}")
@@ -299,7 +299,7 @@ class Recall:
         s, r = self.session, self._regs
         r[ARMED] = 0
         chunk = n > self.max_rows
-        if chunk and (not self.prompt_rows or (self.prompt_tail and left + n > self.prompt_tail)):
+        if (chunk and (not self.prompt_rows or (self.prompt_tail and left + n > self.prompt_tail))) or not (chunk or self.size):
             return
         if not s.n_frozen or s.capture is None or not self.usable:
             return

@@ -52,7 +52,7 @@ class Runner:
 
     def __init__(self, model: Model, policy: Policy, cells: int, *, flash_attn: bool = False, n_batch: int = 512,
                  store_dir: str | Path | None = None) -> None:
-        if isinstance(policy, AsrKf) and policy.recall and model.n_gpu_layers != 0:
+        if isinstance(policy, AsrKf) and policy.recalls and model.n_gpu_layers != 0:
             log.info("recall lends rows through the cache's host memory: %s runs as asrkf with layers on a GPU", policy.name)
             policy = policy.without_recall()
         self.policy = policy
@@ -80,7 +80,7 @@ class Runner:
             self._importance = Importance(model, layers, policy.window, flash_attn, decay=policy.attention == "ema",
                                           mirror_keys=policy.reversible, stride=policy.observe_every,
                                           keep_queries=policy.obs_window, fold_layers=fold)
-        size = getattr(policy, "recall", 0) if self._importance is not None else 0  # recall's rows a layer
+        recalls = isinstance(policy, AsrKf) and policy.recalls and self._importance is not None
         self.session = Session(
             model, cells, flash_attn=flash_attn, n_batch=n_batch, sinks=policy.sinks, recent=policy.recent,
             type_k=policy.cache_type, type_v=policy.cache_type,
@@ -89,17 +89,16 @@ class Runner:
             capture=self._importance.spec() if self._importance else None, on_decode=self._on_decode,
             before_decode=self._before_decode if self._importance else None,
             on_copy=self._importance.on_copy if self._importance else None,
-            host_ops=size > 0,  # recall reads Qcur and writes the cache in host memory
+            host_ops=recalls,  # recall reads Qcur and writes the cache in host memory
         )
         if self._importance is not None:
             self._importance.capture = self.session.capture
             self._importance.fetch = self._fetch_keys
-            if size:
-                self.session.recall = Recall(self.session, self._importance, size,
-                                             prompt_rows=getattr(policy, "recall_prompt_rows", 0),
-                                             ratio=getattr(policy, "recall_ratio", 1.0),
-                                             prompt_size=getattr(policy, "recall_prompt_size", 0),
-                                             prompt_tail=getattr(policy, "recall_prompt_tail", 0))
+            if recalls:
+                assert isinstance(policy, AsrKf)
+                self.session.recall = Recall(self.session, self._importance, policy.recall,
+                                             prompt_rows=policy.recall_prompt_rows, ratio=policy.recall_ratio,
+                                             prompt_size=policy.recall_prompt_size, prompt_tail=policy.recall_prompt_tail)
 
     def close(self) -> None:
         self.session.close()
@@ -171,7 +170,7 @@ class Runner:
             # with recall, in decodes it lends rows to, each query its own (the bench's multi-turn at 4k: 3 -> 4 of
             # 10, 1k: 8 -> 9, full 6 and 9)
             recall = self.session.recall
-            step = recall.max_rows if recall is not None and recall.usable else len(tokens)
+            step = recall.max_rows if recall is not None and recall.usable and recall.size else len(tokens)
             for i in range(0, len(tokens), step):
                 self.session.eval(tokens[i : i + step])
         finally:

@@ -73,6 +73,14 @@ class AsrKf(ScoringPolicy):
     of 154 / 179 / 291 (two texts at 2k, one at 4k), KLD 0.079 / 0.068 / 0.059 against 0.079 / 0.069 / 0.062.
     A swap (below) still evicts token by token: in groups, asrkf-follow's KLD rose from 0.029 to 0.035.
     entropy_later: the trigger's entropy off the decode's path where no swap can follow (:meth:`_entropy_later`).
+    recall_prompt_rows, recall_prompt_size, recall_prompt_tail, recall_ratio: the chunks of a prompt's newest
+    2,048 tokens are read with recall (:mod:`asrkf_edge.recall`; CPU caches only): in each layer, up to 512 frozen
+    tokens that the chunk's query rows attend to more than 4x an active token's share take its cells for that chunk.
+    Measured (2-core Xeon, default model): bench needle 4k (`--flash-attn --budgets 0.35,0.5`) multi-turn 3 -> 5 of
+    full's 6 at 0.35 and 3 -> 4 at 0.5, needle 8 and 8 either way (full 7); KLD at 2k (the bench's text, 128 tokens)
+    0.0781 -> 0.0663 at 0.35 and 0.0480 -> 0.0417 at 0.5. Decoding is not touched (16.7 ms a token at 4k either
+    way); reading a prompt is: 7.8 -> 9.6 s at 2k, 18.3 -> 25.0 s at 4k (flash attention off). ``recall``: rows
+    lent in every decode too (asrkf-recall).
     observe_every: one captured decode in 8 (the base's 4 for the other scoring policies): a captured decode
     costs llama.cpp its CUDA graphs. On an H200 (random-id prompts, medians of 3) every 8th instead of every 4th
     decoded 336.7 / 266.2 tok/s against 262.1 / 232.3 at 4k / 16k (default model's shape) and 114.5 / 94.2
@@ -134,10 +142,10 @@ class AsrKf(ScoringPolicy):
     read_twice: bool = False
     keep_share: float = 0.25
     recall: int = 0
-    recall_prompt_rows: int = 0
-    recall_prompt_size: int = 0
-    recall_prompt_tail: int = 0
-    recall_ratio: float = 1.0
+    recall_prompt_rows: int = 512
+    recall_prompt_size: int = 512
+    recall_prompt_tail: int = 2048
+    recall_ratio: float = 4.0
     _ledger: Ledger = field(init=False, repr=False)
     _monitor: EntropyMonitor = field(init=False, repr=False)
     _bigrams: BigramIndex = field(init=False, repr=False)
@@ -197,9 +205,14 @@ class AsrKf(ScoringPolicy):
         different layers per model (measured: 35/36 needle answers with all 30 layers, 32/36 with 8)."""
         return self.layers or tuple(range(n_layer))
 
+    @property
+    def recalls(self) -> bool:
+        """Whether frozen rows are lent to layers inside decodes (:mod:`asrkf_edge.recall`): short ones or prompt chunks."""
+        return bool(self.recall or self.recall_prompt_rows)
+
     def without_recall(self) -> AsrKf:
         """This policy where recall cannot lend rows (layers on a GPU): the same, recall off."""
-        return replace(self, recall=0)
+        return replace(self, recall=0, recall_prompt_rows=0)
 
     # question-time reselection
     def read_again(self, ctx: PolicyContext) -> bool:
@@ -623,17 +636,14 @@ class AsrKfRecall(AsrKf):
     frozen token takes a cell only for more than four times its token's attention; at 512 tokens 77 -> 46 rows a
     layer lent per token, KLD 0.0229 -> 0.0236, decode 0.98x -> 1.03x of full's speed (alternating blocks of 8
     tokens in one process); at 2k nearly every exchange gains more than that (132 -> 131 rows), KLD over four
-    texts 0.0156 -> 0.0154."""
+    texts 0.0156 -> 0.0154. The prompt's chunks recall as asrkf's do (asrkf's defaults since the twenty-second
+    session)."""
 
     name: ClassVar[str] = "asrkf-recall"
     recall: int = 128
-    recall_prompt_rows: int = 512
-    recall_prompt_size: int = 512
-    recall_prompt_tail: int = 2048
-    recall_ratio: float = 4.0
     trigger: Trigger = "none"
 
     def without_recall(self) -> AsrKf:
         """asrkf as it is: recall off and asrkf's recovery trigger back (this policy has none only because recall
         brings frozen tokens back inside every decode)."""
-        return replace(self, recall=0, trigger=AsrKf.trigger)
+        return replace(self, recall=0, recall_prompt_rows=0, trigger=AsrKf.trigger)
