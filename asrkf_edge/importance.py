@@ -562,13 +562,6 @@ def _worker() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="asrkf-fold")
 
 
-@cache
-def entropy_worker() -> ThreadPoolExecutor:
-    """The thread that takes entropies beside the next decode (asrkf's trigger with the layers on a GPU): NumPy
-    lets go of the GIL in its loops and llama.cpp's decode runs without it."""
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="asrkf-entropy")
-
-
 class Importance:
     """Per-position importance scores and key mirror, updated after every decode of a session.
 

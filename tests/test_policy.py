@@ -357,43 +357,6 @@ def test_the_trigger_s_check_is_computed_once_per_query_and_in_the_background_be
         assert all(ready[1:]) if background else ready.count(False) == len(checks), ready
 
 
-def test_the_trigger_s_entropy_is_taken_beside_the_next_decode_where_no_swap_can_follow(tiny, monkeypatch) -> None:
-    """With the tracker in the background (layers on a GPU), a step whose trigger check puts less than trigger_mass
-    of the query's attention on frozen keys has its entropy taken on a thread of its own and given to the monitor
-    later, in step order: the monitor's statistics, the spikes, the swaps and the tokens are those of the entropy
-    taken at once on the decode's path."""
-    from asrkf_edge.policies import asrkf
-
-    text = "the sky is blue and the grass is green " * 40
-    where: list[str] = []
-    taken = asrkf.entropy
-    monkeypatch.setattr(asrkf, "entropy", lambda x: (where.append(threading.current_thread().name), taken(x))[1])
-    seen = {}
-    for later in (False, True):
-        for share in (0.5, 1.01):  # on this model: some steps swap and some cannot / no step can swap
-            pol = AsrKf(min_cache=64, trigger_mass=share, entropy_later=later, entropy=EntropyRule(rise=0.0))
-            with Runner(tiny.model, pol, 160, flash_attn=True) as run:  # rise 0: this model's flat entropy spikes
-                pol, imp = run.policy, run.importance
-                imp.background = True
-                run.prefill(tiny.tokenize(text)[:400])
-                after_logits = pol.after_logits
-
-                def checked(ctx, after_logits=after_logits, imp=imp):
-                    imp._wait()  # the check done before the logits, as it mostly is on a GPU
-                    after_logits(ctx)
-
-                pol.after_logits = checked
-                where.clear()
-                toks, logits = greedy(run, 40)
-                seen[later, share] = (toks, logits, [(r.step, r.ranges) for r in pol.recoveries],
-                                      pol.state()["monitor"], where.count("MainThread"), len(where))
-    for share in (0.5, 1.01):
-        (t0, l0, r0, m0, main0, n0), (t1, l1, r1, m1, main1, n1) = seen[False, share], seen[True, share]
-        assert t0 == t1 and np.array_equal(l0, l1) and r0 == r1 and m0 == m1
-        assert main0 == n0 and n1 == n0 and main1 < n1  # taken at once / partly beside the next decode
-    assert seen[True, 0.5][2] and seen[True, 1.01][4] == 0  # swaps still fire; none possible: none on the path
-
-
 def _forced(real, pol, ctx: list[int], tail: list[int]):
     """``forced_decode`` at budget 0.35, checking that every token read stays in the cache or the store."""
     from asrkf_edge.bench.suites import forced_decode

@@ -13,14 +13,13 @@ itself brings frozen context back: on an entropy spike whose query would put rea
 
 from __future__ import annotations
 
-from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-from ..importance import entropy, entropy_worker
+from ..importance import entropy
 from ..session import runs
 from .base import GGML_Q8_0, Attention, PolicyContext, ScoringPolicy
 from .induction import BigramIndex, continuations
@@ -72,7 +71,6 @@ class AsrKf(ScoringPolicy):
     measured at budget 0.35, 128 forced tokens, the cells thawed later came back in 35 / 33 / 45 runs instead
     of 154 / 179 / 291 (two texts at 2k, one at 4k), KLD 0.079 / 0.068 / 0.059 against 0.079 / 0.069 / 0.062.
     A swap (below) still evicts token by token: in groups, asrkf-follow's KLD rose from 0.029 to 0.035.
-    entropy_later: the trigger's entropy off the decode's path where no swap can follow (:meth:`_entropy_later`).
     recall_prompt_rows, recall_prompt_size, recall_prompt_tail, recall_ratio: the chunks of a prompt's newest
     2,048 tokens are read with recall (:mod:`asrkf_edge.recall`; CPU caches only): in each layer, up to 512 frozen
     tokens that the chunk's query rows attend to more than 4x an active token's share take its cells for that chunk.
@@ -136,7 +134,6 @@ class AsrKf(ScoringPolicy):
     trigger_cover: float = 0.8
     swap_against: Literal["max", "current"] = "max"
     redecode_mass: float = 0.0
-    entropy_later: bool = True
     prefetch: int = 0
     prefetch_matches: int = 16
     read_twice: bool = False
@@ -152,7 +149,6 @@ class AsrKf(ScoringPolicy):
     recoveries: list[Recovery] = field(init=False, repr=False)
     _judging: _Judging | None = field(init=False, repr=False, default=None)
     _check: tuple[int, int, Future[np.ndarray]] | None = field(init=False, repr=False, default=None)
-    _later: deque[Future[float]] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.threshold > 0:
@@ -175,13 +171,11 @@ class AsrKf(ScoringPolicy):
         self.recoveries = []
         self._judging = None
         self._check = None
-        self._later = deque()
 
     def recovery_log(self) -> list[dict[str, object]]:
         return [r.as_dict() for r in self.recoveries]
 
     def state(self) -> dict[str, Any]:
-        self._note_entropies(wait=True)
         return {"ledger": self._ledger.state(), "monitor": self._monitor.state(),
                 "recoveries": [r.as_dict() for r in self.recoveries]}
 
@@ -190,7 +184,6 @@ class AsrKf(ScoringPolicy):
         self._monitor.load_state(state["monitor"])
         self.recoveries = [Recovery.from_dict(d) for d in state["recoveries"]]
         self._check = None
-        self._later.clear()
 
     # eviction under a hard budget
     def score(self, ctx: PolicyContext, positions: np.ndarray) -> np.ndarray:
@@ -321,7 +314,6 @@ class AsrKf(ScoringPolicy):
     def finish(self, ctx: PolicyContext) -> None:
         if self._judging is not None:
             self._judge(ctx)
-        self._note_entropies(wait=True)
 
     def _judge(self, ctx: PolicyContext) -> None:
         """Apply the pending re-evaluation to the tokens it judged that are still where they were."""
@@ -368,9 +360,6 @@ class AsrKf(ScoringPolicy):
         h: float | None = None
         threshold: float | None = None
         if self.trigger != "mass":
-            if self._entropy_later(ctx):
-                return
-            self._note_entropies(wait=True)
             h = float(entropy(ctx.logits()))
             threshold = self._monitor.threshold()
             if not self._monitor.observe(h):
@@ -391,33 +380,6 @@ class AsrKf(ScoringPolicy):
             ctx.redecode()
             rec.entropy_after = float(entropy(ctx.logits()))
         self.recoveries.append(rec)
-
-    def _entropy_later(self, ctx: PolicyContext) -> bool:
-        """With ``entropy_later``, the trigger "entropy-mass" and the tracker in the background (layers on a GPU):
-        when the newest query's check (done on the worker) puts less than ``trigger_mass`` of its attention on
-        frozen keys, no swap can follow this step whatever its entropy, so the entropy is taken on a thread of its
-        own beside the next decode and given to the monitor later, in step order: the same statistics, spikes and
-        swaps. On the default model (real weights, 2,000 tokens of GPL-3 and Apache-2.0, 256 generated tokens, as on
-        a GPU) the check's share was 0.09-0.17 at every step, and 13-21 spikes a text never led to a swap: the
-        entropy (0.16-0.44 ms a token over 128k logits on an H100's host) was all on the decode's path for nothing."""
-        self._note_entropies(wait=False)
-        if not (self.entropy_later and self.trigger == "entropy-mass" and ctx.importance.background):
-            return False
-        check = self._query_mass(ctx)
-        if not check.done() or self._frozen_share(ctx, check.result()[0]) >= self.trigger_mass:
-            return False
-        self._later.append(entropy_worker().submit(entropy, ctx.logits()))  # a copy: the next decode writes anew
-        return True
-
-    def _note_entropies(self, wait: bool) -> None:
-        """Give the monitor the entropies taken later, oldest first: those done, or (``wait``) all of them."""
-        while self._later and (wait or self._later[0].done()):
-            self._monitor.observe(float(self._later.popleft().result()))
-
-    @staticmethod
-    def _frozen_share(ctx: PolicyContext, cur: np.ndarray) -> float:
-        """The share of the check's attention ``cur`` (by position) that frozen keys get, as :meth:`_swap_in` sums it."""
-        return float(_at(cur, ctx.frozen()).sum())
 
     def before_token(self, ctx: PolicyContext, token: int) -> None:
         """Before ``token`` is decoded: thaw the frozen tokens that followed the newest ``prefetch_matches``
@@ -457,7 +419,7 @@ class AsrKf(ScoringPolicy):
         act, frozen = ctx.active(), ctx.frozen()
         cur = self._query_mass(ctx).result()[0]
         cur_act, cur_frozen = _at(cur, act), _at(cur, frozen)
-        share = float(cur_frozen.sum())  # what _frozen_share gives
+        share = float(cur_frozen.sum())
         if share < self.trigger_mass:
             return None
         order = np.argsort(-cur_frozen, kind="stable")
