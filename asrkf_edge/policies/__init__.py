@@ -17,7 +17,8 @@ diverges a third to a fifth as much from full (mean KLD at 2k, 0.35: 0.014 again
 prose and facts it was never tuned on it answered no more (Apache-2.0 + MPL-2.0, 1k / 2k / 4k, 0.35: needle 3 / 4 / 6
 against asrkf's 4 / 6 / 5, multi-turn 3 / 4 / 3 against 3 / 4 / 3; full 5 / 6 / 4 and 3 / 5 / 3) and decodes a
 2k document at 39 tok/s against asrkf's 68 and full's 54 (2 Xeon cores, flash attention off; docs/RESULTS.md,
-twentieth session)."""
+twentieth session). Since the twenty-second session asrkf reads a prompt's newest 2,048 tokens with recall as
+asrkf-recall does (its decoding unchanged): the two differ in the decode only."""
 
 __all__ = ["DEFAULT_POLICY", "H2O", "AsrKf", "AsrKfFollow", "AsrKfQ8", "AsrKfRecall", "AsrKfTwice", "ContextShift", "EntropyRule", "Full",
            "Oracle", "OracleNext", "Policy", "PolicyContext", "Q4Cache", "Q8Cache", "Recovery", "Schedule", "ScoringPolicy",
