@@ -299,7 +299,9 @@ class Recall:
         s, r = self.session, self._regs
         r[ARMED] = 0
         chunk = n > self.max_rows
-        if (chunk and (not self.prompt_rows or (self.prompt_tail and left + n > self.prompt_tail))) or not (chunk or self.size):
+        if not chunk and not self.size:
+            return  # short decodes lend nothing
+        if chunk and (not self.prompt_rows or (self.prompt_tail and left + n > self.prompt_tail)):
             return
         if not s.n_frozen or s.capture is None or not self.usable:
             return

@@ -80,7 +80,7 @@ class Runner:
             self._importance = Importance(model, layers, policy.window, flash_attn, decay=policy.attention == "ema",
                                           mirror_keys=policy.reversible, stride=policy.observe_every,
                                           keep_queries=policy.obs_window, fold_layers=fold)
-        recalls = isinstance(policy, AsrKf) and policy.recalls and self._importance is not None
+        recalling = policy if isinstance(policy, AsrKf) and policy.recalls and self._importance is not None else None
         self.session = Session(
             model, cells, flash_attn=flash_attn, n_batch=n_batch, sinks=policy.sinks, recent=policy.recent,
             type_k=policy.cache_type, type_v=policy.cache_type,
@@ -89,16 +89,16 @@ class Runner:
             capture=self._importance.spec() if self._importance else None, on_decode=self._on_decode,
             before_decode=self._before_decode if self._importance else None,
             on_copy=self._importance.on_copy if self._importance else None,
-            host_ops=recalls,  # recall reads Qcur and writes the cache in host memory
+            host_ops=recalling is not None,  # recall reads Qcur and writes the cache in host memory
         )
         if self._importance is not None:
             self._importance.capture = self.session.capture
             self._importance.fetch = self._fetch_keys
-            if recalls:
-                assert isinstance(policy, AsrKf)
-                self.session.recall = Recall(self.session, self._importance, policy.recall,
-                                             prompt_rows=policy.recall_prompt_rows, ratio=policy.recall_ratio,
-                                             prompt_size=policy.recall_prompt_size, prompt_tail=policy.recall_prompt_tail)
+            if recalling is not None:
+                self.session.recall = Recall(self.session, self._importance, recalling.recall,
+                                             prompt_rows=recalling.recall_prompt_rows, ratio=recalling.recall_ratio,
+                                             prompt_size=recalling.recall_prompt_size,
+                                             prompt_tail=recalling.recall_prompt_tail)
 
     def close(self) -> None:
         self.session.close()

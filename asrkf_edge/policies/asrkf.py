@@ -608,4 +608,4 @@ class AsrKfRecall(AsrKf):
     def without_recall(self) -> AsrKf:
         """asrkf as it is: recall off and asrkf's recovery trigger back (this policy has none only because recall
         brings frozen tokens back inside every decode)."""
-        return replace(self, recall=0, recall_prompt_rows=0, trigger=AsrKf.trigger)
+        return replace(super().without_recall(), trigger=AsrKf.trigger)
