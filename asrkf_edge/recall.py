@@ -224,19 +224,22 @@ class Recall:
     """Per-layer recall of up to ``size`` frozen tokens in the decodes of at most ``max_rows`` tokens (none: 0), each
     query row choosing; with ``prompt_rows``, in longer decodes (a prompt's chunks) too: up to ``prompt_size`` tokens a layer
     (``size`` when 0), chosen by that many of the chunk's query rows spread over it, in the chunks that start within
-    the newest ``prompt_tail`` tokens of a prompt (0: every chunk). A frozen token takes an active token's cell where
-    it gets more than ``ratio`` times that token's attention."""
+    the newest ``prompt_tail`` tokens of a prompt (0: every chunk); with ``reply`` (and ``size`` 0), in the short
+    decodes of the ``reply`` positions after a prompt's last chunk (a reply's first tokens), up to ``reply_size`` a
+    layer. A frozen token takes an active token's cell where it gets more than ``ratio`` times that token's attention."""
 
     def __init__(self, session: Session, importance: Importance, size: int, max_rows: int = 8, prompt_rows: int = 0,
-                 ratio: float = 1.0, prompt_size: int = 0, prompt_tail: int = 0) -> None:
-        if size < 0 or (size == 0 and not (prompt_rows and prompt_size)):
-            raise ValueError(f"recall size must be >= 1, or 0 with prompt rows and size (a prompt's chunks only), got {size}")
-        if min(prompt_rows, prompt_size, prompt_tail) < 0 or not ratio >= 1:
-            raise ValueError("recall's prompt rows, size and tail must be >= 0 and the ratio >= 1, got "
-                             f"{prompt_rows}, {prompt_size}, {prompt_tail}, {ratio}")
+                 ratio: float = 1.0, prompt_size: int = 0, prompt_tail: int = 0, reply: int = 0, reply_size: int = 0) -> None:
+        if size < 0 or (size == 0 and not (prompt_rows and prompt_size) and not (reply and reply_size)):
+            raise ValueError(f"recall size must be >= 1, or 0 with prompt rows and size or a reply and its size, got {size}")
+        if min(prompt_rows, prompt_size, prompt_tail, reply, reply_size) < 0 or not ratio >= 1:
+            raise ValueError("recall's prompt rows, size and tail, reply and reply size must be >= 0 and the ratio >= 1, "
+                             f"got {prompt_rows}, {prompt_size}, {prompt_tail}, {reply}, {reply_size}, {ratio}")
         self.session, self.importance, self.size, self.max_rows = session, importance, size, max_rows
         self.prompt_rows, self.ratio = prompt_rows, ratio
         self.prompt_size, self.prompt_tail = prompt_size or size, prompt_tail
+        self.reply, self.reply_size = reply, reply_size
+        self._reply_end = 0  # short decodes before this position lend ``reply_size`` rows (a reply's first tokens)
         self._frozen_of: tuple[object, int] = (None, -1)  # the store and its changes that the frozen side is of
         self._fn = _callback()
         self._regs = np.zeros(N_REGS, np.int64)
@@ -281,7 +284,7 @@ class Recall:
         r[N_LAYER], r[K_ROW], r[V_ROW] = n_layer, layout.k_row, layout.v_row
         r[V_EL], r[V_TRANS] = layout.v_el or layout.v_row, int(layout.v_trans)
         r[T_NE], r[T_NB], r[T_DATA] = Tensor.ne.offset // 8, Tensor.nb.offset // 8, Tensor.data.offset // 8
-        most = max(self.size, self.prompt_size)  # SIZE, set at each arm, is one of the two
+        most = max(self.size, self.prompt_size, self.reply_size)  # SIZE, set at each arm, is one of them
         self._point(SAVED_N, "saved_n", np.zeros(n_layer, np.int64))
         self._point(SAVED_CELLS, "saved_cells", np.zeros((n_layer, most), np.int64))
         self._point(SAVED_K, "saved_k", np.zeros((n_layer, most, layout.k_row), np.uint8))
@@ -295,14 +298,17 @@ class Recall:
     # around a decode (Session.eval)
     def arm(self, pos0: int, n: int, left: int = 0) -> None:
         """Before a decode of ``n`` tokens at ``pos0``, ``left`` more of the same prompt to follow: recall in it when
-        something is frozen and it is short, or a prompt's chunk that recall reads."""
+        something is frozen and it is short (every one, or a reply's first), or a prompt's chunk that recall reads."""
         s, r = self.session, self._regs
         r[ARMED] = 0
         chunk = n > self.max_rows
-        if not chunk and not self.size:
-            return  # short decodes lend nothing
-        if chunk and (not self.prompt_rows or (self.prompt_tail and left + n > self.prompt_tail)):
-            return
+        if chunk:
+            self._reply_end = pos0 + n + self.reply
+            size = self.prompt_size if self.prompt_rows and not (self.prompt_tail and left + n > self.prompt_tail) else 0
+        else:
+            size = self.size or (self.reply_size if pos0 < self._reply_end else 0)
+        if not size:
+            return  # a decode that lends nothing
         if not s.n_frozen or s.capture is None or not self.usable:
             return
         if self._layers is None:
@@ -332,7 +338,7 @@ class Recall:
         r[MIRROR_L], r[MIRROR_P], r[N_KV], r[HEAD_DIM] = mirror.shape
         r[N], r[NF], r[N_ROWS], r[ERROR] = len(kpos), len(frozen), n, 0
         r[SCORED], r[STRIDE] = scored, n // scored
-        r[SIZE] = self.prompt_size if chunk else self.size
+        r[SIZE] = size
         r[ARMED] = 1
         s.capture.set_recall(self._fn, r.ctypes.data)
 

@@ -98,7 +98,8 @@ class Runner:
                 self.session.recall = Recall(self.session, self._importance, recalling.recall,
                                              prompt_rows=recalling.recall_prompt_rows, ratio=recalling.recall_ratio,
                                              prompt_size=recalling.recall_prompt_size,
-                                             prompt_tail=recalling.recall_prompt_tail)
+                                             prompt_tail=recalling.recall_prompt_tail, reply=recalling.recall_reply,
+                                             reply_size=recalling.recall_reply_size)
 
     def close(self) -> None:
         self.session.close()
