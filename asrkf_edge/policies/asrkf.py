@@ -79,12 +79,14 @@ class AsrKf(ScoringPolicy):
     0.0781 -> 0.0663 at 0.35 and 0.0480 -> 0.0417 at 0.5. Decoding is not touched (16.7 ms a token at 4k either
     way); reading a prompt is: 7.8 -> 9.6 s at 2k, 18.3 -> 25.0 s at 4k (flash attention off).
     recall_reply, recall_reply_size: the first 32 decodes after a prompt (a reply's first tokens, where it says
-    what the question asked) lend up to 128 frozen tokens a layer as asrkf-recall's decodes do; later ones none.
-    Measured (same machine and text, 128 forced tokens): KLD at 2k 0.0663 -> 0.0514 at 0.35, 0.0417 -> 0.0331 at
-    0.5 (recall in every decode: 0.0140; on entropy spikes only, decoded again: 0.0655, at a 1-std rule 0.0480 for
-    39 second decodes); 4k 0.0439 -> 0.0384 (streaming 0.0611). The bench's 4k multi-turn case 4 at 0.5 answered
-    ("purple"). Decode over 128 tokens (`bench speed --flash-attn`): 4k 2.07x -> 1.88x full's speed (streaming
-    2.14x), 8k 2.36x -> 2.15x (streaming 2.23x). ``recall``: rows lent in every decode (asrkf-recall).
+    what the question asked) lend up to 128 frozen tokens a layer as asrkf-recall's decodes do, and the question
+    read again after the reselection goes in decodes of 8 that recall the same way; later decodes lend none.
+    Measured (same machine and text, 128 forced tokens): KLD at 2k 0.0663 -> 0.0510 at 0.35, 0.0417 -> 0.0310 at
+    0.5, the first 32 tokens' 0.080 -> 0.025 (asrkf-recall's; recall in every decode: 0.0140 over all 128; on
+    entropy spikes only, each such token decoded again: 0.0655, at a 1-std rule 0.0480 for 39 second decodes).
+    Bench needle 4k multi-turn at 0.5 4 -> 5 of full's 6, at 0.35 5 either way. Decode over 128 tokens (`bench
+    speed --flash-attn`): 4k 2.07x -> 1.88x full's speed (streaming 2.14x), 8k 2.36x -> 2.15x (streaming 2.23x).
+    ``recall``: rows lent in every decode (asrkf-recall).
     observe_every: one captured decode in 8 (the base's 4 for the other scoring policies): a captured decode
     costs llama.cpp its CUDA graphs. On an H200 (random-id prompts, medians of 3) every 8th instead of every 4th
     decoded 336.7 / 266.2 tok/s against 262.1 / 232.3 at 4k / 16k (default model's shape) and 114.5 / 94.2
