@@ -2,7 +2,7 @@
 
 Usage: python benchmarks/kld_variants.py '[["follow", "asrkf-follow", 0.35, {}],
                                            ["again 10%", "asrkf-follow", 0.35, {"redecode_mass": 0.1}]]'
-       [--context 2000] [--tokens 128] [--text FILE] [--json out.json] [--gpu-mode]
+       [--context 2000] [--tokens 128] [--text FILE] [--json out.json] [--gpu-mode] [--split 32]
 
 The loop is `asrkf-edge bench ppl`'s (prompt read in 256-token chunks, then each next token forced), with
 policies the CLI cannot configure. Per variant: mean KLD, decode tok/s and its ratio to full's in the same
@@ -18,10 +18,11 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
 from gpu_mode_on_cpu import gpu_mode
 
 from asrkf_edge import Engine
-from asrkf_edge.bench.suites import Forced, _text_tokens, forced_decode
+from asrkf_edge.bench.suites import Forced, _text_tokens, forced_decode, kl_divergence
 from asrkf_edge.policies import make_policy
 
 
@@ -40,6 +41,7 @@ def main() -> None:
     ap.add_argument("--text", default=None, help="a text file instead of the ppl suite's text")
     ap.add_argument("--json", default=None)
     ap.add_argument("--gpu-mode", action="store_true")
+    ap.add_argument("--split", type=int, default=0, help="also the mean KLD of the first N continuation tokens and of the rest")
     a = ap.parse_args()
     if a.gpu_mode:
         gpu_mode()
@@ -56,6 +58,10 @@ def main() -> None:
         for label, policy, budget, overrides in json.loads(a.variants):
             f = forced_decode(eng, make_policy(policy, **overrides), budget, ctx, tail)
             kld, r = f.kld(ref), figures(f, len(tail))
+            if a.split:
+                each = [kl_divergence(x, y) for x, y in zip(ref.logprobs, f.logprobs, strict=True)]
+                r["kld_first"], r["kld_rest"] = float(np.mean(each[: a.split])), float(np.mean(each[a.split :]))
+                print(f"{label:24s} KLD of the first {a.split} tokens {r['kld_first']:.4f}, of the rest {r['kld_rest']:.4f}")
             rows.append({"label": label, "policy": policy, "budget": budget, "overrides": overrides, "kld": kld, **r})
             ratio = r["tokens_per_s"] / full["tokens_per_s"]
             print(f"{label:24s} {budget} KLD {kld:.4f}  {r['tokens_per_s']:.1f} tok/s ({ratio:.2f}x full)  "
