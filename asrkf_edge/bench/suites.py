@@ -183,9 +183,13 @@ class Forced:
     decoded_again: int  # continuation tokens decoded a second time after a recovery
     trace: list[tuple[int, int]]
 
+    def klds(self, ref: Forced) -> np.ndarray:
+        """KL(ref || self) at each token of the continuation."""
+        return np.array([kl_divergence(r, lp) for r, lp in zip(ref.logprobs, self.logprobs, strict=True)])
+
     def kld(self, ref: Forced) -> float:
         """Mean KL(ref || self) over the continuation."""
-        return float(np.mean([kl_divergence(r, lp) for r, lp in zip(ref.logprobs, self.logprobs, strict=True)]))
+        return float(np.mean(self.klds(ref)))
 
 
 def forced_decode(engine: Engine, pol: Policy, budget: float | None, ctx: Sequence[int], tail: Sequence[int]) -> Forced:
