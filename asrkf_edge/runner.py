@@ -169,8 +169,8 @@ class Runner:
         try:
             tokens = self.session.rewind(n)
             # with recall, in decodes it lends rows to, each query its own (the bench's multi-turn at 4k: 3 -> 4 of
-            # 10, 1k: 8 -> 9, full 6 and 9); asrkf's question, read again before its reply, too (4k case 4,
-            # "purple", lost at 0.35 when read again as one chunk of the prompt's recall, answered this way)
+            # 10, 1k: 8 -> 9, full 6 and 9); asrkf's question with its reply's recall on too (4k case 4, "purple",
+            # lost at 0.35 when read again as one chunk of the prompt's recall, answered this way)
             recall = self.session.recall
             step = recall.max_rows if recall is not None and recall.usable and (recall.size or recall.reply) else len(tokens)
             for i in range(0, len(tokens), step):
