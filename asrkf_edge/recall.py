@@ -249,6 +249,11 @@ class Recall:
         self.seconds = 0.0  # in the layers' callbacks
 
     @property
+    def in_short_decodes(self) -> bool:
+        """Whether short decodes may lend rows: every one (``size``) or a reply's first (``reply``)."""
+        return bool(self.size or self.reply)
+
+    @property
     def rows(self) -> int:
         """(token, layer) rows recalled so far."""
         return int(self._regs[ROWS])

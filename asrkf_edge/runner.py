@@ -172,7 +172,7 @@ class Runner:
             # 10, 1k: 8 -> 9, full 6 and 9); asrkf's question with its reply's recall on too (4k case 4, "purple",
             # lost at 0.35 when read again as one chunk of the prompt's recall, answered this way)
             recall = self.session.recall
-            step = recall.max_rows if recall is not None and recall.usable and (recall.size or recall.reply) else len(tokens)
+            step = recall.max_rows if recall is not None and recall.usable and recall.in_short_decodes else len(tokens)
             for i in range(0, len(tokens), step):
                 self.session.eval(tokens[i : i + step])
         finally:
