@@ -210,23 +210,24 @@ def test_recall_in_the_prompt_s_newest_chunks_and_the_reply_s_first_tokens_bring
 
 @pytest.mark.real
 def test_asrkf_recalls_in_a_prompt_s_chunks_and_a_reply_s_first_decodes_only(real) -> None:
-    """asrkf (the default) reads a prompt's newest chunks with recall and, with ``recall_reply``, lends rows in that
-    many decodes after it (``recall`` 0: none in later ones); a recall of no rows anywhere is refused."""
-    policy = make_policy("asrkf", recall_reply=32)
-    first = policy.recall_reply
-    with real.runner(policy, 256) as run:
-        run.prefill(_text_tokens(real, 800))
-        assert run.session.n_frozen > 400
-        lent = run.session.recall.rows
-        assert lent > 0
-        tokens = _text_tokens(real, 800 + first + 16)[800:]
-        for tok in tokens[:first]:
-            run.decode(tok)
-        in_reply = run.session.recall.rows
-        assert in_reply > lent
-        for tok in tokens[first:]:
-            run.decode(tok)
-        assert run.session.recall.rows == in_reply and run.session.kv_stats().recalled_rows == in_reply
+    """asrkf (the default) reads a prompt's newest chunks with recall and lends nothing in its decodes (on prose it
+    was never tuned on, lending in a reply's first 32 lost 7 answers of 40); with ``recall_reply`` it lends rows in
+    that many decodes after the prompt (``recall`` 0: none in later ones); a recall of no rows anywhere is refused."""
+    first = 32
+    tokens = _text_tokens(real, 800 + first + 16)
+    for reply in (0, first):
+        with real.runner(make_policy("asrkf", recall_reply=reply) if reply else make_policy("asrkf"), 256) as run:
+            run.prefill(tokens[:800])
+            assert run.session.n_frozen > 400
+            lent = run.session.recall.rows
+            assert lent > 0
+            for tok in tokens[800 : 800 + first]:
+                run.decode(tok)
+            in_reply = run.session.recall.rows
+            assert in_reply > lent if reply else in_reply == lent
+            for tok in tokens[800 + first :]:
+                run.decode(tok)
+            assert run.session.recall.rows == in_reply and run.session.kv_stats().recalled_rows == in_reply
     with pytest.raises(ValueError, match="recall size"):
         recall_mod.Recall(run.session, run.importance, 0)
     with pytest.raises(ValueError, match="recall size"):
