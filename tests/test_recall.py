@@ -215,8 +215,9 @@ def test_asrkf_recalls_in_a_prompt_s_chunks_and_a_reply_s_first_decodes_only(rea
     that many decodes after the prompt (``recall`` 0: none in later ones); a recall of no rows anywhere is refused."""
     first = 32
     tokens = _text_tokens(real, 800 + first + 16)
-    for reply in (0, first):
-        with real.runner(make_policy("asrkf", recall_reply=reply) if reply else make_policy("asrkf"), 256) as run:
+    for overrides in ({}, {"recall_reply": first}):  # the default, then the reply's recall asked for
+        reply = overrides.get("recall_reply", 0)
+        with real.runner(make_policy("asrkf", **overrides), 256) as run:
             run.prefill(tokens[:800])
             assert run.session.n_frozen > 400
             lent = run.session.recall.rows
