@@ -7,7 +7,9 @@ the tensors' device into one buffer, copied to the host in one transfer. A cache
 cache type moves as its raw bytes. Graphs are built once per count of cells (rounded up to a power of two; the
 extra rows repeat the last cell) and of tensors (the first ``count``) and kept, with their output buffers on the
 device: more than ``MAX_CELLS`` cells are gathered in parts, so that those buffers stay small (the LLaMA-3-8B
-shape's K and V of 256 cells: 32 MiB) next to the VRAM the frozen cells gave back.
+shape's K and V of 256 cells: 32 MiB) next to the VRAM the frozen cells gave back. The rows come back into one
+reused host buffer, page-locked for a GPU: into fresh pageable memory a device-to-host copy ran at 3.6 GB/s on an
+H200, into page-locked memory at 41-43 GB/s (docs/gpu.md, second session).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .llama import GgmlInitParams, Tensor, ggml_lib
+from .llama import GgmlInitParams, Reused, Tensor, ggml_lib
 
 _I32 = 26  # GGML_TYPE_I32
 
@@ -54,6 +56,7 @@ class RowGather:
         if not self._backend:
             raise ValueError(f"no ggml backend for {self.device}")
         self._tensors, self._n_cells = tensors, n_cells
+        self._host = Reused(pinned=self.device != "CPU")
         self._graphs: dict[tuple[int, int], _Graph] = {}
 
     def __call__(self, cells: np.ndarray, count: int | None = None) -> list[np.ndarray]:
@@ -67,7 +70,8 @@ class RowGather:
 
     def gather(self, cells: np.ndarray, count: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The first ``count`` tensors' rows of ``cells`` in one buffer: each tensor's rows, in the order of
-        ``cells``, from its byte offset (int64 [count]); rows are contiguous within a tensor."""
+        ``cells``, from its byte offset (int64 [count]); rows are contiguous within a tensor. Up to ``MAX_CELLS``
+        cells the buffer is the reused one: valid until the next gather."""
         count = len(self.rows) if count is None else count
         n = len(cells)
         if n > self.MAX_CELLS:
@@ -78,6 +82,7 @@ class RowGather:
                 part = self.split(*self.gather(cells[a:b], count), b - a)
                 for o, rows, r in zip(offsets, part, self.rows, strict=False):
                     flat[o + a * r : o + b * r] = rows.reshape(-1)
+                del part  # the reused buffer serves the next part only once no view of it is left
             return flat, offsets
         size = 1 << max(0, n - 1).bit_length()
         offsets = np.cumsum([0, *(size * r for r in self.rows[: count - 1])]).astype(np.int64)
@@ -92,7 +97,7 @@ class RowGather:
         lib.ggml_backend_tensor_set(g.idx, idx.ctypes.data, 0, idx.nbytes)
         if lib.ggml_backend_graph_compute(self._backend, g.graph) != 0:
             raise ValueError(f"the gather of {n} cells failed on {self.device}")
-        flat = np.empty(size * sum(self.rows[:count]), np.uint8)
+        flat = self._host.get(size * sum(self.rows[:count]))
         lib.ggml_backend_tensor_get(g.out, flat.ctypes.data, 0, flat.nbytes)
         return flat, offsets
 
@@ -130,6 +135,7 @@ class RowGather:
         return _Graph(ctx, idx, graph, out, (out_buf, idx_buf))
 
     def close(self) -> None:
+        self._host.drop()
         for g in self._graphs.values():
             for b in g.buffers:
                 self._lib.ggml_backend_buffer_free(b)

@@ -198,8 +198,8 @@ class Context:
         self._n_vocab = model.n_vocab
         self._pinned = model.n_gpu_layers != 0 and os.environ.get("ASRKF_EDGE_STAGING", "1") != "0"
         self._reuse = os.environ.get("ASRKF_EDGE_STAGING", "1") != "0"
-        self._stage = _Reused(self._pinned)  # state copies out (pinned with a GPU)
-        self._blob = _Reused(False)  # blobs built for state_set (pinned measured slower there: docs/gpu.md)
+        self._stage = Reused(self._pinned)  # state copies out (pinned with a GPU)
+        self._blob = Reused(self._pinned)  # blobs built for state_set, uploaded from where they are built
 
     def close(self) -> None:
         self._stage.drop()  # views handed out keep their memory alive
@@ -262,10 +262,11 @@ class Context:
         return self._stage.get(nbytes) if self._reuse else host_array(nbytes, self._pinned)
 
     def blob_buffer(self, nbytes: int) -> np.ndarray:
-        """Reused ordinary memory of ``nbytes`` to build a blob for :meth:`state_set` in (not zeroed). A fresh
-        zeroed array per thaw faulted its pages in while the rows were copied: on the CPU, 400-token thaws went
-        from 2.2 to 3.3-3.7 GB/s without them (docs/RESULTS.md, seventh session)."""
-        if not self._reuse or nbytes > _BLOB_REUSE_MAX:  # a resume or a turn's reselection: once, not kept
+        """Reused memory of ``nbytes`` (page-locked with a GPU) to build a blob for :meth:`state_set` in (not
+        zeroed). A fresh zeroed array per thaw faulted its pages in while the rows were copied: on the CPU,
+        400-token thaws went from 2.2 to 3.3-3.7 GB/s without them (docs/RESULTS.md, seventh session). Callers land
+        at most ``BLOB_REUSE_MAX`` bytes a blob (:meth:`Session._land`)."""
+        if not self._reuse or nbytes > BLOB_REUSE_MAX:
             return np.empty(nbytes, np.uint8)
         return self._blob.get(nbytes)
 
@@ -451,11 +452,11 @@ def host_array(nbytes: int, pinned: bool) -> np.ndarray:
     return np.frombuffer(raw, np.uint8)
 
 
-_BLOB_REUSE_MAX = 32 << 20  # a decode-time thaw (64 tokens of the 8B shape: 8.4 MB) fits
+BLOB_REUSE_MAX = 32 << 20  # a decode-time thaw (64 tokens of the 8B shape: 8.4 MB) fits; larger ones land in parts
 
 
-class _Reused:
-    """One host buffer handed out again and again (its pages stay faulted in), grown by doubling; a new one is
+class Reused:
+    """One host buffer (page-locked when ``pinned``) handed out again and again (its pages stay faulted in), grown by doubling; a new one is
     made only while a view of the last is still alive somewhere (its reference count says so)."""
 
     def __init__(self, pinned: bool) -> None:

@@ -27,7 +27,7 @@ from .cells import DUMMY_POS, LANE, CellMap
 from .errors import LlamaError, OutOfCellsError
 from .gather import RowGather
 from .kvcopy import Side, blob_side, copy_rows, empty_blob
-from .llama import SCRATCH_SEQ, Context, ContextConfig, Model
+from .llama import BLOB_REUSE_MAX, SCRATCH_SEQ, Context, ContextConfig, Model
 from .store import FrozenStore
 
 if TYPE_CHECKING:
@@ -292,8 +292,21 @@ class Session:
         ``positions[i]`` lands in cell ``targets[i]``; each source ``(side, rows, idx)`` supplies rows ``rows``
         of ``side`` for ``positions[idx]``. The blob is padded with dummy cells in the order llama.cpp's slot
         search visits free cells (:meth:`CellMap.plan_restore`), loaded into the scratch sequence and
-        copied to sequence 0.
+        copied to sequence 0. More cells than a reused blob buffer holds (``BLOB_REUSE_MAX``) land in parts, in
+        the order of llama.cpp's search: a resume or a large thaw needs no blob of its whole size, whose fresh pages
+        would be faulted in while it is built.
         """
+        per = max(1, BLOB_REUSE_MAX // layout.bytes_per_cell)
+        if len(targets) > per:
+            plan = self.cells.plan_restore(targets)
+            real, where, sources = plan[plan >= 0], np.full(len(positions), -1, np.int64), list(sources)
+            for a in range(0, len(real), per):
+                part = real[a : a + per]
+                where[part] = np.arange(len(part))
+                parts = [(side, rows[where[idx] >= 0], where[idx][where[idx] >= 0]) for side, rows, idx in sources]
+                self._land(layout, positions[part], targets[part], parts)
+                where[part] = -1
+            return
         order = self.cells.plan_restore(targets) if len(targets) else np.full(pad, -1, np.int64)
         n, real = len(order), order >= 0
         pos = np.where(real, positions[np.maximum(order, 0)] if len(positions) else 0, DUMMY_POS + np.arange(n))
@@ -533,7 +546,8 @@ class Session:
         if len(positions) == 0:
             return
         t0 = time.perf_counter()
-        if not self._freeze_gathered(positions):
+        positions = self._freeze_gathered(positions)
+        if len(positions):
             self._cp_at(0, SCRATCH_SEQ, positions)
             try:
                 cells = self.cells.cells_of(SCRATCH_SEQ)
@@ -552,44 +566,49 @@ class Session:
         self.freeze_events += 1
         self.freeze_seconds += time.perf_counter() - t0
 
-    def _freeze_gathered(self, positions: np.ndarray) -> bool:
+    def _freeze_gathered(self, positions: np.ndarray) -> np.ndarray:
         """Freeze with the K and V rows gathered on the cache's device (:mod:`.gather`) straight into the store, no
         scratch sequence or state blob: one transfer however scattered the cells (the state API makes one per run
-        of cells, layer, K and V). False where the state API must do it: V transposed (flash attention off), the
+        of cells, layer, K and V), per ``RowGather.MAX_CELLS`` cells. Returns the positions left for the state API:
+        all of them where it must do it: V transposed (flash attention off), the
         cache's tensors not known yet, a device that cannot gather, or a cache on the CPU with fewer than
         ``_CPU_GATHER_RUNS`` runs of cells (measured on 2 EPYC cores, default model, benchmarks/freeze_thaw.py
         --flash-attn [--gather]: 400 cells in a row 4.9-5.4 µs a token through the state API, 6.7-8.8 gathered;
         60 scattered cells 0.78-0.85 ms against 0.58-0.66)."""
         gather = self._gatherer()
-        if gather is None or not self.ctx.cfg.flash_attn:
-            return False
         pos = np.unique(np.asarray(positions, np.int64))
+        if gather is None or not self.ctx.cfg.flash_attn:
+            return pos
         cells = self.cells_of(pos)
         if gather.device == "CPU" and len(runs(np.sort(cells))) < _CPU_GATHER_RUNS:
-            return False
+            return pos
         layout = self._gathered
         assert layout is not None
         if self.store is not None and self.store.layout != layout:
-            return False
+            return pos
         self.ctx.synchronize()  # the gather runs on a stream of its own
-        try:
-            flat, offsets = gather.gather(cells)
-        except ValueError as e:  # this device cannot: the state API from now on
-            log.info("KV rows copied through llama.cpp's state API: %s", e)
-            self._drop_gather()
-            return False
-        n_layer = layout.n_layer
-        side = Side(flat, offsets[:n_layer], offsets[n_layer:], len(pos), False, layout.k_row, layout.v_row)
-        if self.store is None:
-            self.store = FrozenStore(layout, self._store_dir, self._keep)
-        self.store.put(pos, np.asarray(self.tokens, np.int32)[pos], side, np.arange(len(pos)))
-        if self.on_copy is not None:
-            rows = gather.split(flat, offsets, len(pos))
-            self.on_copy(pos, blobfmt.Parsed(layout, pos.astype(np.int32), rows[:n_layer], rows[n_layer:]))
-        for p, c in zip(pos.tolist(), cells.tolist(), strict=True):
-            self._left[p] = c
-        self._rm_at(0, pos)
-        return True
+        n_layer, tokens = layout.n_layer, np.asarray(self.tokens, np.int32)
+        for a in range(0, len(pos), gather.MAX_CELLS):  # each part frozen whole: stored, then out of the cache
+            part, at = pos[a : a + gather.MAX_CELLS], cells[a : a + gather.MAX_CELLS]
+            try:
+                flat, offsets = gather.gather(at)
+            except ValueError as e:  # this device cannot: the state API from now on
+                log.info("KV rows copied through llama.cpp's state API: %s", e)
+                self._drop_gather()
+                return pos[a:]
+            side = Side(flat, offsets[:n_layer], offsets[n_layer:], len(part), False, layout.k_row, layout.v_row)
+            if self.store is None:
+                self.store = FrozenStore(layout, self._store_dir, self._keep)
+            self.store.put(part, tokens[part], side, np.arange(len(part)))
+            if self.on_copy is not None:
+                rows = gather.split(flat, offsets, len(part))
+                self.on_copy(part, blobfmt.Parsed(layout, part.astype(np.int32), rows[:n_layer], rows[n_layer:]))
+                del rows
+            del flat, side  # the gather's reused buffer serves the next part only once no view of it is left
+            for p, c in zip(part.tolist(), at.tolist(), strict=True):
+                self._left[p] = c
+            self._rm_at(0, part)
+        return pos[:0]
 
     def _gatherer(self) -> RowGather | None:
         """The gather over every layer's K then V cache tensor, made once the capture has seen them; None before,

@@ -11,6 +11,7 @@ import pytest
 from tiny_gguf import write_tiny_llama
 
 from asrkf_edge import AsrKf, Engine, Full, Streaming
+from asrkf_edge import session as session_mod
 from asrkf_edge.chat import chat_cells
 from asrkf_edge.errors import PromptTooLongError, SessionFileError
 from asrkf_edge.generate import _StopMatcher
@@ -134,8 +135,11 @@ def test_resume_continues_exactly_with_dropping_policies(tiny, tmp_path: Path, p
         _continue_equals_resume(tiny, chat, tmp_path, "pass key of the sky", 12)
 
 
-@pytest.mark.parametrize("policy", ["asrkf", "asrkf-recall"])
-def test_resume_continues_exactly_real_model(real, tmp_path: Path, policy: str):
+@pytest.mark.parametrize(("policy", "part"), [("asrkf", None), ("asrkf-recall", None), ("asrkf", 40)])
+def test_resume_continues_exactly_real_model(real, tmp_path: Path, policy: str, part: int | None, monkeypatch):
+    """``part``: a reused blob holds that many cells, so the resume and the thaws land in parts."""
+    if part:
+        monkeypatch.setattr(session_mod, "BLOB_REUSE_MAX", part * real.model.n_layer * 768)  # 768 bytes a layer
     with real.chat("You are a helpful assistant.", policy=policy, budget=96, ctx=2048) as chat:
         chat.send("Name three colors of the rainbow. " * 20, max_tokens=24)
         assert chat.kv_stats()["frozen_tokens"] > 0

@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
 from asrkf_edge import OutOfCellsError, StoreError
+from asrkf_edge import session as session_mod
 
 TEXT = (
     "The history of the printing press begins in the fifteenth century. Johannes Gutenberg combined movable "
@@ -48,7 +49,10 @@ def never_frozen(real, base, tail):
         return probe(ref, tail)
 
 
-def test_thaw_into_same_cells_is_exact(real, doc):
+@pytest.mark.parametrize("part", [None, 150])
+def test_thaw_into_same_cells_is_exact(real, doc, part, monkeypatch):
+    """A range frozen and thawed gives the never-frozen logits; more cells than the reused blob holds (``part``
+    cells of it here) land in parts, one upload run each, to the same bits."""
     base, tail = doc[:1100], doc[1100:1108]
     want = never_frozen(real, base, tail)
     with real.session(2048) as s:
@@ -59,10 +63,12 @@ def test_thaw_into_same_cells_is_exact(real, doc):
         frozen = s.eval(tail[:1])
         assert np.abs(frozen - want[0]).max() > 0.1  # the range really left attention
         s.rewind(1)  # drop the probe token again
+        if part:
+            monkeypatch.setattr(session_mod, "BLOB_REUSE_MAX", part * s.bytes_per_token)
         assert s.thaw(200, 600) == 400
         got = probe(s, tail)
         assert s.kv_stats().thaw_events == 1
-        assert s.kv_stats().upload_runs == 1  # 400 cells in a row: one copy per layer and K/V
+        assert s.kv_stats().upload_runs == (3 if part else 1)  # 400 cells in a row: one copy per layer and K/V
     assert np.abs(got - want).max() <= 1e-6
 
 
@@ -287,15 +293,19 @@ def test_store_saved_as_segments_reads_back_into_slots(real, doc, tmp_path):
         FrozenStore.from_state(state, tmp_path / "again")
 
 
-@pytest.mark.parametrize("use_native", [True, False])
-def test_a_freeze_gathered_on_the_device_stores_what_the_state_api_does(real, doc, use_native, monkeypatch):
+@pytest.mark.parametrize(("use_native", "part"), [(True, None), (False, None), (True, 3)])
+def test_a_freeze_gathered_on_the_device_stores_what_the_state_api_does(real, doc, use_native, part, monkeypatch):
     """With the capture's view of the KV tensors (flash attention on), a freeze gathers its K and V rows on the
     cache's device straight into the store, without the scratch sequence: the store then holds the bytes a freeze
     through llama.cpp's state API holds and a thaw of everything is exact (native capture and its Python twin
-    alike)."""
+    alike; ``part``: the gather takes that many cells at a time, each part stored from its reused buffer)."""
     from asrkf_edge import capture as capture_mod
     from asrkf_edge.capture import CaptureSpec
+    from asrkf_edge.gather import RowGather
     from asrkf_edge.session import Session
+
+    if part:
+        monkeypatch.setattr(RowGather, "MAX_CELLS", part)
 
     native = capture_mod.native.load
     if not use_native:

@@ -42,7 +42,12 @@ def test_blob_rebuilt_byte_for_byte(tiny, flash_attn):
 @pytest.mark.parametrize("v_trans", [False, True])
 @pytest.mark.parametrize("v_el", [1, 2, 4])  # the native piece has its own loops for 2- and 4-byte elements
 @pytest.mark.parametrize("store", ["slots", "segments"])  # the store's slots, format 2's segments
-def test_native_matches_numpy(v_trans, v_el, store):
+@pytest.mark.parametrize("threads", [1, 3])  # a large copy is split over threads, rows apart
+def test_native_matches_numpy(v_trans, v_el, store, threads, monkeypatch):
+    from asrkf_edge import kvcopy
+
+    monkeypatch.setattr(kvcopy, "_THREADS", threads)
+    monkeypatch.setattr(kvcopy, "_PARALLEL_MIN", 1)
     rng = np.random.default_rng(0)
     layout = blobfmt.Layout(n_layer=3, k_type=1, k_row=16, v_type=1, v_row=24, v_trans=v_trans, v_el=v_el)
     n_src, n_dst = 45, 61
