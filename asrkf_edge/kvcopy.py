@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import ctypes
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache
+from typing import TypeVar
 
 import numpy as np
 
@@ -88,6 +90,7 @@ def _load_native() -> ctypes.CDLL | None:
     return lib
 
 
+T = TypeVar("T")
 _lib = _load_native()
 _POPULATE_MIN = 1 << 20  # bytes moved from which pre-faulting both buffers pays for the system call
 # Threads a large copy is split over, rows apart, and the bytes each must move at least. 400 tokens of the
@@ -99,6 +102,17 @@ _PARALLEL_MIN = 4 << 20
 @cache
 def _pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(_THREADS, thread_name_prefix="asrkf-copy")
+
+
+def split_map(fn: Callable[[int, int], T], n: int, nbytes: int) -> list[T]:
+    """``fn(a, b)`` over consecutive parts of ``range(n)``: one part, or one per thread (up to ``_THREADS``) where
+    ``nbytes`` (what all of ``n`` moves) gives each at least ``_PARALLEL_MIN``. ``fn`` must let go of the GIL
+    (a ctypes call, a hash of a large buffer) for the parts to run side by side."""
+    parts = max(1, min(_THREADS, nbytes // _PARALLEL_MIN, n))
+    if parts == 1:
+        return [fn(0, n)]
+    cut = [n * i // parts for i in range(parts + 1)]
+    return list(_pool().map(fn, cut[:-1], cut[1:]))
 
 
 def native_available() -> bool:
@@ -167,10 +181,4 @@ def copy_rows(src: Side, dst: Side, src_rows: np.ndarray, dst_rows: np.ndarray, 
             layout.n_layer, layout.k_row, layout.v_row, layout.v_el if (src.v_trans or dst.v_trans) else 0,
         )
 
-    n = len(src_rows)
-    parts = min(_THREADS, moved // _PARALLEL_MIN) if n > 1 else 1
-    if parts <= 1:
-        run(0, n)
-        return
-    cut = [n * i // parts for i in range(parts + 1)]  # ctypes lets go of the GIL: the parts copy side by side
-    list(_pool().map(run, cut[:-1], cut[1:]))
+    split_map(run, len(src_rows), moved)  # ctypes lets go of the GIL: the parts copy side by side

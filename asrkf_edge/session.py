@@ -26,7 +26,7 @@ from .capture import Capture, CaptureSpec
 from .cells import DUMMY_POS, LANE, CellMap
 from .errors import LlamaError, OutOfCellsError
 from .gather import RowGather
-from .kvcopy import Side, blob_side, copy_rows, empty_blob
+from .kvcopy import Side, blob_side, copy_rows, empty_blob, k_view, v_view
 from .llama import BLOB_REUSE_MAX, SCRATCH_SEQ, Context, ContextConfig, Model
 from .store import FrozenStore
 
@@ -310,9 +310,14 @@ class Session:
         order = self.cells.plan_restore(targets) if len(targets) else np.full(pad, -1, np.int64)
         n, real = len(order), order >= 0
         pos = np.where(real, positions[np.maximum(order, 0)] if len(positions) else 0, DUMMY_POS + np.arange(n))
-        raw = empty_blob(layout, pos, SCRATCH_SEQ, self.ctx.blob_buffer(layout.blob_size(n)), zero=not real.all())
+        raw = empty_blob(layout, pos, SCRATCH_SEQ, self.ctx.blob_buffer(layout.blob_size(n)), zero=not real.any())
         if real.any():
             dst = blob_side(raw, layout, n)
+            if not real.all():  # dummies hold zeros, not a reused buffer's old bytes; zeroing all 32 MB took 2 ms
+                dummy = np.flatnonzero(~real)
+                for layer in range(layout.n_layer):
+                    k_view(dst, layout, layer)[dummy] = 0
+                    v_view(dst, layout, layer)[dummy] = 0
             slot = np.empty(len(positions), np.int64)
             slot[order[real]] = np.flatnonzero(real)
             for side, rows, idx in sources:

@@ -26,11 +26,12 @@ import xxhash
 
 from .blob import Layout
 from .errors import StoreError
-from .kvcopy import Side, copy_rows, k_view, segment_side, slot_side
+from .kvcopy import Side, copy_rows, k_view, segment_side, slot_side, split_map
 
 _SLOT_ALIGN = 64
 _MIN_ARENA = 64 << 20  # bytes of the first arena file; later ones double, up to _MAX_ARENA
 _MAX_ARENA = 1 << 30
+_GIL_FREE_HASH = 65536  # bytes from which xxhash 4.1 hashes a buffer with the GIL let go (XXHASH_GIL_MINSIZE)
 
 
 def digest(buf: np.ndarray | memoryview) -> int:
@@ -81,9 +82,17 @@ class Arena:
             self._top += len(ids)
 
     def hashes(self, slots: np.ndarray) -> np.ndarray:
-        """The hash of each of these slots' token bytes (uint64)."""
+        """The hash of each of these slots' token bytes (uint64). Slots of more than 64 KB (the LLaMA-3-8B shape's
+        are 128 KB) are hashed without the GIL by xxhash, so many of them are split over threads: a third of a
+        400-token thaw of that shape on an H100's host went to hashing on one thread (docs/gpu.md)."""
         n, step = self._token_bytes, self.slot_bytes
-        return np.array([digest(self._bytes[s * step : s * step + n]) for s in slots.tolist()], np.uint64)
+        ids = slots.tolist()
+
+        def part(a: int, b: int) -> list[int]:
+            return [digest(self._bytes[s * step : s * step + n]) for s in ids[a:b]]
+
+        free = n > _GIL_FREE_HASH
+        return np.array([h for p in split_map(part, len(ids), len(ids) * n if free else 0) for h in p], np.uint64)
 
 
 class FrozenStore:

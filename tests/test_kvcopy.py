@@ -90,3 +90,28 @@ def test_plan_restore_lands_on_targets():
         order = m.plan_restore(targets)
         landed = m.find_slot(len(order))
         assert np.array_equal(landed[order >= 0], targets[order[order >= 0]])
+
+
+def test_large_slots_hash_the_same_on_threads(tmp_path, monkeypatch):
+    """Slots over 64 KB are hashed on several threads: the same hashes as one thread, and a damaged slot is still
+    found on read."""
+    from asrkf_edge import kvcopy
+    from asrkf_edge.errors import StoreError
+    from asrkf_edge.store import FrozenStore
+
+    layout = blobfmt.Layout(n_layer=2, k_type=1, k_row=20000, v_type=1, v_row=20000, v_trans=False, v_el=0)
+    n = 9
+    src = blob_side(np.random.default_rng(2).integers(0, 255, layout.blob_size(n), dtype=np.uint8), layout, n)
+    got = []
+    for threads in (1, 3):
+        monkeypatch.setattr(kvcopy, "_THREADS", threads)
+        monkeypatch.setattr(kvcopy, "_PARALLEL_MIN", 1)
+        store = FrozenStore(layout, tmp_path / f"t{threads}")
+        store.put(np.arange(n), np.zeros(n, np.int32), src, np.arange(n))
+        arena = next(iter(store._arenas.values()))
+        got.append(arena.hashes(np.arange(n)))
+        arena.mm[store._slot[7] * store.slot_bytes + 5] ^= 1
+        with pytest.raises(StoreError, match="corrupt"):
+            store.read(np.arange(n))
+        store.close()
+    assert np.array_equal(got[0], got[1]) and len(set(got[0].tolist())) == n
