@@ -452,7 +452,9 @@ def host_array(nbytes: int, pinned: bool) -> np.ndarray:
     return np.frombuffer(raw, np.uint8)
 
 
-BLOB_REUSE_MAX = 32 << 20  # a decode-time thaw (64 tokens of the 8B shape: 8.4 MB) fits; larger ones land in parts
+# Bytes of the largest blob built in reused memory: thaws land in parts of half of it, the rest room for padding cells
+# (a part of 256 tokens of the LLaMA-3-8B shape is 32 MB; a decode-time thaw of 64 tokens, 8.4 MB).
+BLOB_REUSE_MAX = 64 << 20
 
 
 class Reused:

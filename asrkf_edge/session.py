@@ -292,11 +292,12 @@ class Session:
         ``positions[i]`` lands in cell ``targets[i]``; each source ``(side, rows, idx)`` supplies rows ``rows``
         of ``side`` for ``positions[idx]``. The blob is padded with dummy cells in the order llama.cpp's slot
         search visits free cells (:meth:`CellMap.plan_restore`), loaded into the scratch sequence and
-        copied to sequence 0. More cells than a reused blob buffer holds (``BLOB_REUSE_MAX``) land in parts, in
+        copied to sequence 0. More cells than half a reused blob buffer holds (``BLOB_REUSE_MAX``) land in parts, in
         the order of llama.cpp's search: a resume or a large thaw needs no blob of its whole size, whose fresh pages
         would be faulted in while it is built.
         """
-        per = max(1, BLOB_REUSE_MAX // layout.bytes_per_cell)
+        empty = layout.blob_size(0)
+        per = max(1, (BLOB_REUSE_MAX // 2 - empty) // (layout.blob_size(1) - empty))  # the rest: room for padding
         if len(targets) > per:
             plan = self.cells.plan_restore(targets)
             real, where, sources = plan[plan >= 0], np.full(len(positions), -1, np.int64), list(sources)

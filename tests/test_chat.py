@@ -139,7 +139,7 @@ def test_resume_continues_exactly_with_dropping_policies(tiny, tmp_path: Path, p
 def test_resume_continues_exactly_real_model(real, tmp_path: Path, policy: str, part: int | None, monkeypatch):
     """``part``: a reused blob holds that many cells, so the resume and the thaws land in parts."""
     if part:
-        monkeypatch.setattr(session_mod, "BLOB_REUSE_MAX", part * real.model.n_layer * 768)  # 768 bytes a layer
+        monkeypatch.setattr(session_mod, "BLOB_REUSE_MAX", 2 * part * real.model.n_layer * 768)  # 768 bytes a layer
     with real.chat("You are a helpful assistant.", policy=policy, budget=96, ctx=2048) as chat:
         chat.send("Name three colors of the rainbow. " * 20, max_tokens=24)
         assert chat.kv_stats()["frozen_tokens"] > 0

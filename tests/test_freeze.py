@@ -64,7 +64,7 @@ def test_thaw_into_same_cells_is_exact(real, doc, part, monkeypatch):
         assert np.abs(frozen - want[0]).max() > 0.1  # the range really left attention
         s.rewind(1)  # drop the probe token again
         if part:
-            monkeypatch.setattr(session_mod, "BLOB_REUSE_MAX", part * s.bytes_per_token)
+            monkeypatch.setattr(session_mod, "BLOB_REUSE_MAX", 2 * s.store.layout.blob_size(part))
         assert s.thaw(200, 600) == 400
         got = probe(s, tail)
         assert s.kv_stats().thaw_events == 1
