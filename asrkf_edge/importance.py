@@ -613,7 +613,7 @@ class Importance:
         self.flash_attn = flash_attn
         self.gamma, self.weight = (1.0 - 1.0 / window, 1.0 / window) if decay else (1.0, 1.0)
         self.scale = 1.0 / float(np.sqrt(model.head_dim))
-        self.parallel = model.n_gpu_layers != 0  # the CPU cores idle while the GPU decodes: score on all of them
+        self.parallel = model.offloaded  # the CPU cores idle while the GPU decodes: score on all of them
         self._scores = np.zeros(1024, np.float32)
         self.background = self.parallel  # fold on a worker thread while the GPU decodes the next token
         self.split = self.parallel and flash_attn and self.sparse and self.stride > 1 and cuda_graphs()

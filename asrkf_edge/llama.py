@@ -101,6 +101,11 @@ class Model:
         tmpl = L.llama_model_chat_template(ptr, None)
         self.chat_template: bytes | None = tmpl if tmpl else None
 
+    @property
+    def offloaded(self) -> bool:
+        """Whether layers were asked onto a GPU (``n_gpu_layers`` not 0): the CPU then idles while a decode runs."""
+        return self.n_gpu_layers != 0
+
     def close(self) -> None:
         if self.ptr:
             L.llama_model_free(self.ptr)
@@ -196,7 +201,7 @@ class Context:
         self.mem = L.llama_get_memory(ptr)
         self._batch = L.llama_batch_init(self.n_batch, 0, 1)
         self._n_vocab = model.n_vocab
-        self._pinned = model.n_gpu_layers != 0 and os.environ.get("ASRKF_EDGE_STAGING", "1") != "0"
+        self._pinned = model.offloaded and os.environ.get("ASRKF_EDGE_STAGING", "1") != "0"
         self._reuse = os.environ.get("ASRKF_EDGE_STAGING", "1") != "0"
         self._stage = Reused(self._pinned)  # state copies out (pinned with a GPU)
         self._blob = Reused(self._pinned)  # blobs built for state_set, uploaded from where they are built

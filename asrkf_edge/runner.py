@@ -52,7 +52,7 @@ class Runner:
 
     def __init__(self, model: Model, policy: Policy, cells: int, *, flash_attn: bool = False, n_batch: int = 512,
                  store_dir: str | Path | None = None) -> None:
-        if isinstance(policy, AsrKf) and policy.recalls and model.n_gpu_layers != 0:
+        if isinstance(policy, AsrKf) and policy.recalls and model.offloaded:
             log.info("recall lends rows through the cache's host memory: %s runs as asrkf with layers on a GPU", policy.name)
             policy = policy.without_recall()
         self.policy = policy
@@ -75,7 +75,7 @@ class Runner:
         if policy.attention is not None or policy.reversible:
             layers = policy.capture_layers(model.n_layer)
             fold = policy.fold_layers
-            if model.n_gpu_layers != 0 and policy.gpu_fold_layers is not None:
+            if model.offloaded and policy.gpu_fold_layers is not None:
                 fold = policy.gpu_fold_layers  # where each decode is cut at the scored layers
             self._importance = Importance(model, layers, policy.window, flash_attn, decay=policy.attention == "ema",
                                           mirror_keys=policy.reversible, stride=policy.observe_every,
