@@ -94,7 +94,8 @@ T = TypeVar("T")
 _lib = _load_native()
 _POPULATE_MIN = 1 << 20  # bytes moved from which pre-faulting both buffers pays for the system call
 # Threads a large copy is split over, rows apart, and the bytes each must move at least. 400 tokens of the
-# LLaMA-3-8B shape (52 MB) from store slots into a blob, 2-core Xeon: 12.7-13.0 GB/s on one thread, 15-20 on two.
+# LLaMA-3-8B shape (52 MB) from store slots into a blob, 2-core EPYC: 12.7-13.0 GB/s on one thread, 15-20 on two; on
+# an H100's 16-core host, 400-token freezes of that shape 43.7-47.4 -> 28.2-29.1 us a token (docs/gpu.md).
 _THREADS = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 _PARALLEL_MIN = 4 << 20
 
