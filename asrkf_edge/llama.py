@@ -463,8 +463,9 @@ BLOB_REUSE_MAX = 64 << 20
 
 
 class Reused:
-    """One host buffer (page-locked when ``pinned``) handed out again and again (its pages stay faulted in), grown by doubling; a new one is
-    made only while a view of the last is still alive somewhere (its reference count says so)."""
+    """One host buffer (page-locked when ``pinned``) handed out again and again (its pages stay faulted in), grown
+    by doubling; a new one is made only while a view of the last is still alive somewhere (its reference count says
+    so)."""
 
     def __init__(self, pinned: bool) -> None:
         self.pinned = pinned

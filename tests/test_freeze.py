@@ -68,7 +68,7 @@ def test_thaw_into_same_cells_is_exact(real, doc, part, monkeypatch):
         assert s.thaw(200, 600) == 400
         got = probe(s, tail)
         assert s.kv_stats().thaw_events == 1
-        assert s.kv_stats().upload_runs == (3 if part else 1)  # 400 cells in a row: one copy per layer and K/V
+        assert s.kv_stats().upload_runs == (3 if part else 1)  # cells in a row: one copy per layer and K/V a part
     assert np.abs(got - want).max() <= 1e-6
 
 
