@@ -59,10 +59,21 @@ class RowGather:
         self._host = Reused(pinned=self.device != "CPU")
         self._graphs: dict[tuple[int, int], _Graph] = {}
 
-    def __call__(self, cells: np.ndarray, count: int | None = None) -> list[np.ndarray]:
-        """The first ``count`` tensors' (default all) rows of ``cells``, each uint8 [len(cells), row bytes] in their
-        order. ValueError where the device cannot run the gather (found when a first graph is built) or it failed."""
-        return self.split(*self.gather(cells, count), len(cells))
+    def __call__(self, cells: np.ndarray, count: int | None = None) -> np.ndarray:
+        """The first ``count`` tensors' (default all) rows of ``cells`` as one array, uint8 [count, len(cells), row
+        bytes], rows in the order of ``cells`` (a view of :meth:`gather`'s buffer); those tensors' rows must be as
+        long. One array, so that a caller copies every layer at once: the key mirror took 8 newest tokens of 32
+        layers one layer at a time in 227 us, at once in 9 (2-core EPYC). ValueError where the device cannot run the
+        gather (found when a first graph is built) or it failed."""
+        count = len(self.rows) if count is None else count
+        r, n = self.rows[0], len(cells)
+        if any(x != r for x in self.rows[:count]):
+            raise ValueError("tensors whose rows differ in length")
+        flat, offsets = self.gather(cells, count)
+        if n == 0:
+            return np.zeros((count, 0, r), np.uint8)
+        per = int(offsets[1]) // r if count > 1 else n  # rows each tensor has in the buffer (padded up to a power of 2)
+        return flat[: count * per * r].reshape(count, per, r)[:, :n]
 
     def split(self, flat: np.ndarray, offsets: np.ndarray, n: int) -> list[np.ndarray]:
         """Each tensor's ``n`` rows (uint8 [n, row bytes]) inside a buffer :meth:`gather` returned."""

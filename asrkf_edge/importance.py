@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import platform
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import cache
 from typing import TypeVar
@@ -24,7 +24,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from .blob import Parsed, rows_as_f16
+from .blob import GGML_F16, Parsed, rows_as_f16
 from .capture import Capture, CaptureSpec
 from .llama import Model, cuda_graphs
 
@@ -491,17 +491,19 @@ _scratch = threading.local()
 def entropy(logits: np.ndarray) -> float:
     """Shannon entropy (nats) of softmax(logits), in float32 through NumPy's vectorised exp: checked every decode
     step while anything is frozen, it took 0.47 ms on 49k logits as a float64 loop and takes 0.09 (128k: 1.26 ->
-    0.21), within 1e-6 of the float64 reference on logits of scale 1-10 (this Xeon). Its two float32 temporaries
-    are kept per thread: fresh ones of 128k logits (512 KB, mapped anew by malloc each time) had their pages
-    faulted in on every step: 138 -> 97 us on a 2-core Xeon; on an H100 host 0.23-0.30 -> 0.21 ms a token (docs/gpu.md)."""
+    0.21), within 1e-6 of the float64 reference on logits of scale 1-10 (this Xeon). Its float32 temporaries are
+    kept per thread: fresh ones of 128k logits (512 KB, mapped anew by malloc each time) had their pages faulted
+    in on every step: 138 -> 97 us on a 2-core Xeon; on an H100 host 0.23-0.30 -> 0.21 ms a token (docs/gpu.md).
+    The sum of the exponentials is a BLAS dot with ones: a float64 sum of float32 took 41 of 159 us on 128k
+    logits, the dot 10 (2-core EPYC; the same 2e-6 of the reference)."""
     x = np.asarray(logits, np.float32)
     bufs = getattr(_scratch, "entropy", None)
     if bufs is None or len(bufs[0]) != len(x):
-        bufs = _scratch.entropy = (np.empty(len(x), np.float32), np.empty(len(x), np.float32))
-    d, e = bufs
+        bufs = _scratch.entropy = (np.empty(len(x), np.float32), np.empty(len(x), np.float32), np.ones(len(x), np.float32))
+    d, e, ones = bufs
     np.subtract(x, x.max(), out=d)
     np.exp(d, out=e)
-    z = float(e.sum(dtype=np.float64))
+    z = float(np.dot(e, ones))
     return float(np.log(z) - float(np.dot(e, d)) / z)
 
 
@@ -565,6 +567,28 @@ class QueryWindow:
 # tracker -----------------------------------------------------------------------------------------
 
 
+class _Held(Future[T]):
+    """A worker job's future whose job is handed to the worker later (:meth:`Importance.flush`): waiting for it
+    hands it over first."""
+
+    def __init__(self, flush: Callable[[], None]) -> None:
+        super().__init__()
+        self._flush = flush
+
+    def result(self, timeout: float | None = None) -> T:
+        self._flush()
+        return super().result(timeout)
+
+    def run(self, job: Callable[..., T], args: tuple[object, ...]) -> None:
+        """On the worker: ``job(*args)`` into this future."""
+        if not self.set_running_or_notify_cancel():
+            return
+        try:
+            self.set_result(job(*args))
+        except BaseException as e:  # handed to whoever waits, as ThreadPoolExecutor does
+            self.set_exception(e)
+
+
 @cache
 def _worker() -> ThreadPoolExecutor:
     """The one thread that runs background folds (each tracker waits only for its own)."""
@@ -618,6 +642,7 @@ class Importance:
         self.background = self.parallel  # fold on a worker thread while the GPU decodes the next token
         self.split = self.parallel and flash_attn and self.sparse and self.stride > 1 and cuda_graphs()
         self._pending: list[tuple[Future[object], bool, int]] = []  # worker jobs, oldest first: (job, folds, upto)
+        self._held: list[tuple[_Held[object], Callable[..., object], tuple[object, ...]]] = []  # not yet handed over
         self._upto = 0  # the pending jobs read keys and write scores of positions below this
         self._seen = 0  # positions decoded so far
         self.generation = 0
@@ -723,12 +748,22 @@ class Importance:
     def _queue(self, job: Callable[..., T], folds: bool, q: np.ndarray, qpos: np.ndarray, kpos: np.ndarray,
                *args: object) -> Future[T]:
         """Run ``job(q, qpos, kpos, *args)`` on the worker thread, after the jobs queued before it (``folds``: it
-        writes the scores)."""
-        done = _worker().submit(job, q, qpos, kpos, *args)
+        writes the scores). The worker gets it at the next decode (:meth:`flush`) or when it is first waited for."""
+        done: _Held[T] = _Held(self.flush)
+        self._held.append((done, job, (q, qpos, kpos, *args)))
         upto = max(int(qpos.max(initial=-1)) + 1, int(kpos.max(initial=-1)) + 1)
         self._pending.append((done, folds, upto))
         self._upto = max(self._upto, upto)
         return done
+
+    def flush(self) -> None:
+        """Hand the queued jobs to the worker; the runner calls it just before each decode. Inside llama.cpp's call
+        this thread has let go of the GIL, so the job's Python runs beside it; handed over at once, the worker took
+        the GIL from this thread's policy work instead: the next NumPy call after each hand-over waited 0.40 ms on
+        average (2-core EPYC, the tracker as on a GPU, 128k vocabulary, 32 layers)."""
+        held, self._held = self._held, []
+        for done, job, args in held:
+            _worker().submit(done.run, job, args)
 
     def _wait(self, folds_only: bool = False) -> None:
         """Finish the jobs on the worker thread: all of them before a kernel runs here (Numba's thread pool takes
@@ -750,18 +785,28 @@ class Importance:
         """Fill the mirror from KV rows copied out of the cache (a freeze or a read-back)."""
         self.on_keys(pos, parsed.k, parsed.layout.k_type)
 
-    def on_keys(self, pos: np.ndarray, rows: list[np.ndarray], k_type: int) -> None:
-        """Fill the mirror from K rows of every model layer (uint8 [n, row bytes] of ggml type ``k_type``) of the
-        positions ``pos``; positions already known keep their rows."""
+    def on_keys(self, pos: np.ndarray, rows: Sequence[np.ndarray], k_type: int) -> None:
+        """Fill the mirror from K rows of every model layer (``rows[layer]``: uint8 [n, row bytes] of ggml type
+        ``k_type``) of the positions ``pos``; positions already known keep their rows. Rows in one f16 array
+        [layers, n, row bytes] (a read-back) go in with one copy, a run of new positions as a slice."""
         if not self.mirror_keys:
             return
         self._grow(int(pos.max()) + 1)
         miss = np.flatnonzero(~self.known[pos])
         if not len(miss):
             return
-        for i, layer in enumerate(self.layers):
-            self.keys[i, pos[miss]] = rows_as_f16(rows[layer][miss], k_type)
-        self.known[pos[miss]] = True
+        at = pos[miss]
+        if isinstance(rows, np.ndarray) and k_type == GGML_F16:
+            src = rows if self.layers == tuple(range(len(rows))) else rows[list(self.layers)]
+            src = (src if len(miss) == len(pos) else src[:, miss]).view(np.float16)
+            if at[-1] - at[0] + 1 == len(at) and bool(np.all(np.diff(at) == 1)):  # a run (the newest tokens)
+                self.keys[:, at[0] : at[-1] + 1] = src
+            else:
+                self.keys[:, at] = src
+        else:
+            for i, layer in enumerate(self.layers):
+                self.keys[i, at] = rows_as_f16(rows[layer][miss], k_type)
+        self.known[at] = True
 
     def ensure_keys(self, positions: np.ndarray) -> None:
         """Read back the keys of these positions that the mirror lacks (decoded while not captured). It need not

@@ -231,6 +231,7 @@ class Runner:
     # hooks the session calls
     def _before_decode(self, session: Session, pos0: int, n: int) -> None:
         assert self._importance is not None and session.capture is not None
+        self._importance.flush()
         session.capture.enabled = self._importance.wants(pos0, n)
         session.capture.split = self._importance.split and n == 1
 

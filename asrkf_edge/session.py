@@ -519,9 +519,9 @@ class Session:
             self._rm(SCRATCH_SEQ)
         return parsed
 
-    def read_keys(self, positions: np.ndarray) -> tuple[np.ndarray, list[np.ndarray], int] | None:
+    def read_keys(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, int] | None:
         """Every layer's K rows of these active positions, gathered from llama.cpp's K cache on its device and
-        copied to the host at once: (positions, per layer uint8 [n, row bytes] in that order, ggml type). A
+        copied to the host at once: (positions, uint8 [layers, n, row bytes] in that order, ggml type). A
         :meth:`peek` copies V too, through the scratch sequence, one copy per run of cells, layer, K and V. None
         until the capture knows the cache's tensors (a first decode), or without a capture."""
         gather = self._gatherer()

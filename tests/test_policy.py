@@ -210,6 +210,23 @@ def test_a_decode_of_new_positions_does_not_wait_for_the_background_work(tiny) -
         assert job.result()
 
 
+def test_background_work_is_handed_to_the_worker_at_the_next_decode(tiny) -> None:
+    """A queued job waits for the next decode (llama.cpp's call lets go of the GIL, so the job's Python does not
+    take it from the policy's work), or for the first to wait on it."""
+    text = "the sky is blue and the grass is green " * 40
+    with Runner(tiny.model, AsrKf(min_cache=64), 160, flash_attn=True) as run:
+        imp = run.importance
+        imp.background = True
+        run.prefill(tiny.tokenize(text)[:400])
+        started = threading.Event()
+        job = imp._queue(lambda q, qpos, kpos: started.set() or 7, False, np.zeros(1), np.array([1]), np.array([0]))
+        assert not started.wait(0.2) and not job.running() and not job.done()
+        run.decode(int(np.argmax(run.logits())))
+        assert started.wait(10) and job.result() == 7
+        job = imp._queue(lambda q, qpos, kpos: 8, False, np.zeros(1), np.array([1]), np.array([0]))
+        assert job.result(timeout=10) == 8  # waited for before any decode: handed over then
+
+
 def test_a_background_re_evaluation_lands_later_with_the_inline_judgement(tiny) -> None:
     """With the layers on a GPU a decode step's re-evaluation queues its host attention on the worker thread and
     lands ``reeval_lag`` steps later; its attention mass is the one the inline computation gives for the same
