@@ -235,12 +235,17 @@ class Context:
         """Wait until llama.cpp's queued work on its backends is done."""
         L.llama_synchronize(self.ptr)
 
-    def logits(self, i: int = -1) -> np.ndarray:
-        """A float32 copy of the logits of output row ``i`` of the last decode."""
+    def logits(self, i: int = -1, copy: bool = True) -> np.ndarray:
+        """The float32 logits of output row ``i`` of the last decode: a copy, or (``copy=False``) a read-only view of
+        llama.cpp's buffer, valid until the next decode (a copy of 128k logits cost 0.07 ms on an H100's host)."""
         ptr = L.llama_get_logits_ith(self.ptr, i)
         if not ptr:
             raise _fail(f"no logits for output {i}")
-        return np.ctypeslib.as_array(ptr, shape=(self._n_vocab,)).copy()
+        out = np.ctypeslib.as_array(ptr, shape=(self._n_vocab,))
+        if copy:
+            return out.copy()
+        out.flags.writeable = False
+        return out
 
     # memory (sequence) operations
     def seq_rm(self, seq: int, p0: int, p1: int) -> None:

@@ -121,7 +121,7 @@ class Runner:
         if self._prompt_from is None:
             self._prompt_from = self.session.n_logical
         self._reserve(len(tokens) + rest)
-        self.session.eval(tokens, rest=rest)
+        self.session.feed(tokens, rest=rest)
         if not final:
             return
         fresh, self._prompt_from = self._prompt_from == 0, None
@@ -131,7 +131,7 @@ class Runner:
             self._start()
             self.session.add_counts(first)
             self._reserve(len(prompt))
-            self.session.eval(prompt)
+            self.session.feed(prompt)
         t0 = time.perf_counter()
         self.policy.after_prompt(self)
         self.policy_seconds += time.perf_counter() - t0
@@ -146,11 +146,12 @@ class Runner:
         t0 = time.perf_counter()
         self.policy.before_token(self, token)
         self.policy_seconds += time.perf_counter() - t0
-        self.session.eval([token])
+        self.session.feed([token])
         self._settle()
 
     def logits(self) -> np.ndarray:
-        return self.session.ctx.logits()
+        """Logits of the next token: a read-only view of llama.cpp's buffer, valid until the next decode."""
+        return self.session.ctx.logits(copy=False)
 
     def redecode(self) -> None:
         """Decode the newest token again so its logits see the cache as it is now."""
@@ -174,7 +175,7 @@ class Runner:
             recall = self.session.recall
             step = recall.max_rows if recall is not None and recall.usable and recall.in_short_decodes else len(tokens)
             for i in range(0, len(tokens), step):
-                self.session.eval(tokens[i : i + step])
+                self.session.feed(tokens[i : i + step])
         finally:
             self._quiet = False
 

@@ -340,6 +340,12 @@ class Session:
         With ``all_logits`` the result is [len(tokens), n_vocab], one row per token. ``rest``: tokens of the same
         prompt that later calls bring (recall's prompt tail counts them).
         """
+        rows = self.feed(tokens, all_logits, rest)
+        return np.stack(rows) if all_logits else self.ctx.logits()
+
+    def feed(self, tokens: Sequence[int], all_logits: bool = False, rest: int = 0) -> list[np.ndarray]:
+        """:meth:`eval` without copying out the last token's logits (the runner reads them where it needs them);
+        with ``all_logits`` each token's, in order."""
         if len(tokens) == 0:
             raise ValueError("eval needs at least one token")
         rows = []
@@ -373,7 +379,7 @@ class Session:
                 self.on_decode(self, pos0, len(chunk))
             if all_logits:
                 rows += [self.ctx.logits(j) for j in range(len(chunk))]
-        return np.stack(rows) if all_logits else self.ctx.logits()
+        return rows
 
     def refresh(self) -> int:
         """Recompute the KV of tokens decoded while something was frozen, now that nothing is.
@@ -396,7 +402,7 @@ class Session:
             self._freeze_positions(misplaced)
             self._restore(misplaced)
         for a, b in zip(bounds, bounds[1:], strict=False):  # same batches as before: same rounding
-            self.eval(redo[a - start : b - start])
+            self.feed(redo[a - start : b - start])
         return len(redo)
 
     def rewind(self, n: int) -> list[int]:

@@ -64,7 +64,7 @@ class PolicyContext(Protocol):
         """Mask of positions that must stay active (sinks and the recent window)."""
 
     def logits(self) -> np.ndarray:
-        """Logits of the next token as the newest decode left them."""
+        """Logits of the next token as the newest decode left them (read-only, valid until the next decode)."""
 
     def freeze(self, positions: np.ndarray) -> int:
         """Move these active positions to the store (protected ones stay); returns how many moved."""
