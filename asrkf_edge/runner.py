@@ -240,7 +240,7 @@ class Runner:
         t0 = time.perf_counter()
         self.step += not self._quiet  # a step is a token read, not one read again
         if self._importance is not None:
-            self._importance.observe(session.cell_positions(), pos0, n, fold_scores=not self._quiet)
+            self._importance.observe(session.cell_positions, pos0, n, fold_scores=not self._quiet)
         t1 = time.perf_counter()
         self.observe_seconds += t1 - t0
         if not self._quiet:

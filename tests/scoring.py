@@ -14,7 +14,7 @@ def observed_scores(model: Model, imp: Importance, tokens: list[int], batch: int
     """Read ``tokens[:batch]`` in one decode, the rest one decode each, folding attention into ``imp``;
     returns the scores of those positions."""
     with Session(model, 512, flash_attn=imp.flash_attn, capture=imp.spec(),
-                 on_decode=lambda s, p, n: imp.observe(s.cell_positions(), p, n)) as sess:
+                 on_decode=lambda s, p, n: imp.observe(s.cell_positions, p, n)) as sess:
         imp.capture = sess.capture
         sess.eval(tokens[:batch])
         for t in tokens[batch:]:

@@ -302,7 +302,7 @@ def test_softmax_capture_agrees_with_host_attention(which, request) -> None:
     checks = []
 
     def on_decode(sess, pos0, n):
-        imp.observe(sess.cell_positions(), pos0, n)
+        imp.observe(sess.cell_positions, pos0, n)
         cells = sess.cell_positions()
         held = np.flatnonzero(cells >= 0)
         probs = np.mean([imp.capture.probs(i).mean(axis=0) for i in layers], axis=0)[:, held]

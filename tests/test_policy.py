@@ -192,10 +192,10 @@ def test_a_decode_of_new_positions_does_not_wait_for_the_background_work(tiny) -
         kpos = sess.active_positions()
         job = imp._queue(held, True, np.zeros(1), np.array([run.n_logical - 1]), kpos)
         sess.capture.enabled = False  # as on a decode step that is not observed
-        imp.observe(sess.cell_positions(), run.n_logical, 1)
+        imp.observe(sess.cell_positions, run.n_logical, 1)
         assert not job.done()
         threading.Timer(0.2, go.set).start()
-        imp.observe(sess.cell_positions(), run.n_logical - 1, 1, fold_scores=False)  # read again: waits
+        imp.observe(sess.cell_positions, run.n_logical - 1, 1, fold_scores=False)  # read again: waits
         assert job.done() and job.result()
         job = imp._queue(held, True, np.zeros(1), np.array([run.n_logical - 1]), kpos)
         go.clear()
