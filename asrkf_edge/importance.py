@@ -485,26 +485,40 @@ def fold_reference(scores: np.ndarray, mass: np.ndarray, kpos: np.ndarray, qpos:
         scores[p] = np.float32(gamma) * scores[p] + np.float32(weight) * mass[r, seen]
 
 
-_scratch = threading.local()
-
-
 def entropy(logits: np.ndarray) -> float:
-    """Shannon entropy (nats) of softmax(logits), in float32 through NumPy's vectorised exp: checked every decode
-    step while anything is frozen, it took 0.47 ms on 49k logits as a float64 loop and takes 0.09 (128k: 1.26 ->
-    0.21), within 1e-6 of the float64 reference on logits of scale 1-10 (this Xeon). Its float32 temporaries are
-    kept per thread: fresh ones of 128k logits (512 KB, mapped anew by malloc each time) had their pages faulted
-    in on every step: 138 -> 97 us on a 2-core Xeon; on an H100 host 0.23-0.30 -> 0.21 ms a token (docs/gpu.md).
-    The sum of the exponentials is a BLAS dot with ones: a float64 sum of float32 took 41 of 159 us on 128k
-    logits, the dot 10 (2-core EPYC; the same 2e-6 of the reference)."""
-    x = np.asarray(logits, np.float32)
-    bufs = getattr(_scratch, "entropy", None)
-    if bufs is None or len(bufs[0]) != len(x):
-        bufs = _scratch.entropy = (np.empty(len(x), np.float32), np.empty(len(x), np.float32), np.ones(len(x), np.float32))
-    d, e, ones = bufs
-    np.subtract(x, x.max(), out=d)
-    np.exp(d, out=e)
-    z = float(np.dot(e, ones))
-    return float(np.log(z) - float(np.dot(e, d)) / z)
+    """Shannon entropy (nats) of softmax(logits): NumPy's max, then one fused pass of a vectorised exp. Checked every
+    decode while anything is frozen, so it sits on every token's path: NumPy's subtract, exp and two dots took 83 us
+    on 128k logits (0.19-0.24 ms inside an H100 host's decodes, docs/gpu.md); this takes 22 (49k: 42 -> 9), within
+    2e-6 of the float64 reference (2-core EPYC). Logits of -inf (banned tokens) count as zero probability; NumPy's
+    version gave NaN there."""
+    x = np.ascontiguousarray(logits, np.float32)
+    return float(_entropy_pass(x, x.max()))
+
+
+_LOG2E, _LN2_HI, _LN2_LO = np.float32(1.4426950408889634), np.float32(0.693145751953125), np.float32(1.428606765330187e-06)
+
+
+@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract", "nsz", "arcp"}, error_model="numpy")
+def _entropy_pass(x: np.ndarray, m: np.float32) -> float:
+    """log Z - sum(e^d d) / Z over d = x - m, with e^d as 2^k p(r) (Cody-Waite reduction, a degree-6 Taylor polynomial,
+    relative error < 2e-7 on |r| <= ln2/2) so that LLVM vectorises the loop: Numba's exp is a scalar libm call here
+    (no SVML). d is clamped at -87, where e^d ~ 1.6e-38 is still a normal float32 and nothing next to Z >= 1."""
+    z = np.float32(0.0)
+    s = np.float32(0.0)
+    for i in range(len(x)):
+        d = max(x[i] - m, np.float32(-87.0))
+        k = np.floor(d * _LOG2E + np.float32(0.5))
+        r = d - k * _LN2_HI - k * _LN2_LO
+        p = np.float32(1.0 / 720.0) * r + np.float32(1.0 / 120.0)
+        p = p * r + np.float32(1.0 / 24.0)
+        p = p * r + np.float32(1.0 / 6.0)
+        p = p * r + np.float32(0.5)
+        p = p * r + np.float32(1.0)
+        p = p * r + np.float32(1.0)
+        e = p * _as_float(np.uint32(np.int32(k) + np.int32(127)) << np.uint32(23))
+        z += e
+        s += e * d
+    return np.log(np.float64(z)) - np.float64(s) / np.float64(z)
 
 
 def entropy_reference(logits: np.ndarray) -> float:
@@ -592,7 +606,14 @@ class _Held(Future[T]):
 @cache
 def _worker() -> ThreadPoolExecutor:
     """The one thread that runs background folds (each tracker waits only for its own)."""
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="asrkf-fold")
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="asrkf-fold", initializer=_spare_a_core)
+
+
+def _spare_a_core() -> None:
+    """The worker's parallel folds run on all of Numba's threads but one (the setting is per calling thread): they run
+    during llama.cpp's decode, whose thread spins on the GPU's synchronisations, and on all 16 cores of an H100 host
+    that decode call grew by up to 0.1 ms a token (docs/gpu.md, twenty-sixth session)."""
+    numba.set_num_threads(max(1, numba.get_num_threads() - 1))
 
 
 class Importance:

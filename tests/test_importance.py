@@ -143,6 +143,9 @@ def test_kernels_match_numpy_references() -> None:
                    np.zeros(7, np.float32)):
         assert abs(entropy(logits) - entropy_reference(logits)) < 1e-5
     assert abs(entropy(np.zeros(7, np.float32)) - np.log(7)) < 1e-6
+    banned = rng.standard_normal(1000).astype(np.float32) * 3
+    banned[::3] = -np.inf  # a logit bias that bans tokens: zero probability, not NaN
+    assert abs(entropy(banned) - entropy_reference(banned)) < 1e-5
 
 
 def _captured(engine, use_native: bool, tokens: list[int], flash_attn: bool = False):
