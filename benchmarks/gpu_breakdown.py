@@ -6,7 +6,8 @@ Usage: python benchmarks/gpu_breakdown.py MODEL.gguf --lengths 4096 16384 --runs
 
 Each variant is [label, policy, field overrides] (a dict for a dataclass field: {"entropy": {"rise": 0}}); the
 overrides ``_background`` and ``_split`` set the tracker's
-background fold and split capture (both on by default when the layers are on a GPU). Prompts are random token ids,
+background fold and split capture (both on by default when the layers are on a GPU), ``_fold_threads`` the Numba
+threads of the background fold (by default all but one). Prompts are random token ids,
 the same for every variant of one run and length (seeded by both), so variants compare paired. Every layer goes to
 the GPU when there is one (``--allow-cpu`` runs it on the CPU); flash attention is on unless ``--no-flash-attn``
 (then the decayed score folds llama.cpp's own softmax instead of attention computed on the host). Prints a line
@@ -28,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numba
 import numpy as np
 
 from asrkf_edge import Engine, importance, llama, session
@@ -79,6 +81,10 @@ def run_variant(eng: Engine, policy: str, over: dict[str, Any], n: int, n_decode
     each hook, with ``hooks``)."""
     over = dict(over)
     background, split = over.pop("_background", None), over.pop("_split", None)
+    threads = over.pop("_fold_threads", None)
+    kept = importance._worker().submit(numba.get_num_threads).result()
+    if threads is not None:
+        importance._worker().submit(numba.set_num_threads, int(threads)).result()
     toks = [int(t) for t in np.random.default_rng(seed * 100_003 + n).integers(300, eng.model.n_vocab, n)]
     pol = make_policy(policy, **over)
     with eng.runner(pol, budget_cells(pol, budget if pol.bounded else None, n, n_decode)) as run:
@@ -118,6 +124,7 @@ def run_variant(eng: Engine, policy: str, over: dict[str, Any], n: int, n_decode
             wall = time.perf_counter() - t0
             restore(saved)
         after = run.stats().as_dict()
+    importance._worker().submit(numba.set_num_threads, kept).result()
     ms = 1e3 / n_decode
     extra = {"hooks": {k: [v[0] * ms, int(v[1])] for k, v in sorted(per_hook.items(), key=lambda kv: -kv[1][0])}} if hooks else {}
     return {"tok_s": n_decode / wall, "ms_tok": wall * ms,
