@@ -92,6 +92,23 @@ def test_plan_restore_lands_on_targets():
         assert np.array_equal(landed[order >= 0], targets[order[order >= 0]])
 
 
+def test_find_slot_takes_the_first_free_cells_in_llama_cpp_s_search_order():
+    """The near-head shortcut gives what the whole ring-order scan gives, whether the cells are near or not."""
+    rng = np.random.default_rng(3)
+    for _ in range(500):
+        size = int(rng.integers(1, 1200))
+        m = CellMap(size)
+        m.seqs[:] = rng.random(size) < rng.random()
+        m.head = int(rng.integers(0, size + 1))
+        n = int(rng.integers(1, 400))
+        order = m.free_order(m.search_start(n))
+        if len(order) < n:
+            with pytest.raises(ValueError):
+                m.find_slot(n)
+        else:
+            assert np.array_equal(m.find_slot(n), order[:n])
+
+
 def test_large_slots_hash_the_same_on_threads(tmp_path, monkeypatch):
     """Slots over 64 KB are hashed on several threads: the same hashes as one thread, and a damaged slot is still
     found on read."""
