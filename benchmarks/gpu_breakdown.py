@@ -42,7 +42,8 @@ _HOOKS = [(importance.Importance, "observe"),
           (importance.Importance, "ensure_keys"), (asrkf.AsrKf, "after_decode"), (asrkf.AsrKf, "after_logits"),
           (asrkf.AsrKf, "_swap_in"), (asrkf.AsrKf, "_judge"), (asrkf.AsrKf, "_relevance_job"),
           (session.Session, "_freeze_positions"), (session.Session, "_restore"), (session.Session, "make_room"),
-          (session.Session, "cell_positions"), (asrkf.EntropyMonitor, "observe")]
+          (session.Session, "cell_positions"), (asrkf.EntropyMonitor, "observe"),
+          (importance._Held, "result")]  # this thread waiting for a background job (a landing's host attention)
 
 
 def hook_timers(spent: dict[str, list[float]]) -> list[tuple[type, str, Any]]:
