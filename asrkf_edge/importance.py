@@ -910,12 +910,21 @@ class Importance:
             done.set_result(self.mass(q, qpos, kpos, layers))
             return done
         self.ensure_keys(kpos)
-        return self._queue(self._mass, False, np.array(q), qpos.copy(), kpos, layers, self.mirror())
+        q, picks = self._picked(q, layers)  # the job gets a copy of the scored layers' rows, not of every layer's
+        return self._queue(self._mass_of, False, np.array(q), qpos.copy(), kpos, picks, self.mirror())
+
+    def _picked(self, q: np.ndarray, layers: tuple[int, ...] | None) -> tuple[np.ndarray, np.ndarray | None]:
+        """``q`` cut to ``layers`` (indices into the tracker's layers) and the key layer of each row, or as it is."""
+        if layers is not None and len(layers) < len(self.layers):
+            return q[list(layers)], np.asarray(layers, np.int64)
+        return q, None
 
     def _mass(self, q: np.ndarray, qpos: np.ndarray, kpos: np.ndarray, layers: tuple[int, ...] | None,
               keys: np.ndarray | None = None) -> np.ndarray:
         """``keys``: the mirror as a queued job found it (a later growth replaces the array, not the rows)."""
-        picks = None
-        if layers is not None and len(layers) < len(self.layers):
-            q, picks = q[list(layers)], np.asarray(layers, np.int64)
+        q, picks = self._picked(q, layers)
+        return self._mass_of(q, qpos, kpos, picks, keys)
+
+    def _mass_of(self, q: np.ndarray, qpos: np.ndarray, kpos: np.ndarray, picks: np.ndarray | None,
+                 keys: np.ndarray | None = None) -> np.ndarray:
         return attention_mass(q, qpos, self.mirror() if keys is None else keys, kpos, self.scale, self.parallel, picks)

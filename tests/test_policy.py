@@ -346,7 +346,7 @@ def test_the_trigger_s_check_is_computed_once_per_query_and_in_the_background_be
             pol, imp = run.policy, run.importance
             imp.background = background
             run.prefill(tiny.tokenize(text)[:400])
-            checks, ready, mass, after_logits = [], [], imp._mass, pol.after_logits
+            checks, ready, mass, after_logits = [], [], imp._mass_of, pol.after_logits
 
             def counted(q, qpos, kpos, *a, mass=mass, checks=checks):
                 if len(qpos) == 1 and np.array_equal(np.sort(kpos[kpos <= qpos[0]]), np.arange(qpos[0] + 1)):
@@ -358,7 +358,7 @@ def test_the_trigger_s_check_is_computed_once_per_query_and_in_the_background_be
                 ready.append(pol._check is not None and pol._check[:2] == key)
                 after_logits(ctx)
 
-            imp._mass, pol.after_logits = counted, spike
+            imp._mass_of, pol.after_logits = counted, spike
             toks, logits = greedy(run, 40)
             imp._wait()
             seen[background, share] = (toks, logits, [(r.step, r.ranges) for r in pol.recoveries], checks, ready)
