@@ -9,9 +9,7 @@ set -o pipefail
 export PYTHONUNBUFFERED=1
 T0=$(date +%s)
 el() { echo $(( $(date +%s) - T0 )); }
-bash benchmarks/gpu_build.sh .gpu/land 2>&1 | tail -4 | tee "$OUT/build.log" || exit 1
-mkdir -p /tmp/m
-test -f /tmp/m/llama8b.gguf || PYTHONPATH=/tmp/site python3 benchmarks/gpu_make_model.py /tmp/m/llama8b.gguf | tail -1
+bash benchmarks/gpu_prepare.sh .gpu/land | tee "$OUT/build.log" || exit 1
 echo "model at $(el) s"
 B="python3 benchmarks/gpu_breakdown.py /tmp/m/llama8b.gguf --lengths 16384 --runs 3 --decode 256 --hooks"
 PYTHONPATH=/tmp/site:. timeout $(( 420 - $(el) )) $B --variants '[["full","full",{}],["asrkf","asrkf",{}]]' --json "$OUT/head.json" > "$OUT/head.log" 2>&1
