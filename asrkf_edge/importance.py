@@ -911,7 +911,8 @@ class Importance:
             return done
         self.ensure_keys(kpos)
         q, picks = self._picked(q, layers)  # the job gets a copy of the scored layers' rows, not of every layer's
-        return self._queue(self._mass_of, False, np.array(q), qpos.copy(), kpos, picks, self.mirror())
+        q = q if picks is not None else np.array(q)  # picking copied them already
+        return self._queue(self._mass_of, False, q, qpos.copy(), kpos, picks, self.mirror())
 
     def _picked(self, q: np.ndarray, layers: tuple[int, ...] | None) -> tuple[np.ndarray, np.ndarray | None]:
         """``q`` cut to ``layers`` (indices into the tracker's layers) and the key layer of each row, or as it is."""
