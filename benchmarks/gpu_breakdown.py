@@ -32,7 +32,7 @@ from typing import Any
 import numba
 import numpy as np
 
-from asrkf_edge import Engine, importance, llama, session
+from asrkf_edge import Engine, gather, importance, llama, session, store
 from asrkf_edge.policies import asrkf, make_policy
 from asrkf_edge.runner import budget_cells
 
@@ -43,7 +43,11 @@ _HOOKS = [(importance.Importance, "observe"),
           (asrkf.AsrKf, "_swap_in"), (asrkf.AsrKf, "_judge"), (asrkf.AsrKf, "_relevance_job"),
           (session.Session, "_freeze_positions"), (session.Session, "_restore"), (session.Session, "make_room"),
           (session.Session, "cell_positions"), (asrkf.EntropyMonitor, "observe"),
-          (importance._Held, "result")]  # this thread waiting for a background job (a landing's host attention)
+          (importance._Held, "result"),  # this thread waiting for a background job (a landing's host attention)
+          # inside a freeze and a thaw: the device gather, the store's write and read, the mirror's fill, the upload
+          (gather.RowGather, "gather"), (store.FrozenStore, "put"), (store.FrozenStore, "read"),
+          (store.Arena, "hashes"), (importance.Importance, "on_keys"), (llama.Context, "state_set"),
+          (llama.Context, "synchronize"), (session.Session, "_rm_at"), (session.Session, "_land")]
 
 
 def hook_timers(spent: dict[str, list[float]]) -> list[tuple[type, str, Any]]:
