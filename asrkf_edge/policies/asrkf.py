@@ -112,6 +112,14 @@ class AsrKf(ScoringPolicy):
     recoveries in those runs). Mean KLD over four texts as on a GPU (context 2000, 128 tokens, budget 0.35) 0.0628
     against 0.0620 (2 layers: 0.0771). Not on the CPU, where it buys no speed: a chat whose replies the model writes
     (benchmarks/chat_turns.py, flash attention off, 16 cases) gave 1 answer with 4 layers against 4 with 8 (full 3).
+    loan: decode steps after a question's reselection at which up to ``recover_tokens`` of the tokens it froze come
+    back where the reading's decayed score prefers them (:meth:`_repay`; 0: the question's set and scores stay).
+    Measured (benchmarks/kld_variants.py, context 2000, 128 tokens, 0.35, 2-core EPYC; twenty-ninth session) mean
+    KLD over the bench's text and five licences 0.0652 -> 0.0515 (on a GPU's path, --gpu-mode, GFDL-1.3 / MPL-2.0
+    0.104 / 0.113 -> 0.054 / 0.090); the bench's needle, multi-turn and passkey answers as before at 1k-4k.
+    Repaid over the question's picks too (not pinned): the same KLD (0.060) but a 1k multi-turn answer lost, its
+    fact 18 tokens into the reply; what left judged by the newest rows' attention instead: less gained (MPL-2.0
+    0.103 against 0.088); the question choosing only a share of the budget: needle 1k 9 -> 7 at a quarter.
     read_twice: a prompt that did not fit is read a second time keeping, from the moment each is read, the
     ``keep_share`` of the budget its question scored highest (:meth:`read_again`; the policy ``asrkf-twice``). Off
     by default: it doubles the prompt's reading time (4k: 11.2 -> 21.6 s median on 2 EPYC cores) for one more
