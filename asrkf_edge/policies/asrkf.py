@@ -116,7 +116,7 @@ class AsrKf(ScoringPolicy):
     back where the reading's decayed score prefers them (:meth:`_repay`; 0: the question's set and scores stay).
     Measured (benchmarks/kld_variants.py, context 2000, 128 tokens, 0.35, 2-core EPYC; twenty-ninth session) mean
     KLD over the bench's text and five licences 0.0652 -> 0.0515 (on a GPU's path, --gpu-mode, GFDL-1.3 / MPL-2.0
-    0.104 / 0.113 -> 0.054 / 0.090); the bench's needle, multi-turn and passkey answers as before at 1k-4k.
+    0.104 / 0.113 -> 0.054 / 0.090); the bench's needle and multi-turn answers as before at 1k-4k, passkey at 1k.
     Repaid over the question's picks too (not pinned): the same KLD (0.060) but a 1k multi-turn answer lost, its
     fact 18 tokens into the reply; what left judged by the newest rows' attention instead: less gained (MPL-2.0
     0.103 against 0.088); the question choosing only a share of the budget: needle 1k 9 -> 7 at a quarter.
@@ -212,15 +212,19 @@ class AsrKf(ScoringPolicy):
         return [r.as_dict() for r in self.recoveries]
 
     def state(self) -> dict[str, Any]:
+        loan = self._loan  # due at a decode of one token: a short reply's may fall due when the next turn is read
         return {"ledger": self._ledger.state(), "monitor": self._monitor.state(),
-                "recoveries": [r.as_dict() for r in self.recoveries]}
+                "recoveries": [r.as_dict() for r in self.recoveries],
+                "loan": None if loan is None else {"at": loan.at, "positions": loan.positions, "scores": loan.scores}}
 
     def load_state(self, state: dict[str, Any]) -> None:
         self._ledger.load_state(state["ledger"])
         self._monitor.load_state(state["monitor"])
         self.recoveries = [Recovery.from_dict(d) for d in state["recoveries"]]
         self._check = None
-        self._loan = None
+        loan = state.get("loan")  # saves before the loan have none
+        self._loan = None if loan is None else _Loan(int(loan["at"]), np.asarray(loan["positions"], np.int64),
+                                                     np.asarray(loan["scores"], np.float64))
 
     # eviction under a hard budget
     def score(self, ctx: PolicyContext, positions: np.ndarray) -> np.ndarray:
@@ -268,7 +272,7 @@ class AsrKf(ScoringPolicy):
 
     def after_prompt(self, ctx: PolicyContext) -> None:
         self._ledger.release_held()
-        self._loan = None  # a new question: the last one's loan is void (so a saved chat resumes the same)
+        self._loan = None  # a new question: the last one's loan is void
         if self.question and ctx.n_frozen:
             self.reselect(ctx)
 
