@@ -374,20 +374,28 @@ class AsrKf(ScoringPolicy):
         loan, self._loan = self._loan, None
         assert loan is not None
         still = np.isin(loan.positions, ctx.frozen())
-        order = np.argsort(-loan.scores[still], kind="stable")
+        order = np.argsort(-loan.scores[still], kind="stable")[: self.recover_tokens]
         back, value = loan.positions[still][order], loan.scores[still][order]
         act = ctx.active()
-        movable = act[~ctx.protected(act) & ~self._ledger.is_pinned(act, ctx.step) & (act < ctx.n_logical - 1)]
-        held = ctx.importance.of(movable)
-        weakest = np.argsort(held, kind="stable")
+        self._exchange(ctx, act, ctx.importance.of(act), back, value, 0)
+
+    def _exchange(self, ctx: PolicyContext, act: np.ndarray, held: np.ndarray, back: np.ndarray, gain: np.ndarray,
+                  pin: int) -> np.ndarray:
+        """Frozen ``back`` (best first, each worth ``gain``) come back, the i-th into a free cell or in place of the
+        i-th weakest by ``held`` (one value per ``act``) of the active tokens that may leave (not protected, not
+        pinned, not the newest), only where it beats it; the first that does not, stops the rest. What came back
+        scores its ``gain``. Returns it (best first)."""
+        movable = np.flatnonzero(~ctx.protected(act) & ~self._ledger.is_pinned(act, ctx.step) & (act < ctx.n_logical - 1))
+        weakest = movable[np.argsort(held[movable], kind="stable")]
         free = max(0, ctx.budget - len(act) - 1)  # the token decoded next needs a cell
-        k = winners(value[: self.recover_tokens], held[weakest], free)
-        out = movable[weakest[: max(0, k - free)]]
+        k = winners(gain, held[weakest], free)
+        out = act[weakest[: max(0, k - free)]]
         if len(out):
-            ctx.freeze(np.sort(out))
+            ctx.freeze(out)
             self._ledger.frozen(out, ctx.step)
-        self._thaw(ctx, np.sort(back[:k]), 0, redecode=False)
-        ctx.importance.scores[back[:k]] = value[:k]
+        self._thaw(ctx, back[:k], pin, redecode=False)
+        ctx.importance.scores[back[:k]] = gain[:k]
+        return back[:k]
 
     def finish(self, ctx: PolicyContext) -> None:
         if self._judging is not None:
@@ -504,19 +512,7 @@ class AsrKf(ScoringPolicy):
         want = order[: min(int(np.searchsorted(np.cumsum(cur_frozen[order]), self.trigger_cover * share)) + 1,
                            self.recover_tokens)]
         value = np.maximum(imp.of(act), cur_act) if self.swap_against == "max" else cur_act
-        movable = np.flatnonzero(~ctx.protected(act) & ~self._ledger.is_pinned(act, ctx.step) & (act < ctx.n_logical - 1))
-        weakest = movable[np.argsort(value[movable], kind="stable")]
-        free = max(0, ctx.budget - len(act) - 1)  # the token decoded next needs a cell
-        k = winners(cur_frozen[want], value[weakest], free)
-        if k == 0:
-            return np.zeros(0, np.int64), share
-        back, out = frozen[want[:k]], act[weakest[: max(0, k - free)]]
-        if len(out):
-            ctx.freeze(out)
-            self._ledger.frozen(out, ctx.step)
-        self._thaw(ctx, back, self.pin, redecode=False)
-        imp.scores[back] = cur_frozen[want[:k]]
-        return np.sort(back), share
+        return np.sort(self._exchange(ctx, act, value, frozen[want], cur_frozen[want], self.pin)), share
 
     def _climb(self, ctx: PolicyContext, h: float, threshold: float) -> None:
         """The entropy ladder: relevant frozen ranges, then the recent window, then as much as fits."""
