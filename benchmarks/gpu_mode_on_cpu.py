@@ -13,20 +13,24 @@ import argparse
 import json
 from typing import Any
 
-from asrkf_edge import Engine, importance
+from asrkf_edge import Engine, importance, llama
 from asrkf_edge.bench.suites import Plan, needle_suite, passkey_suite
 
 
 def gpu_mode() -> None:
-    """Make every tracker made from now on run as on a CUDA GPU (its kernels stay serial: no GPU's cores idle)."""
+    """Make every runner and tracker made from now on run as with the layers on a CUDA GPU: the policies' GPU settings
+    (``gpu_fold_layers``, no recall), background fold and split capture. The tracker's kernels
+    stay serial (no GPU's cores idle here)."""
     make = importance.Importance.__init__
 
     def init(self: importance.Importance, *a: Any, **k: Any) -> None:
         make(self, *a, **k)
+        self.parallel = False
         self.background = True
         self.split = self.flash_attn and self.sparse and self.stride > 1
 
     importance.Importance.__init__ = init  # type: ignore[method-assign]
+    llama.Model.offloaded = property(lambda self: True)  # type: ignore[method-assign, assignment]
 
 
 def main() -> None:
