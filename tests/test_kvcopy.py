@@ -132,3 +132,25 @@ def test_large_slots_hash_the_same_on_threads(tmp_path, monkeypatch):
             store.read(np.arange(n))
         store.close()
     assert np.array_equal(got[0], got[1]) and len(set(got[0].tolist())) == n
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_0"])
+def test_quantized_key_rows_read_as_gguf_dequantizes_them(kind):
+    """The key mirror reads q8_0 and q4_0 cache rows (blocks of 32 values, an f16 scale each) as gguf's reference
+    dequantization does, to the bit once rounded to f16."""
+    import warnings
+
+    from gguf import GGMLQuantizationType, quants
+
+    t = getattr(GGMLQuantizationType, kind)
+    block = {"Q8_0": 34, "Q4_0": 18}[kind]
+    rng = np.random.default_rng(3)
+    raw = rng.integers(0, 256, (50, 6 * block), dtype=np.uint8)
+    scales = rng.uniform(-0.05, 0.05, (50, 6)).astype(np.float16)
+    for b in range(6):
+        raw[:, b * block : b * block + 2] = scales[:, b : b + 1].view(np.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = quants.dequantize(raw, t).astype(np.float16)
+    got = blobfmt.rows_as_f16(raw, int(t))
+    assert got.shape == (50, 192) and np.array_equal(got, want)

@@ -624,13 +624,14 @@ def test_reading_the_prompt_twice_keeps_what_its_question_needs(real) -> None:
 
 
 @pytest.mark.real
-def test_asrkf_over_a_q8_0_cache(real) -> None:
-    """asrkf-q8_0: llama.cpp's q8_0 rows in the active cache and the store, copied as they are: it answers a
-    needle case as asrkf over f16 does, in 34/64 of the bytes per token."""
+@pytest.mark.parametrize("name, k_type, share", [("asrkf-q8_0", 8, 34 / 64), ("asrkf-q4_0", 2, 18 / 64)])
+def test_asrkf_over_a_quantized_cache(real, name: str, k_type: int, share: float) -> None:
+    """asrkf-q8_0 and asrkf-q4_0: llama.cpp's quantized rows in the active cache and the store, copied as they are:
+    each answers a needle case as asrkf over f16 does, in 34/64 or 18/64 of the bytes per token."""
     case = needle(real, 1000, 0.5, 2)
     f16 = real.generate(case.prompt, 24, policy="asrkf", budget=0.35, chat=False)
-    q8 = real.runner("asrkf-q8_0", budget_cells(make_policy("asrkf-q8_0"), 0.35, case.n_tokens, 24))
-    with q8 as run:
+    quantized = real.runner(name, budget_cells(make_policy(name), 0.35, case.n_tokens, 24))
+    with quantized as run:
         run.prefill(real.tokenize(case.prompt, add_bos=real.model.add_bos))
         sampler = Sampler()
         try:
@@ -638,9 +639,9 @@ def test_asrkf_over_a_q8_0_cache(real) -> None:
         finally:
             sampler.close()
         st = run.stats()
-        assert run.session.store is not None and run.session.store.layout.k_type == 8  # GGML_TYPE_Q8_0 rows frozen
+        assert run.session.store is not None and run.session.store.layout.k_type == k_type  # its rows frozen as they are
     assert case.correct(f16.text) and case.correct(text)
-    assert st.kv_bytes_per_token == pytest.approx(f16.stats.kv.kv_bytes_per_token * 34 / 64)
+    assert st.kv_bytes_per_token == pytest.approx(f16.stats.kv.kv_bytes_per_token * share)
     assert st.frozen_tokens > 0 and st.active_tokens + st.frozen_tokens == st.logical_tokens
 
 

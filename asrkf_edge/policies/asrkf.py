@@ -22,7 +22,7 @@ import numpy as np
 
 from ..importance import entropy
 from ..session import runs
-from .base import GGML_Q8_0, Attention, PolicyContext, ScoringPolicy
+from .base import GGML_Q4_0, GGML_Q8_0, Attention, PolicyContext, ScoringPolicy
 from .induction import BigramIndex, continuations
 from .recovery import EntropyMonitor, EntropyRule, Recovery
 from .schedule import Ledger, Schedule
@@ -612,6 +612,15 @@ class AsrKfQ8(AsrKf):
 
     name: ClassVar[str] = "asrkf-q8_0"
     cache_type: ClassVar[int] = GGML_Q8_0
+
+
+@dataclass
+class AsrKfQ4(AsrKf):
+    """asrkf over llama.cpp's q4_0 KV cache: active cells and the frozen store hold q4_0 rows, copied as they are
+    (about 28% of the f16 bytes per token); the key mirror that scores them stays f16."""
+
+    name: ClassVar[str] = "asrkf-q4_0"
+    cache_type: ClassVar[int] = GGML_Q4_0
 
 
 @dataclass
