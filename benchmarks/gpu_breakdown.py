@@ -32,7 +32,7 @@ from typing import Any
 import numba
 import numpy as np
 
-from asrkf_edge import Engine, gather, importance, llama, session, store
+from asrkf_edge import Engine, capture, cells, gather, importance, llama, runner, session, store
 from asrkf_edge.policies import asrkf, make_policy
 from asrkf_edge.runner import budget_cells
 
@@ -47,7 +47,11 @@ _HOOKS = [(importance.Importance, "observe"),
           # inside a freeze and a thaw: the device gather, the store's write and read, the mirror's fill, the upload
           (gather.RowGather, "gather"), (store.FrozenStore, "put"), (store.FrozenStore, "read"),
           (store.Arena, "hashes"), (importance.Importance, "on_keys"), (llama.Context, "state_set"),
-          (llama.Context, "synchronize"), (session.Session, "_rm_at"), (session.Session, "_land")]
+          (llama.Context, "synchronize"), (session.Session, "_rm_at"), (session.Session, "_land"),
+          # the token's whole host path around them: a decoded token is Runner.decode (Session.feed inside it), then
+          # the logits read and the sampler's argmax outside it
+          (runner.Runner, "decode"), (runner.Runner, "_settle"), (session.Session, "feed"), (importance.Importance, "flush"),
+          (capture.Capture, "reset"), (capture.Capture, "check"), (cells.CellMap, "decode")]
 
 
 def hook_timers(spent: dict[str, list[float]]) -> list[tuple[type, str, Any]]:
