@@ -140,15 +140,10 @@ def rows_as_f16(raw: np.ndarray, t: int) -> np.ndarray:
         return raw.view(np.float16)
     if t == GGML_F32:
         return raw.view(np.float32).astype(np.float16)
-    if t == GGML_Q8_0:
-        blocks = raw.reshape(len(raw), -1, 34)
+    if t in (GGML_Q8_0, GGML_Q4_0):
+        blocks = raw.reshape(len(raw), -1, 34 if t == GGML_Q8_0 else 18)
         scale = blocks[:, :, :2].copy().view(np.float16).astype(np.float32)  # [n, n_blocks, 1]
-        q = blocks[:, :, 2:].view(np.int8).astype(np.float32)
-        return (scale * q).reshape(len(raw), -1).astype(np.float16)
-    if t == GGML_Q4_0:
-        blocks = raw.reshape(len(raw), -1, 18)
-        scale = blocks[:, :, :2].copy().view(np.float16).astype(np.float32)
-        nib = blocks[:, :, 2:]
-        q = np.concatenate([nib & 0x0F, nib >> 4], axis=2).astype(np.int8) - np.int8(8)
+        body = blocks[:, :, 2:]
+        q = body.view(np.int8) if t == GGML_Q8_0 else np.concatenate([body & 0x0F, body >> 4], axis=2).astype(np.int8) - 8
         return (scale * q.astype(np.float32)).reshape(len(raw), -1).astype(np.float16)
     raise ValueError(f"K rows of ggml type {t} cannot be read back for scoring")
