@@ -135,7 +135,8 @@ def test_resume_continues_exactly_with_dropping_policies(tiny, tmp_path: Path, p
         _continue_equals_resume(tiny, chat, tmp_path, "pass key of the sky", 12)
 
 
-@pytest.mark.parametrize(("policy", "part"), [("asrkf", None), ("asrkf-recall", None), ("asrkf", 40), ("asrkf-q4_0", None)])
+@pytest.mark.parametrize(("policy", "part"), [("asrkf", None), ("asrkf-recall", None), ("asrkf", 40), ("asrkf-q4_0", None),
+                                               ("asrkf-q8_0-q4_0", None)])
 def test_resume_continues_exactly_real_model(real, tmp_path: Path, policy: str, part: int | None, monkeypatch):
     """``part``: a reused blob holds that many cells, so the resume and the thaws land in parts."""
     if part:

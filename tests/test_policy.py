@@ -624,10 +624,12 @@ def test_reading_the_prompt_twice_keeps_what_its_question_needs(real) -> None:
 
 
 @pytest.mark.real
-@pytest.mark.parametrize("name, k_type, share", [("asrkf-q8_0", 8, 34 / 64), ("asrkf-q4_0", 2, 18 / 64)])
-def test_asrkf_over_a_quantized_cache(real, name: str, k_type: int, share: float) -> None:
-    """asrkf-q8_0 and asrkf-q4_0: llama.cpp's quantized rows in the active cache and the store, copied as they are:
-    each answers a needle case as asrkf over f16 does, in 34/64 or 18/64 of the bytes per token."""
+@pytest.mark.parametrize("name, k_type, v_type, share", [("asrkf-q8_0", 8, 8, 34 / 64), ("asrkf-q4_0", 2, 2, 18 / 64),
+                                                         ("asrkf-q8_0-q4_0", 8, 2, 52 / 128)])
+def test_asrkf_over_a_quantized_cache(real, name: str, k_type: int, v_type: int, share: float) -> None:
+    """asrkf-q8_0, asrkf-q4_0 and asrkf-q8_0-q4_0 (q8_0 keys, q4_0 values): llama.cpp's quantized rows in the active
+    cache and the store, copied as they are: each answers a needle case as asrkf over f16 does, in 34/64, 18/64 or
+    52/128 of the bytes per token."""
     case = needle(real, 1000, 0.5, 2)
     f16 = real.generate(case.prompt, 24, policy="asrkf", budget=0.35, chat=False)
     quantized = real.runner(name, budget_cells(make_policy(name), 0.35, case.n_tokens, 24))
@@ -639,7 +641,8 @@ def test_asrkf_over_a_quantized_cache(real, name: str, k_type: int, share: float
         finally:
             sampler.close()
         st = run.stats()
-        assert run.session.store is not None and run.session.store.layout.k_type == k_type  # its rows frozen as they are
+        layout = run.session.store.layout if run.session.store is not None else None
+        assert layout is not None and (layout.k_type, layout.v_type) == (k_type, v_type)  # its rows frozen as they are
     assert case.correct(f16.text) and case.correct(text)
     assert st.kv_bytes_per_token == pytest.approx(f16.stats.kv.kv_bytes_per_token * share)
     assert st.frozen_tokens > 0 and st.active_tokens + st.frozen_tokens == st.logical_tokens

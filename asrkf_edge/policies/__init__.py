@@ -3,7 +3,7 @@
 here with a dataclass that sets ``name``; importing it below registers it everywhere (CLI, bench, chats)."""
 
 from . import asrkf, dropping, oracle, quantized  # noqa: F401  (registration order)
-from .asrkf import AsrKf, AsrKfFollow, AsrKfQ4, AsrKfQ8, AsrKfRecall, AsrKfTwice
+from .asrkf import AsrKf, AsrKfFollow, AsrKfQ4, AsrKfQ8, AsrKfQ8Q4, AsrKfRecall, AsrKfTwice
 from .base import Full, Policy, PolicyContext, ScoringPolicy, default_layers, make_policy, policy_class, policy_names
 from .dropping import H2O, ContextShift, Streaming
 from .oracle import Oracle, OracleNext
@@ -20,6 +20,6 @@ against asrkf's 4 / 6 / 5, multi-turn 3 / 4 / 3 against 3 / 4 / 3; full 5 / 6 / 
 twentieth session). Since the twenty-second session asrkf reads a prompt's newest 2,048 tokens with recall as
 asrkf-recall does (its decoding unchanged): the two differ in the decode only."""
 
-__all__ = ["DEFAULT_POLICY", "H2O", "AsrKf", "AsrKfFollow", "AsrKfQ4", "AsrKfQ8", "AsrKfRecall", "AsrKfTwice", "ContextShift",
+__all__ = ["DEFAULT_POLICY", "H2O", "AsrKf", "AsrKfFollow", "AsrKfQ4", "AsrKfQ8", "AsrKfQ8Q4", "AsrKfRecall", "AsrKfTwice", "ContextShift",
            "EntropyRule", "Full", "Oracle", "OracleNext", "Policy", "PolicyContext", "Q4Cache", "Q8Cache", "Recovery", "Schedule",
            "ScoringPolicy", "Streaming", "default_layers", "make_policy", "policy_class", "policy_names"]
