@@ -62,14 +62,14 @@ class Runner:
         self.policy_seconds = 0.0  # in the policy's hooks and evictions, freezes and thaws included
         self.observe_seconds = 0.0  # folding captured attention into importance
         self._prompt_from: int | None = None  # logical tokens before the prompt being read
-        self._types = (policy.cache_type, policy.cache_type if policy.cache_type_v is None else policy.cache_type_v)
+        type_v = policy.cache_type if policy.cache_type_v is None else policy.cache_type_v
         # llama.cpp refuses a quantized V cache without flash attention
-        self._args = (model, cells, flash_attn or self._types[1] != GGML_F16, n_batch, store_dir)
+        self._args = (model, cells, flash_attn or type_v != GGML_F16, n_batch, store_dir, policy.cache_type, type_v)
         self._start()
 
     def _start(self) -> None:
         """A fresh session and importance tracker for the policy: at the start, and for a prompt read again."""
-        model, cells, flash_attn, n_batch, store_dir = self._args
+        model, cells, flash_attn, n_batch, store_dir, type_k, type_v = self._args
         policy = self.policy
         self._importance: Importance | None = None
         if policy.attention is not None or policy.reversible:
@@ -83,7 +83,7 @@ class Runner:
         recalling = policy if isinstance(policy, AsrKf) and policy.recalls and self._importance is not None else None
         self.session = Session(
             model, cells, flash_attn=flash_attn, n_batch=n_batch, sinks=policy.sinks, recent=policy.recent,
-            type_k=self._types[0], type_v=self._types[1],
+            type_k=type_k, type_v=type_v,
             store_dir=store_dir, evict=self._evict if isinstance(policy, ScoringPolicy) else None,
             drop=not policy.reversible, shift=policy.shift,
             capture=self._importance.spec() if self._importance else None, on_decode=self._on_decode,

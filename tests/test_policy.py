@@ -641,8 +641,8 @@ def test_asrkf_over_a_quantized_cache(real, name: str, k_type: int, v_type: int,
         finally:
             sampler.close()
         st = run.stats()
-        layout = run.session.store.layout if run.session.store is not None else None
-        assert layout is not None and (layout.k_type, layout.v_type) == (k_type, v_type)  # its rows frozen as they are
+        store = run.session.store
+        assert store is not None and (store.layout.k_type, store.layout.v_type) == (k_type, v_type)  # rows frozen as they are
     assert case.correct(f16.text) and case.correct(text)
     assert st.kv_bytes_per_token == pytest.approx(f16.stats.kv.kv_bytes_per_token * share)
     assert st.frozen_tokens > 0 and st.active_tokens + st.frozen_tokens == st.logical_tokens

@@ -104,7 +104,7 @@ class Policy:
     reversible: ClassVar[bool] = False
     attention: ClassVar[Attention] = None
     bounded: ClassVar[bool] = True  # False: the cache holds the whole context, budget ignored
-    cache_type: ClassVar[int] = GGML_F16  # K and V cache type; quantized V needs flash attention
+    cache_type: ClassVar[int] = GGML_F16  # K cache type, V's too unless cache_type_v; quantized V needs flash attention
     cache_type_v: ClassVar[int | None] = None  # the V cache's type where it differs from K's (None: ``cache_type``)
     shift: ClassVar[bool] = False  # when full: drop the older half after the sinks and renumber (llama.cpp)
     bench_only: ClassVar[bool] = False  # a yardstick for the bench (the oracle), not offered to users
