@@ -7,7 +7,8 @@ Usage: python benchmarks/gpu_breakdown.py MODEL.gguf --lengths 4096 16384 --runs
 Each variant is [label, policy, field overrides] (a dict for a dataclass field: {"entropy": {"rise": 0}}); the
 overrides ``_background`` and ``_split`` set the tracker's
 background fold and split capture (both on by default when the layers are on a GPU), ``_fold_threads`` the Numba
-threads of the background fold (by default all but one). Prompts are random token ids,
+threads of the background fold (by default all but one), ``_switch_interval`` the interpreter's switch interval
+(seconds; ``sys.setswitchinterval``) while the variant runs. Prompts are random token ids,
 the same for every variant of one run and length (seeded by both), so variants compare paired. Every layer goes to
 the GPU when there is one (``--allow-cpu`` runs it on the CPU); flash attention is on unless ``--no-flash-attn``
 (then the decayed score folds llama.cpp's own softmax instead of attention computed on the host). Prints a line
@@ -25,6 +26,7 @@ import llama_cpp  # noqa: F401  (before numpy: a CUDA build segfaulted loading a
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -91,6 +93,10 @@ def run_variant(eng: Engine, policy: str, over: dict[str, Any], n: int, n_decode
     over = dict(over)
     background, split = over.pop("_background", None), over.pop("_split", None)
     threads = over.pop("_fold_threads", None)
+    switch = over.pop("_switch_interval", None)
+    interval = sys.getswitchinterval()
+    if switch is not None:
+        sys.setswitchinterval(float(switch))
     kept = importance._worker().submit(numba.get_num_threads).result()
     if threads is not None:
         importance._worker().submit(numba.set_num_threads, int(threads)).result()
@@ -134,6 +140,7 @@ def run_variant(eng: Engine, policy: str, over: dict[str, Any], n: int, n_decode
             restore(saved)
         after = run.stats().as_dict()
     importance._worker().submit(numba.set_num_threads, kept).result()
+    sys.setswitchinterval(interval)
     ms = 1e3 / n_decode
     extra = {"hooks": {k: [v[0] * ms, int(v[1])] for k, v in sorted(per_hook.items(), key=lambda kv: -kv[1][0])}} if hooks else {}
     return {"tok_s": n_decode / wall, "ms_tok": wall * ms,
