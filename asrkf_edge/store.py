@@ -13,11 +13,18 @@ error, never wrong KV.
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import logging
+import mmap
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +39,36 @@ _SLOT_ALIGN = 64
 _MIN_ARENA = 64 << 20  # bytes of the first arena file; later ones double, up to _MAX_ARENA
 _MAX_ARENA = 1 << 30
 _GIL_FREE_HASH = 65536  # bytes from which xxhash 4.1 hashes a buffer with the GIL let go (XXHASH_GIL_MINSIZE)
+_AHEAD = 512  # slots of an arena kept faulted in past its newest one (refilled when half are used)
+_MADV_POPULATE_WRITE = 23  # Linux 5.14+: map pages writable without touching their bytes
+
+log = logging.getLogger(__name__)
+_populate_ok = sys.platform.startswith("linux")  # cleared where the kernel or file system refuses it
+
+
+@cache
+def _madvise() -> Any:
+    """libc's madvise through ctypes, which lets go of the GIL while it runs (the mmap module's keeps it)."""
+    fn = ctypes.CDLL(None, use_errno=True).madvise
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    return fn
+
+
+@cache
+def _prefaulter() -> ThreadPoolExecutor:
+    """The thread that faults arena pages in before the freezes that will write them."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="asrkf-prefault")
+
+
+def _populate(mm: np.memmap, start: int, end: int) -> None:
+    """Fault bytes [start, end) of a mapped arena in, writable (``mm`` stays mapped while this runs)."""
+    global _populate_ok
+    if _madvise()(mm.ctypes.data + start, end - start, _MADV_POPULATE_WRITE) == 0:
+        return
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.EOPNOTSUPP):  # a kernel before 5.14, or a file system without it
+        _populate_ok = False
+    log.debug("arena pages not faulted in ahead: %s", os.strerror(err))
 
 
 def digest(buf: np.ndarray | memoryview) -> int:
@@ -61,6 +98,10 @@ class Arena:
         self._free = np.arange(slots - 1, -1, -1, dtype=np.int64) if create else np.zeros(0, np.int64)
         self._top = len(self._free)
         self.used = 0  # slots holding a frozen token
+        self._fresh = 0  # slots below this were handed out at least once (take() hands out the lowest first)
+        self._faulted = 0  # bytes from the start asked to be faulted in
+        if create:
+            self.keep_ahead()
 
     @property
     def free(self) -> int:
@@ -72,7 +113,25 @@ class Arena:
         ids = self._free[self._top - k : self._top][::-1].copy()
         self._top -= k
         self.used += k
+        if k:
+            self._fresh = max(self._fresh, int(ids.max()) + 1)
         return ids
+
+    def keep_ahead(self) -> None:
+        """Have the pages of the next ``_AHEAD`` never-used slots faulted in on a background thread
+        (``MADV_POPULATE_WRITE``; Linux only, elsewhere nothing). A freeze writing fresh pages of a file mapping paid
+        for every page fault: 11.5 MB (88 tokens of the LLaMA-3-8B shape) took 27-34 ms into fresh pages against
+        2.5-2.7 ms into reused slots, and writes after the populate ran at 17.5 GB/s (2-core EPYC VM, ext4 and
+        tmpfs alike). The populate leaves the bytes alone, so it may run while this thread writes the same pages."""
+        if self.sealed or not _populate_ok:
+            return
+        used = self._fresh * self.slot_bytes
+        if self._faulted >= min(self.size, used + _AHEAD // 2 * self.slot_bytes):
+            return
+        end = -(-(used + _AHEAD * self.slot_bytes) // mmap.PAGESIZE) * mmap.PAGESIZE
+        start, end = self._faulted, min(self.size, end)
+        self._faulted = end  # a page multiple or the end: the next start is page-aligned
+        _prefaulter().submit(_populate, self.mm, start, end)
 
     def give(self, ids: np.ndarray) -> None:
         """Slots whose tokens left (a sealed arena only counts them: its file belongs to a save too)."""
@@ -136,6 +195,7 @@ class FrozenStore:
             for arena, ids, part in placed:
                 copy_rows(src, arena.side, src_rows[part], ids, self.layout)
                 hashes[part] = arena.hashes(ids)
+                arena.keep_ahead()  # for the next freeze
                 if self.keep:  # a temporary store dies with its session: no msync on the freeze path
                     arena.mm.flush()
         except OSError as e:
