@@ -8,7 +8,8 @@ Each variant is [label, policy, field overrides] (a dict for a dataclass field: 
 overrides ``_background`` and ``_split`` set the tracker's
 background fold and split capture (both on by default when the layers are on a GPU), ``_fold_threads`` the Numba
 threads of the background fold (by default all but one), ``_switch_interval`` the interpreter's switch interval
-(seconds; ``sys.setswitchinterval``) while the variant runs. Prompts are random token ids,
+(seconds; ``sys.setswitchinterval``) while the variant runs, ``_prefault`` (false) the store's faulting-in of arena
+pages ahead of the freezes. Prompts are random token ids,
 the same for every variant of one run and length (seeded by both), so variants compare paired. Every layer goes to
 the GPU when there is one (``--allow-cpu`` runs it on the CPU); flash attention is on unless ``--no-flash-attn``
 (then the decayed score folds llama.cpp's own softmax instead of attention computed on the host). Prints a line
@@ -94,7 +95,8 @@ def run_variant(eng: Engine, policy: str, over: dict[str, Any], n: int, n_decode
     background, split = over.pop("_background", None), over.pop("_split", None)
     threads = over.pop("_fold_threads", None)
     switch = over.pop("_switch_interval", None)
-    interval = sys.getswitchinterval()
+    interval, prefault = sys.getswitchinterval(), store._populate_ok
+    store._populate_ok = prefault and over.pop("_prefault", True)
     if switch is not None:
         sys.setswitchinterval(float(switch))
     kept = importance._worker().submit(numba.get_num_threads).result()
@@ -141,6 +143,7 @@ def run_variant(eng: Engine, policy: str, over: dict[str, Any], n: int, n_decode
         after = run.stats().as_dict()
     importance._worker().submit(numba.set_num_threads, kept).result()
     sys.setswitchinterval(interval)
+    store._populate_ok = prefault
     ms = 1e3 / n_decode
     extra = {"hooks": {k: [v[0] * ms, int(v[1])] for k, v in sorted(per_hook.items(), key=lambda kv: -kv[1][0])}} if hooks else {}
     return {"tok_s": n_decode / wall, "ms_tok": wall * ms,
