@@ -110,7 +110,9 @@ def run_variant(eng: Engine, policy: str, over: dict[str, Any], n: int, n_decode
             run.importance.background = background
         if split is not None:
             run.importance.split = split
+        t_prompt = time.perf_counter()
         run.prefill(toks)
+        prompt_s = time.perf_counter() - t_prompt
         spent = dict.fromkeys(_TIMED, 0.0)
         count = {"decode": 0, "peek": 0}
 
@@ -146,7 +148,7 @@ def run_variant(eng: Engine, policy: str, over: dict[str, Any], n: int, n_decode
     store._populate_ok = prefault
     ms = 1e3 / n_decode
     extra = {"hooks": {k: [v[0] * ms, int(v[1])] for k, v in sorted(per_hook.items(), key=lambda kv: -kv[1][0])}} if hooks else {}
-    return {"tok_s": n_decode / wall, "ms_tok": wall * ms,
+    return {"tok_s": n_decode / wall, "ms_tok": wall * ms, "prompt_s": prompt_s,
             **{f"{k}_ms_tok": (float(after[f"{k}_seconds"]) - float(before[f"{k}_seconds"])) * ms
                for k in ("policy", "observe", "freeze", "thaw")},
             **{f"{k}_ms_tok": spent[k] * ms for k in _TIMED},
@@ -194,7 +196,8 @@ def main() -> None:
             print(f"{n:6d} {label:14s} {med['tok_s']:7.1f} tok/s ({min(rate):.1f}-{max(rate):.1f}) {med['ms_tok']:.2f} ms/tok: "
                   f"decode {med['decode_ms_tok']:.2f} (x{med['decodes_per_tok']:.2f}), logits {med['logits_ms_tok']:.2f}, "
                   f"policy {med['policy_ms_tok']:.2f} (scoring {med['observe_ms_tok']:.2f}, peek {med['peek_ms_tok']:.2f}, "
-                  f"thaw {med['thaw_ms_tok']:.2f}, freeze {med['freeze_ms_tok']:.2f})", flush=True)
+                  f"thaw {med['thaw_ms_tok']:.2f}, freeze {med['freeze_ms_tok']:.2f}); prompt read {med['prompt_s']:.2f} s",
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -12,4 +12,4 @@ echo "model at $(el) s"
 V='[["full","full",{}],["asrkf","asrkf",{}],["asrkf-nopf","asrkf",{"_prefault":false}],["asrkf-si","asrkf",{"_switch_interval":0.0001}]]'
 PYTHONPATH=/tmp/site:. timeout $(( 585 - $(el) )) python3 benchmarks/gpu_breakdown.py /tmp/m/llama8b.gguf --decode 256 \
   --runs 5 --lengths 16384 --variants "$V" --json "$OUT/16k.json" > "$OUT/16k.log" 2>&1
-echo "16k done at $(el) s"; grep -E "^ *16384 " "$OUT/16k.log"; grep -E "^label" "$OUT/16k.log" | cut -c1-150
+echo "16k done at $(el) s"; grep -E "^ *16384 " "$OUT/16k.log"; grep -E "^label" "$OUT/16k.log" | cut -c1-170
