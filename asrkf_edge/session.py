@@ -156,6 +156,7 @@ class Session:
         vb, ve = _TYPE_BYTES.get(type_v, (2, 1))
         self.bytes_per_token = model.n_layer * (n_kv * kb // ke + n_kv * vb // ve)
         self._store_dir, self._keep = store_dir, keep_store
+        self._prefault = model.offloaded  # spare cores while the GPU decodes fault the store's pages in (FrozenStore)
         self.store: FrozenStore | None = None
         self._left: dict[int, int] = {}  # frozen position -> cell it left
         self._gather: RowGather | None = None  # copies of scattered cells on the cache's device
@@ -567,7 +568,7 @@ class Session:
                 cells = self.cells.cells_of(SCRATCH_SEQ)
                 raw, parsed = self._copy_out()
                 if self.store is None:
-                    self.store = FrozenStore(parsed.layout, self._store_dir, self._keep)
+                    self.store = FrozenStore(parsed.layout, self._store_dir, self._keep, self._prefault)
                 order = np.argsort(parsed.pos, kind="stable")
                 pos = parsed.pos[order].astype(np.int64)
                 toks = np.asarray(self.tokens, np.int32)[pos]
@@ -612,7 +613,7 @@ class Session:
                 return pos[a:]
             side = Side(flat, offsets[:n_layer], offsets[n_layer:], len(part), False, layout.k_row, layout.v_row)
             if self.store is None:
-                self.store = FrozenStore(layout, self._store_dir, self._keep)
+                self.store = FrozenStore(layout, self._store_dir, self._keep, self._prefault)
             self.store.put(part, tokens[part], side, np.arange(len(part)))
             if self.on_copy is not None:
                 rows = gather.split(flat, offsets, len(part))
@@ -762,7 +763,7 @@ class Session:
         self.stale_from = None if c["stale_from"] is None else int(c["stale_from"])
         self._recalled_before = (int(c.get("recalled_rows", 0)), float(c.get("recall_seconds", 0.0)))  # before: from 0
         if state["store"] is not None:
-            self.store = FrozenStore.from_state(state["store"], self._store_dir, self._keep)
+            self.store = FrozenStore.from_state(state["store"], self._store_dir, self._keep, self._prefault)
 
     def _learn_cache(self) -> None:
         """Let the capture note llama.cpp's K and V cache tensors (it finds them in a decode's graph) before anything

@@ -82,8 +82,10 @@ class Arena:
 
     A sealed arena takes no new tokens: after a save has linked its file, nothing may write it again."""
 
-    def __init__(self, arena_id: int, path: Path, slots: int, slot_bytes: int, layout: Layout, create: bool = True) -> None:
+    def __init__(self, arena_id: int, path: Path, slots: int, slot_bytes: int, layout: Layout, create: bool = True,
+                 prefault: bool = False) -> None:
         self.arena_id, self.path, self.slot_bytes, self.sealed = arena_id, path, slot_bytes, not create
+        self.prefault = prefault and create
         self._token_bytes = layout.bytes_per_cell  # what a slot's hash covers (not its alignment padding)
         self.size = slots * slot_bytes
         if create:
@@ -118,12 +120,15 @@ class Arena:
         return ids
 
     def keep_ahead(self) -> None:
-        """Have the pages of the next ``_AHEAD`` never-used slots faulted in on a background thread
+        """With ``prefault``, have the pages of the next ``_AHEAD`` never-used slots faulted in on a background thread
         (``MADV_POPULATE_WRITE``; Linux only, elsewhere nothing). A freeze writing fresh pages of a file mapping paid
         for every page fault: 11.5 MB (88 tokens of the LLaMA-3-8B shape) took 27-34 ms into fresh pages against
         2.5-2.7 ms into reused slots, and writes after the populate ran at 17.5 GB/s (2-core EPYC VM, ext4 and
-        tmpfs alike). The populate leaves the bytes alone, so it may run while this thread writes the same pages."""
-        if self.sealed or not _populate_ok:
+        tmpfs alike). The populate leaves the bytes alone, so it may run while this thread writes the same pages.
+        Sessions turn it on where the layers are on a GPU: on a CPU the thread would take a core from the decode
+        (the default model at 4k on 2 cores: the prompt's freezes 0.15-0.24 -> 0.07-0.11 s of a 18-24 s read, the
+        reply's not faster, its decode within the machine's noise, 71-88 tok/s against 74-82)."""
+        if not self.prefault or not _populate_ok:
             return
         used = self._fresh * self.slot_bytes
         if self._faulted >= min(self.size, used + _AHEAD // 2 * self.slot_bytes):
@@ -157,9 +162,11 @@ class Arena:
 class FrozenStore:
     """Host store of frozen KV rows for one session, found by position."""
 
-    def __init__(self, layout: Layout, directory: str | Path | None = None, keep: bool = False) -> None:
+    def __init__(self, layout: Layout, directory: str | Path | None = None, keep: bool = False,
+                 prefault: bool = False) -> None:
         self.layout = layout
         self.keep = keep
+        self.prefault = prefault  # new arenas fault their pages in ahead of the freezes (Arena.keep_ahead)
         self.slot_bytes = -(-layout.bytes_per_cell // _SLOT_ALIGN) * _SLOT_ALIGN
         if directory is None:
             self.dir = Path(tempfile.mkdtemp(prefix="asrkf-store-"))
@@ -222,7 +229,7 @@ class FrozenStore:
         while (path := self.dir / f"arena-{self._next_arena:04d}.kv").exists():  # a resumed store's linked files
             self._next_arena += 1
         try:
-            arena = Arena(self._next_arena, path, size // self.slot_bytes, self.slot_bytes, self.layout)
+            arena = Arena(self._next_arena, path, size // self.slot_bytes, self.slot_bytes, self.layout, prefault=self.prefault)
         except OSError:
             path.unlink(missing_ok=True)
             raise
@@ -346,11 +353,12 @@ class FrozenStore:
         return {"layout": asdict(self.layout), "slot_bytes": self.slot_bytes, "arenas": arenas}
 
     @classmethod
-    def from_state(cls, state: dict[str, Any], directory: str | Path | None = None, keep: bool = False) -> FrozenStore:
+    def from_state(cls, state: dict[str, Any], directory: str | Path | None = None, keep: bool = False,
+                   prefault: bool = False) -> FrozenStore:
         """A store holding the tokens of :meth:`state`, its arena files linked (or copied) into this store's
         directory and sealed (the save keeps its bytes). A store saved as 16-token segments (chat format 2) is
         copied into slots."""
-        store = cls(Layout(**state["layout"]), directory, keep)
+        store = cls(Layout(**state["layout"]), directory, keep, prefault)
         try:
             store._take(state)
         except BaseException:

@@ -153,7 +153,7 @@ def test_arena_pages_are_faulted_in_before_freezes_write_them(tmp_path):
     from asrkf_edge import store as st
 
     layout = blobfmt.Layout(n_layer=2, k_type=1, k_row=4000, v_type=1, v_row=4000, v_trans=False, v_el=0)
-    store = st.FrozenStore(layout, tmp_path)
+    store = st.FrozenStore(layout, tmp_path, prefault=True)  # as where the layers are on a GPU
     n = 40
     src = blob_side(np.random.default_rng(5).integers(0, 255, layout.blob_size(n), dtype=np.uint8), layout, n)
     store.put(np.arange(n), np.arange(n, dtype=np.int32), src, np.arange(n))
