@@ -26,7 +26,9 @@ from __future__ import annotations
 import llama_cpp  # noqa: F401  (before numpy: a CUDA build segfaulted loading a model otherwise)
 
 import argparse
+import cProfile
 import json
+import pstats
 import sys
 import time
 from pathlib import Path
@@ -88,9 +90,10 @@ def restore(saved: list[tuple[Any, str, Any]]) -> None:
 
 
 def run_variant(eng: Engine, policy: str, over: dict[str, Any], n: int, n_decode: int, budget: float, seed: int,
-                hooks: bool = False) -> dict[str, Any]:
+                hooks: bool = False, profile: str | None = None) -> dict[str, Any]:
     """Prefill ``n`` random ids, decode ``n_decode`` greedy tokens; per-token milliseconds of each part (and of
-    each hook, with ``hooks``)."""
+    each hook, with ``hooks``). ``profile``: a file that gets cProfile's view of the prompt's read (top functions
+    by own and by cumulative time)."""
     over = dict(over)
     background, split = over.pop("_background", None), over.pop("_split", None)
     threads = over.pop("_fold_threads", None)
@@ -110,9 +113,19 @@ def run_variant(eng: Engine, policy: str, over: dict[str, Any], n: int, n_decode
             run.importance.background = background
         if split is not None:
             run.importance.split = split
+        prof = cProfile.Profile() if profile else None
         t_prompt = time.perf_counter()
+        if prof is not None:
+            prof.enable()
         run.prefill(toks)
         prompt_s = time.perf_counter() - t_prompt
+        if prof is not None:
+            prof.disable()
+            with open(str(profile), "a") as f:
+                f.write(f"{policy} {over} length {n} seed {seed}: prompt read {prompt_s:.2f} s\n")
+                st = pstats.Stats(prof, stream=f)
+                st.sort_stats("tottime").print_stats(30)
+                st.sort_stats("cumulative").print_stats(50)
         spent = dict.fromkeys(_TIMED, 0.0)
         count = {"decode": 0, "peek": 0}
 
@@ -168,6 +181,8 @@ def main() -> None:
     ap.add_argument("--allow-cpu", action="store_true")
     ap.add_argument("--no-flash-attn", action="store_true", help="flash attention off: scoring folds llama.cpp's own softmax")
     ap.add_argument("--hooks", action="store_true", help="host ms a token in each main call of the policy path")
+    ap.add_argument("--profile-prompt", default=None, metavar="FILE",
+                    help="cProfile every bounded policy's prompt read into FILE (appended)")
     a = ap.parse_args()
     if not llama.gpu_devices() and not a.allow_cpu:
         raise SystemExit("llama.cpp has no GPU backend here (--allow-cpu to run on the CPU)")
@@ -180,7 +195,8 @@ def main() -> None:
             for n in a.lengths:
                 for label, policy, over in variants:
                     r = {"label": label, "length": n, "run": run,
-                         **run_variant(eng, policy, over, n, a.decode, a.budget, run, a.hooks)}
+                         **run_variant(eng, policy, over, n, a.decode, a.budget, run, a.hooks,
+                                       a.profile_prompt if policy != "full" else None)}
                     rows.append(r)
                     print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()
                                    if k != "hooks"), flush=True)
