@@ -555,6 +555,13 @@ def test_selection_pools_neighbours_and_fills_whole_pages() -> None:
     s = np.array([[0.0, 0.0, 5.0, 0.0, 0.0, 0.0, 1.0, 0.0]])
     assert pool(s, 3).tolist() == [[0.0, 5.0, 5.0, 5.0, 0.0, 1.0, 1.0, 1.0]]  # a fact keeps its neighbours
     assert pool(s, 1) is s
+    rng = np.random.default_rng(4)
+    for kernel in (2, 4, 15):  # the max over every centred window, as NumPy's sliding windows define it
+        x = rng.random((3, 2, 50))
+        x[..., 7] = -np.inf
+        half = kernel // 2
+        padded = np.pad(x, [(0, 0), (0, 0), (half, kernel - 1 - half)], constant_values=-np.inf)
+        assert np.array_equal(pool(x, kernel), np.lib.stride_tricks.sliding_window_view(padded, kernel, axis=-1).max(-1))
     heads = np.array([[1.0, 0.0], [0.0, 3.0]])
     assert combine(heads, "mean").tolist() == [0.5, 1.5] and combine(heads, "max").tolist() == [1.0, 3.0]
     with pytest.raises(ValueError, match="head combination"):
