@@ -28,6 +28,7 @@ from asrkf_edge.importance import (
     fold_reference,
     head_scores,
     head_scores_reference,
+    keys_to_f16,
     layer_mass,
     layer_mass_reference,
     pick_swaps,
@@ -146,6 +147,28 @@ def test_kernels_match_numpy_references() -> None:
     banned = rng.standard_normal(1000).astype(np.float32) * 3
     banned[::3] = -np.inf  # a logit bias that bans tokens: zero probability, not NaN
     assert abs(entropy(banned) - entropy_reference(banned)) < 1e-5
+
+
+def test_keys_reach_the_mirror_rounded_as_numpy_rounds_them() -> None:
+    """The key mirror's float32 -> float16 kernel gives NumPy's cast bit for bit on every finite float (random bit
+    patterns, and every 7th float of the range where halves are subnormal or round to zero), infinity beyond 65504,
+    NaN for NaN; a destination it cannot write in place is refused."""
+    rng = np.random.default_rng(11)
+    x = np.concatenate([rng.integers(0, 2**32, 2_000_000, dtype=np.uint64).astype(np.uint32),
+                        np.arange(0x30000000, 0x39000000, 7, dtype=np.uint32)]).view(np.float32)
+    x = np.concatenate([x, -x, np.array([0.0, 65504.0, 65519.99, 65520.0, 1.00048828125, 1.00146484375], np.float32)])
+    out = np.empty(len(x), np.float16)
+    keys_to_f16(x, out)
+    with np.errstate(over="ignore"):
+        ref = x.astype(np.float16)
+    keep = ~np.isnan(x)
+    assert np.array_equal(out.view(np.uint16)[keep], ref.view(np.uint16)[keep])
+    assert np.isnan(out[~keep]).all() and (~keep).any()
+    mirror = np.zeros((2, 10, 6), np.float16)
+    keys_to_f16(np.arange(18, dtype=np.float32).reshape(3, 2, 3) / 8, mirror[1, 4:7])
+    assert mirror[1, 4:7].ravel().tolist() == (np.arange(18) / 8).tolist() and not mirror[0].any()
+    with pytest.raises(ValueError, match="contiguous"):
+        keys_to_f16(np.zeros(6, np.float32), mirror[:, 0, :3])
 
 
 def _captured(engine, use_native: bool, tokens: list[int], flash_attn: bool = False):
