@@ -567,12 +567,10 @@ class Session:
             try:
                 cells = self.cells.cells_of(SCRATCH_SEQ)
                 raw, parsed = self._copy_out()
-                if self.store is None:
-                    self.store = FrozenStore(parsed.layout, self._store_dir, self._keep, self._prefault)
                 order = np.argsort(parsed.pos, kind="stable")
                 pos = parsed.pos[order].astype(np.int64)
                 toks = np.asarray(self.tokens, np.int32)[pos]
-                self.store.put(pos, toks, blob_side(raw, parsed.layout, len(pos)), order)
+                self._store_for(parsed.layout).put(pos, toks, blob_side(raw, parsed.layout, len(pos)), order)
             finally:
                 self._rm(SCRATCH_SEQ)
             for p, c in zip(pos.tolist(), cells[order].tolist(), strict=True):
@@ -580,6 +578,12 @@ class Session:
             self._rm_at(0, positions)
         self.freeze_events += 1
         self.freeze_seconds += time.perf_counter() - t0
+
+    def _store_for(self, layout: blobfmt.Layout) -> FrozenStore:
+        """The session's store, made at the first freeze (of rows of this layout)."""
+        if self.store is None:
+            self.store = FrozenStore(layout, self._store_dir, self._keep, self._prefault)
+        return self.store
 
     def _freeze_gathered(self, positions: np.ndarray) -> np.ndarray:
         """Freeze with the K and V rows gathered on the cache's device (:mod:`.gather`) straight into the store, no
@@ -612,9 +616,7 @@ class Session:
                 self._drop_gather()
                 return pos[a:]
             side = Side(flat, offsets[:n_layer], offsets[n_layer:], len(part), False, layout.k_row, layout.v_row)
-            if self.store is None:
-                self.store = FrozenStore(layout, self._store_dir, self._keep, self._prefault)
-            self.store.put(part, tokens[part], side, np.arange(len(part)))
+            self._store_for(layout).put(part, tokens[part], side, np.arange(len(part)))
             if self.on_copy is not None:
                 rows = gather.split(flat, offsets, len(part))
                 self.on_copy(part, blobfmt.Parsed(layout, part.astype(np.int32), rows[:n_layer], rows[n_layer:]))
