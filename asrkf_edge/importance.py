@@ -487,9 +487,9 @@ def fold_reference(scores: np.ndarray, mass: np.ndarray, kpos: np.ndarray, qpos:
 
 def keys_to_f16(src: np.ndarray, dst: np.ndarray) -> None:
     """Write float32 keys into a float16 array of the same size (the key mirror), rounded to nearest even as NumPy's
-    cast rounds (NaN stays NaN). NumPy's cast wrote a 512-token prompt chunk's keys of 32 layers in 28 ms on 2 EPYC
-    cores, this kernel in 7 (Numba has no float16; the bits are built from the float32's); an H100's host spent 2.7 s
-    of a 16k prompt's 9.3 s read in that write (docs/gpu.md, thirty-first session)."""
+    cast rounds (NaN stays NaN). NumPy's cast wrote a 512-token prompt chunk's keys of 32 layers into touched pages in
+    28 ms on 2 EPYC cores, this kernel in 7 (Numba has no float16; the bits are built from the float32's); an H100's
+    host spent 2.7 s of a 16k prompt's 9.3 s read in that write (docs/gpu.md, thirty-first session)."""
     if not dst.flags.c_contiguous or dst.dtype != np.float16 or dst.size != src.size:
         raise ValueError("keys_to_f16 writes a contiguous float16 array of the source's size")
     _f16_bits(np.ascontiguousarray(src, np.float32).reshape(-1), dst.reshape(-1).view(np.uint16))
@@ -735,8 +735,9 @@ class Importance:
             self._wait(folds_only=True)  # the folds write the arrays about to be replaced
             cap = max(n, 2 * len(self._scores))
             self._scores = np.concatenate([self._scores, np.zeros(cap - len(self._scores), np.float32)])
-            if self.mirror_keys:  # zeroed pages from the allocator, touched when written: a concatenate wrote all of
-                # them (the 8B shape's 32 layers at 16k: 1.1 GB; 0.91 s for 285 MB on 2 EPYC cores, this 0.003)
+            if self.mirror_keys:  # zeroed pages from the allocator, faulted in when keys are written: a concatenate
+                # wrote every byte first (the 8B shape's 32 layers at 16k: 1.1 GB). A 4k prompt read as on a GPU with
+                # that KV shape on 2 EPYC cores: growth and key writes 1.55 s -> 0.81 (0.79 of it the writes' faults)
                 keys = np.zeros((len(self.layers), cap, self._kv), np.float16)
                 keys[:, : self.keys.shape[1]] = self.keys
                 self.keys = keys
