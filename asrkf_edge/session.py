@@ -156,7 +156,6 @@ class Session:
         vb, ve = _TYPE_BYTES.get(type_v, (2, 1))
         self.bytes_per_token = model.n_layer * (n_kv * kb // ke + n_kv * vb // ve)
         self._store_dir, self._keep = store_dir, keep_store
-        self._prefault = model.offloaded  # spare cores while the GPU decodes fault the store's pages in (FrozenStore)
         self.store: FrozenStore | None = None
         self._left: dict[int, int] = {}  # frozen position -> cell it left
         self._gather: RowGather | None = None  # copies of scattered cells on the cache's device
@@ -580,9 +579,10 @@ class Session:
         self.freeze_seconds += time.perf_counter() - t0
 
     def _store_for(self, layout: blobfmt.Layout) -> FrozenStore:
-        """The session's store, made at the first freeze (of rows of this layout)."""
+        """The session's store, made at the first freeze (of rows of this layout); where the layers are on a GPU, the
+        cores left idle while it decodes fault the store's pages in ahead (FrozenStore's ``prefault``)."""
         if self.store is None:
-            self.store = FrozenStore(layout, self._store_dir, self._keep, self._prefault)
+            self.store = FrozenStore(layout, self._store_dir, self._keep, self.model.offloaded)
         return self.store
 
     def _freeze_gathered(self, positions: np.ndarray) -> np.ndarray:
@@ -765,7 +765,7 @@ class Session:
         self.stale_from = None if c["stale_from"] is None else int(c["stale_from"])
         self._recalled_before = (int(c.get("recalled_rows", 0)), float(c.get("recall_seconds", 0.0)))  # before: from 0
         if state["store"] is not None:
-            self.store = FrozenStore.from_state(state["store"], self._store_dir, self._keep, self._prefault)
+            self.store = FrozenStore.from_state(state["store"], self._store_dir, self._keep, self.model.offloaded)
 
     def _learn_cache(self) -> None:
         """Let the capture note llama.cpp's K and V cache tensors (it finds them in a decode's graph) before anything
