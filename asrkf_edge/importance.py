@@ -24,6 +24,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
+from . import pages
 from .blob import GGML_F16, Parsed, rows_as_f16
 from .capture import Capture, CaptureSpec
 from .llama import Model, cuda_graphs
@@ -649,6 +650,15 @@ def _spare_a_core() -> None:
     numba.set_num_threads(max(1, numba.get_num_threads() - 1))
 
 
+def _position_blocks(keys: np.ndarray, start: int, stop: int, block: int = 512) -> list[tuple[int, int]]:
+    """Byte ranges of ``keys`` ([layers, positions, row]) for positions [start, stop), block by block of positions
+    and layer by layer within a block: the order in which a prompt's chunks write them."""
+    row = keys.shape[2] * keys.itemsize
+    per_layer = keys.shape[1] * row
+    return [(layer * per_layer + a * row, layer * per_layer + min(stop, a + block) * row)
+            for a in range(start, stop, block) for layer in range(keys.shape[0])]
+
+
 class Importance:
     """Per-position importance scores and key mirror, updated after every decode of a session.
 
@@ -739,8 +749,11 @@ class Importance:
                 # wrote every byte first (the 8B shape's 32 layers at 16k: 1.1 GB). A 4k prompt read as on a GPU with
                 # that KV shape on 2 EPYC cores: growth and key writes 1.55 s -> 0.81 (0.79 of it the writes' faults)
                 keys = np.zeros((len(self.layers), cap, self._kv), np.float16)
-                keys[:, : self.keys.shape[1]] = self.keys
+                old = self.keys.shape[1]
+                keys[:, :old] = self.keys
                 self.keys = keys
+                if self.model.offloaded:  # the host's cores are idle while the GPU decodes: fault the rest in there
+                    pages.fault_in(keys, _position_blocks(keys, old, cap))
                 self.known = np.concatenate([self.known, np.zeros(cap - len(self.known), bool)])
 
     def observe(self, cells: Callable[[], np.ndarray], pos0: int, n: int, fold_scores: bool = True) -> None:

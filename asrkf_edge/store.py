@@ -13,24 +13,19 @@ error, never wrong KV.
 
 from __future__ import annotations
 
-import ctypes
-import errno
-import logging
 import mmap
 import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
-from functools import cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import xxhash
 
+from . import pages
 from .blob import Layout
 from .errors import StoreError
 from .kvcopy import Side, copy_rows, k_view, segment_side, slot_side, split_map
@@ -40,35 +35,6 @@ _MIN_ARENA = 64 << 20  # bytes of the first arena file; later ones double, up to
 _MAX_ARENA = 1 << 30
 _GIL_FREE_HASH = 65536  # bytes from which xxhash 4.1 hashes a buffer with the GIL let go (XXHASH_GIL_MINSIZE)
 _AHEAD = 512  # slots of an arena kept faulted in past its newest one (refilled when half are used)
-_MADV_POPULATE_WRITE = 23  # Linux 5.14+: map pages writable without touching their bytes
-
-log = logging.getLogger(__name__)
-_populate_ok = sys.platform.startswith("linux")  # cleared where the kernel or file system refuses it
-
-
-@cache
-def _madvise() -> Any:
-    """libc's madvise through ctypes, which lets go of the GIL while it runs (the mmap module's keeps it)."""
-    fn = ctypes.CDLL(None, use_errno=True).madvise
-    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
-    return fn
-
-
-@cache
-def _prefaulter() -> ThreadPoolExecutor:
-    """The thread that faults arena pages in before the freezes that will write them."""
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="asrkf-prefault")
-
-
-def _populate(mm: np.memmap, start: int, end: int) -> None:
-    """Fault bytes [start, end) of a mapped arena in, writable (``mm`` stays mapped while this runs)."""
-    global _populate_ok
-    if _madvise()(mm.ctypes.data + start, end - start, _MADV_POPULATE_WRITE) == 0:
-        return
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.EOPNOTSUPP):  # a kernel before 5.14, or a file system without it
-        _populate_ok = False
-    log.debug("arena pages not faulted in ahead: %s", os.strerror(err))
 
 
 def digest(buf: np.ndarray | memoryview) -> int:
@@ -129,7 +95,7 @@ class Arena:
         s against 9.81, medians of 5; the reply's decode unchanged, its freezes 0.06 ms a token either way); on a CPU
         the thread would take a core from the decode (the default model at 4k on 2 cores: the prompt's freezes
         0.15-0.24 -> 0.07-0.11 s of a 18-24 s read, the reply's not faster, its decode within the machine's noise)."""
-        if not self.prefault or not _populate_ok:
+        if not self.prefault or not pages.populate_ok:
             return
         used = self._fresh * self.slot_bytes
         if self._faulted >= min(self.size, used + _AHEAD // 2 * self.slot_bytes):
@@ -137,7 +103,7 @@ class Arena:
         end = -(-(used + _AHEAD * self.slot_bytes) // mmap.PAGESIZE) * mmap.PAGESIZE
         start, end = self._faulted, min(self.size, end)
         self._faulted = end  # a page multiple or the end: the next start is page-aligned
-        _prefaulter().submit(_populate, self.mm, start, end)
+        pages.fault_in(self.mm, [(start, end)])
 
     def give(self, ids: np.ndarray) -> None:
         """Slots whose tokens left (a sealed arena only counts them: its file belongs to a save too)."""

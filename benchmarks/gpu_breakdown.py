@@ -37,7 +37,7 @@ from typing import Any
 import numba
 import numpy as np
 
-from asrkf_edge import Engine, capture, cells, gather, importance, llama, runner, session, store
+from asrkf_edge import Engine, capture, cells, gather, importance, llama, pages, runner, session, store
 from asrkf_edge.policies import asrkf, make_policy
 from asrkf_edge.runner import budget_cells
 
@@ -98,8 +98,8 @@ def run_variant(eng: Engine, policy: str, over: dict[str, Any], n: int, n_decode
     background, split = over.pop("_background", None), over.pop("_split", None)
     threads = over.pop("_fold_threads", None)
     switch = over.pop("_switch_interval", None)
-    interval, prefault = sys.getswitchinterval(), store._populate_ok
-    store._populate_ok = prefault and over.pop("_prefault", True)
+    interval, prefault = sys.getswitchinterval(), pages.populate_ok
+    pages.populate_ok = prefault and over.pop("_prefault", True)
     if switch is not None:
         sys.setswitchinterval(float(switch))
     kept = importance._worker().submit(numba.get_num_threads).result()
@@ -158,7 +158,7 @@ def run_variant(eng: Engine, policy: str, over: dict[str, Any], n: int, n_decode
         after = run.stats().as_dict()
     importance._worker().submit(numba.set_num_threads, kept).result()
     sys.setswitchinterval(interval)
-    store._populate_ok = prefault
+    pages.populate_ok = prefault
     ms = 1e3 / n_decode
     extra = {"hooks": {k: [v[0] * ms, int(v[1])] for k, v in sorted(per_hook.items(), key=lambda kv: -kv[1][0])}} if hooks else {}
     return {"tok_s": n_decode / wall, "ms_tok": wall * ms, "prompt_s": prompt_s,

@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+from pagemap import mapped
 
 from asrkf_edge import blob as blobfmt
 from asrkf_edge.cells import CellMap
@@ -137,19 +138,11 @@ def test_large_slots_hash_the_same_on_threads(tmp_path, monkeypatch):
     assert np.array_equal(got[0], got[1]) and len(set(got[0].tolist())) == n
 
 
-def _mapped(mm: np.ndarray) -> np.ndarray:
-    """Per page of a mapping: present in this process's page table (/proc/self/pagemap, bit 63)."""
-    first, n = mm.ctypes.data // mmap.PAGESIZE, -(-mm.nbytes // mmap.PAGESIZE)
-    with open("/proc/self/pagemap", "rb") as f:
-        f.seek(first * 8)
-        entries = np.frombuffer(f.read(n * 8), np.uint64)
-    return (entries >> np.uint64(63)).astype(bool)
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pages are faulted in ahead on Linux only")
 def test_arena_pages_are_faulted_in_before_freezes_write_them(tmp_path):
     """The next freezes write pages already faulted in (a fresh page's fault made a freeze of the LLaMA-3-8B shape
     10x slower), and faulting them in leaves the frozen bytes as they were."""
+    from asrkf_edge import pages
     from asrkf_edge import store as st
 
     layout = blobfmt.Layout(n_layer=2, k_type=1, k_row=4000, v_type=1, v_row=4000, v_trans=False, v_el=0)
@@ -157,13 +150,13 @@ def test_arena_pages_are_faulted_in_before_freezes_write_them(tmp_path):
     n = 40
     src = blob_side(np.random.default_rng(5).integers(0, 255, layout.blob_size(n), dtype=np.uint8), layout, n)
     store.put(np.arange(n), np.arange(n, dtype=np.int32), src, np.arange(n))
-    st._prefaulter().submit(int).result()  # the faults asked for so far are done
-    if not st._populate_ok:
+    pages.prefaulter().submit(int).result()  # the faults asked for so far are done
+    if not pages.populate_ok:
         pytest.skip("this kernel or file system cannot fault pages in ahead (MADV_POPULATE_WRITE)")
     arena = next(iter(store._arenas.values()))
-    pages = _mapped(arena.mm)
-    assert pages[: (n + st._AHEAD // 2) * store.slot_bytes // mmap.PAGESIZE].all()
-    assert arena.size > (n + st._AHEAD + 64) * store.slot_bytes and not pages[-8:].any()  # and not the whole file
+    faulted = mapped(arena.mm)
+    assert faulted[: (n + st._AHEAD // 2) * store.slot_bytes // mmap.PAGESIZE].all()
+    assert arena.size > (n + st._AHEAD + 64) * store.slot_bytes and not faulted[-8:].any()  # and not the whole file
     (side, slots, idx), = store.read(np.arange(n))
     for layer in range(layout.n_layer):
         assert np.array_equal(k_view(side, layout, layer)[slots], k_view(src, layout, layer)[idx])
