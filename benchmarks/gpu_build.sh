@@ -10,7 +10,7 @@ t0=$(date +%s)
 if [ ! -f /tmp/site/llama_cpp/__init__.py ]; then
   mkdir -p /tmp/site /tmp/bt && tar xJf .gpu/kit/site12.tar.xz -C /tmp/site
   python3 -m pip install -q --no-index --no-deps --target /tmp/bt .gpu/kit/bt/*.whl
-  cd /tmp && tar xzf "$R/.gpu/kit/lcp.tgz" && cd llama_cpp_python-*
+  cd /tmp && tar xJf "$R/.gpu/kit/lcp.tar.xz" && cd llama_cpp_python-*
   PYTHONPATH=/tmp/bt CC=/usr/bin/gcc CXX=/usr/bin/g++ CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90 \
 -DGGML_OPENMP=OFF -DCMAKE_CUDA_HOST_COMPILER=/usr/bin/g++ -DCMAKE_CXX_FLAGS=-fvisibility-inlines-hidden \
 -DCMAKE_SHARED_LINKER_FLAGS=-Wl,-Bsymbolic-functions" \

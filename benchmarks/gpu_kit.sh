@@ -19,7 +19,7 @@ L=$S/vendor/llama.cpp
 rm -rf "$L"/{models,docs,tests,benches,examples,media,pocs,conversion,gguf-py,app,skills,scripts,ci,.github,.devops}
 (cd "$L/tools" && ls | grep -vx -e mtmd -e CMakeLists.txt | xargs rm -rf)
 (cd "$L/ggml/src" && rm -rf ggml-{blas,cann,et,hexagon,hip,metal,musa,opencl,openvino,rpc,sycl,virtgpu,vulkan,webgpu,zdnn,zendnn})
-tar czf "$K/lcp.tgz" -C "$T" "llama_cpp_python-$VER"
+tar cf - -C "$T" "llama_cpp_python-$VER" | xz -9e > "$K/lcp.tar.xz"  # xz: the tree and the kit must fit the 64 MiB a device call carries
 P="--python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64"
 python3 -m pip download -q --no-deps --only-binary=:all: $P -d "$T/w" numba==0.68.1 llvmlite==0.50.0 xxhash==4.1.0
 python3 -m pip download -q --no-deps -d "$T/w" gguf==0.19.0 click==8.5.1 diskcache==5.6.3
