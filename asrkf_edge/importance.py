@@ -722,7 +722,11 @@ class Importance:
         """What the session's capture must copy for this tracker."""
         rows = max(self.window, self.keep_queries)
         scored = tuple(self.layers[i] for i in self.fold)
-        return CaptureSpec(self.layers, rows, probs=not self.flash_attn, queries=self.mirror_keys, keys=self.mirror_keys,
+        # In the background the keys are read back from the cache (one gather, float16 as the mirror holds them) instead
+        # of copied out of every layer's graph and rounded here: on an H100's host those writes took 0.82 s of a 16k
+        # prompt's 6.1 s read (docs/gpu.md, thirty-second session)
+        keys = self.mirror_keys and not self.background
+        return CaptureSpec(self.layers, rows, probs=not self.flash_attn, queries=self.mirror_keys, keys=keys,
                            prob_layers=scored, split_layers=scored if self.flash_attn else ())
 
     def wants(self, pos0: int, n: int) -> bool:

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from .gather import RowGather
 from .importance import Importance
 from .llama import Model
 from .policies import AsrKf, Policy, ScoringPolicy
@@ -254,11 +255,13 @@ class Runner:
         last observation took 2.3 ms, 0.22-0.37 ms a decoded token; on 2 EPYC cores (default model) the gather of
         8 / 60 scattered cells took 0.03 / 0.09 ms against a peek's 0.22 / 0.84 (benchmarks/device_gather.py)."""
         assert self._importance is not None
-        got = self.session.read_keys(positions)
-        if got is None:
-            self.session.peek(positions)  # on_copy fills the mirror
-        else:
-            self._importance.on_keys(*got)
+        for a in range(0, len(positions), RowGather.MAX_CELLS):  # parts the gather's reused buffer holds
+            part = positions[a : a + RowGather.MAX_CELLS]
+            got = self.session.read_keys(part)
+            if got is None:
+                self.session.peek(part)  # on_copy fills the mirror
+            else:
+                self._importance.on_keys(*got)
 
     def _evict(self, session: Session, need: int, batch: int, candidates: np.ndarray) -> np.ndarray:
         """The lowest-scoring candidates; beyond ``need``, none the policy scores as infinite (pinned). With
