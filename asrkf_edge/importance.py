@@ -811,15 +811,26 @@ class Importance:
             q = (q if q is not None else self.queries())[:, -rows:]
             if self.background:
                 self.ensure_keys(kpos)  # llama.cpp calls stay on this thread
-                self._queue(self._fold_from_mirror, True, q, qpos, kpos, self.mirror(), gamma, weight)
+                self._queue(self._fold_from_mirror, True, q, qpos, kpos, self.mirror(), gamma, weight, n > 1)
                 return
             mass = self.mass(q, qpos, kpos, self.fold)
         fold(self._scores, np.ascontiguousarray(mass, np.float32), kpos.astype(np.int64), qpos, gamma, weight)
 
     def _fold_from_mirror(self, q: np.ndarray, qpos: np.ndarray, kpos: np.ndarray, keys: np.ndarray, gamma: float,
-                          weight: float) -> None:
-        fold(self._scores, np.ascontiguousarray(self._mass(q, qpos, kpos, self.fold, keys), np.float32), kpos, qpos,
-             gamma, weight)
+                          weight: float, chunk: bool = False) -> None:
+        """``chunk``: a prompt chunk's fold, which the next chunk's eviction waits for while no decode runs: on all of
+        Numba's threads (a reply's fold leaves one to llama.cpp's decode, :func:`_spare_a_core`). Its 4 layers x 8 KV
+        heads of the LLaMA-3-8B shape are 3 rounds of 15 threads and 2 of 16; an H100's host spent 1.24 s of a 16k
+        prompt's 6.1 s read in these folds, the eviction waiting for nearly all of it (docs/gpu.md, thirty-second
+        session)."""
+        kept = numba.get_num_threads()
+        if chunk:
+            numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+        try:
+            mass = self._mass(q, qpos, kpos, self.fold, keys)
+        finally:
+            numba.set_num_threads(kept)
+        fold(self._scores, np.ascontiguousarray(mass, np.float32), kpos, qpos, gamma, weight)
 
     def _queue(self, job: Callable[..., T], folds: bool, q: np.ndarray, qpos: np.ndarray, kpos: np.ndarray,
                *args: object) -> Future[T]:
