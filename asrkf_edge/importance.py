@@ -821,8 +821,8 @@ class Importance:
         """``chunk``: a prompt chunk's fold, which the next chunk's eviction waits for while no decode runs: on all of
         Numba's threads (a reply's fold leaves one to llama.cpp's decode, :func:`_spare_a_core`). Its 4 layers x 8 KV
         heads of the LLaMA-3-8B shape are 3 rounds of 15 threads and 2 of 16; an H100's host spent 1.24 s of a 16k
-        prompt's 6.1 s read in these folds, the eviction waiting for nearly all of it (docs/gpu.md, thirty-second
-        session)."""
+        prompt's 6.1 s read in these folds, the eviction waiting for nearly all of it. Measured only together with the
+        keys read back and the mirror faulted in ahead: the read 5.33 -> 4.76 s (docs/gpu.md, thirty-second session)."""
         kept = numba.get_num_threads()
         if chunk:
             numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
