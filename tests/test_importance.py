@@ -511,22 +511,37 @@ def test_with_layers_on_a_gpu_asrkf_scores_four_layers_and_cuts_each_decode_at_t
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pages are faulted in ahead on Linux only")
-def test_with_layers_on_a_gpu_the_key_mirror_is_faulted_in_before_the_prompt_writes_it(tiny_path) -> None:
+def test_with_layers_on_a_gpu_the_key_mirror_is_faulted_in_before_the_prompt_writes_it(tiny_path, monkeypatch) -> None:
     """Where the layers are on a GPU the mirror's room for a prompt is faulted in on a background thread, not by the
     key writes of each chunk (a 4k read as on a GPU with the LLaMA-3-8B shape's KV, 2-core EPYC: those writes 0.72 ->
-    0.09 s), and it still reads as zeros; on the CPU it is not (the thread would take a core from the decode)."""
+    0.09 s), and it still reads as zeros; on the CPU it is not asked for (the thread would take a core from the
+    decode)."""
+    asked: list[tuple[int, int]] = []
+    fault_in = pages.fault_in
+
+    def spy(owner, ranges):  # noqa: ANN001, ANN202
+        asked.extend((owner.ctypes.data + a, owner.ctypes.data + b) for a, b in ranges)
+        return fault_in(owner, ranges)
+
+    monkeypatch.setattr(pages, "fault_in", spy)
     for gpu_layers in (1, 0):
+        asked.clear()
         with Engine.load(tiny_path, n_gpu_layers=gpu_layers) as eng:
             imp = Importance(eng.model, tuple(range(eng.model.n_layer)), window=8, flash_attn=True)
+            old = imp.keys.shape[1]
             imp.reserve((64 << 20) // (len(imp.layers) * imp.keys.shape[2] * imp.keys.itemsize))  # a mapping of its own
             pages.prefaulter().submit(int).result()  # the faults asked for so far are done
+            if not gpu_layers:
+                assert not asked
+                continue
             if not pages.populate_ok:
                 pytest.skip("this kernel cannot fault pages in ahead (MADV_POPULATE_WRITE)")
-            faulted = mapped(imp.keys)
-            if gpu_layers:
-                assert faulted.all() and not imp.keys.any()
-            else:
-                assert faulted.mean() < 0.1
+            for layer in range(len(imp.layers)):  # every layer's room past what the growth copied, in order
+                start, end = imp.keys[layer, old:].ctypes.data, imp.keys[layer, old:].ctypes.data + imp.keys[layer, old:].nbytes
+                covered = sorted((a, b) for a, b in asked if start <= a < end)
+                assert covered[0][0] == start and covered[-1][1] == end
+                assert all(b == c for (_, b), (c, _) in zip(covered, covered[1:], strict=False))
+            assert mapped(imp.keys).all() and not imp.keys.any()
 
 
 def test_in_the_background_keys_are_read_from_the_cache_and_generate_what_graph_copies_do(tiny10, monkeypatch) -> None:

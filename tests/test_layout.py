@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent / "asrkf_edge"
 PKG = "asrkf_edge"
-CORE = {"llama", "cells", "blob", "kvcopy", "gather", "store", "session", "capture", "importance", "recall"}
+CORE = {"llama", "cells", "blob", "kvcopy", "gather", "pages", "store", "session", "capture", "importance", "recall"}
 NATIVE = f"{PKG}._native"
 CORE_MAY_USE = CORE | {"errors", "native", "version"}
 
