@@ -5,3 +5,4 @@ set -eo pipefail
 bash benchmarks/gpu_build.sh "$@" 2>&1 | tail -4
 mkdir -p /tmp/m
 test -f /tmp/m/llama8b.gguf || PYTHONPATH=/tmp/site python3 benchmarks/gpu_make_model.py /tmp/m/llama8b.gguf | tail -1
+echo "code $(bash benchmarks/code_print.sh)"
