@@ -16,7 +16,7 @@ from typing import TypeVar
 import numpy as np
 
 from . import blob as blobfmt
-from . import native
+from . import native, pages
 from .blob import Layout
 
 
@@ -84,9 +84,6 @@ def _load_native() -> ctypes.CDLL | None:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
     fn.argtypes = [p, p, p, i64, i64, i64, i32, p, p, p, i64, i64, i64, i32, p, p, i64, i32, i64, i64, i64]
     fn.restype = None
-    pop = getattr(lib, "asrkf_populate", None)  # absent from a library built before it existed
-    if pop is not None:
-        pop.argtypes, pop.restype = [p, i64, ctypes.c_int32], ctypes.c_int32
     return lib
 
 
@@ -165,15 +162,15 @@ def copy_rows(src: Side, dst: Side, src_rows: np.ndarray, dst_rows: np.ndarray, 
         raise RuntimeError("native KV copy is not built")
     ptr = lambda a: a.ctypes.data  # noqa: E731
     moved = len(src_rows) * layout.bytes_per_cell
-    if moved >= _POPULATE_MIN and hasattr(_lib, "asrkf_populate"):
+    if moved >= _POPULATE_MIN:
         # Only a buffer this call mostly covers: faulting in a whole large buffer per call (a store arena, a 128 MB
         # pinned blob walked 64 times per 1,024-token freeze of the 8B shape when freezes were written 16 tokens a
         # call) took a freeze from 3.65 to 1.16 GB/s on an H200; with this rule 2.84 against 3.23 (docs/gpu.md).
         # Neutral on the CPU (1.62-1.88 GB/s either way, noise).
         if dst.buf.nbytes <= 2 * moved:
-            _lib.asrkf_populate(ptr(dst.buf), dst.buf.nbytes, 1)
+            pages.populate(dst.buf, True)
         if src.buf.nbytes <= 2 * moved:
-            _lib.asrkf_populate(ptr(src.buf), src.buf.nbytes, 0)
+            pages.populate(src.buf, False)
     def run(a: int, b: int) -> None:
         _lib.asrkf_copy_rows_strided(
             ptr(src.buf), ptr(src.k_off), ptr(src.v_off), src.n, src.k_stride, src.v_stride, int(src.v_trans),

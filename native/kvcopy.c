@@ -9,10 +9,6 @@
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
-#if defined(__linux__)
-#include <sys/mman.h>
-#include <unistd.h>
-#endif
 
 #if defined(_WIN32)
 #define EXPORT __declspec(dllexport)
@@ -106,21 +102,6 @@ EXPORT void asrkf_copy_rows_strided(
                          count, n_e, v_el);
         }
     }
-}
-
-/* Fault a buffer's pages in with one system call (MADV_POPULATE_WRITE / _READ, Linux 5.14+) instead of one
- * trap per 4 KiB page during the copy: fresh store segments and fresh blobs are mostly untouched pages.
- * Contents are not changed. Returns 0, or -1 where the kernel lacks it (the copy then faults as before). */
-EXPORT int32_t asrkf_populate(void *ptr, int64_t len, int32_t write) {
-#if defined(__linux__)
-    const uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
-    uintptr_t a = (uintptr_t)ptr & ~(page - 1);
-    uintptr_t b = ((uintptr_t)ptr + (uintptr_t)len + page - 1) & ~(page - 1);
-    return madvise((void *)a, (size_t)(b - a), write ? 23 /* MADV_POPULATE_WRITE */ : 22 /* MADV_POPULATE_READ */);
-#else
-    (void)ptr; (void)len; (void)write;
-    return -1;
-#endif
 }
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", "asrkf-edge native KV copy (used via ctypes)", -1, NULL};
