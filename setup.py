@@ -1,9 +1,11 @@
-"""Builds the optional native KV-copy extension; the package works without it (NumPy fallback)."""
+"""Builds the optional native extension (KV copies, the capture callback, the decode thread); the package works without
+it (NumPy and Python fallbacks)."""
 
 from setuptools import Extension, setup
 
 setup(
     ext_modules=[
-        Extension("asrkf_edge._native", ["native/kvcopy.c", "native/capture.c"], extra_compile_args=["-O3"], optional=True),
+        Extension("asrkf_edge._native", ["native/kvcopy.c", "native/capture.c", "native/decoder.c"],
+                  extra_compile_args=["-O3"], optional=True),
     ]
 )

@@ -194,11 +194,15 @@ class Context:
         ptr = L.llama_init_from_model(model.ptr, p)
         if not ptr:
             raise _fail(f"could not create a llama.cpp context with {cfg.n_ctx} cells")
-        self.ptr = ptr
+        self._ptr = ptr
+        self._decoder: int | None = None  # the native decode thread (:meth:`launch`), made at the first launch
+        self._inflight = False
+        self._launched_at = 0  # the first position of the decode in flight
+        self.failed_at: int | None = None  # the first position of a launched decode that failed
         self.cfg = cfg
         self.n_ctx = L.llama_n_ctx(ptr)
         self.n_batch = L.llama_n_ubatch(ptr)
-        self.mem = L.llama_get_memory(ptr)
+        self._mem = L.llama_get_memory(ptr)
         self._batch = L.llama_batch_init(self.n_batch, 0, 1)
         self._n_vocab = model.n_vocab
         self._pinned = model.offloaded and os.environ.get("ASRKF_EDGE_STAGING", "1") != "0"
@@ -206,16 +210,33 @@ class Context:
         self._stage = Reused(self._pinned)  # state copies out (pinned with a GPU)
         self._blob = Reused(self._pinned)  # blobs built for state_set, uploaded from where they are built
 
+    @property
+    def ptr(self) -> int | None:
+        """The ``llama_context *``, once no decode is in flight: every llama.cpp call on the context goes through it."""
+        if self._inflight:
+            self.wait()
+        return self._ptr
+
+    @property
+    def mem(self) -> int:
+        """The context's ``llama_memory_t``, once no decode is in flight."""
+        if self._inflight:
+            self.wait()
+        return self._mem
+
     def close(self) -> None:
+        if self._decoder is not None:
+            self._inflight = False  # a decode's error is moot now
+            _decoder_lib().asrkf_decoder_free(self._decoder)
+            self._decoder = None
         self._stage.drop()  # views handed out keep their memory alive
         self._blob.drop()
-        if self.ptr:
+        if self._ptr:
             L.llama_batch_free(self._batch)
-            L.llama_free(self.ptr)
-            self.ptr = None
+            L.llama_free(self._ptr)
+            self._ptr = None
 
-    def decode(self, tokens: Sequence[int], pos0: int, seq: int = 0, all_logits: bool = False) -> None:
-        """Decode one batch (at most ``n_batch`` tokens) at consecutive positions from ``pos0``."""
+    def _fill(self, tokens: Sequence[int], pos0: int, seq: int, all_logits: bool) -> None:
         n = len(tokens)
         if not 0 < n <= self.n_batch:
             raise ValueError(f"batch of {n} tokens; 1..{self.n_batch} allowed")
@@ -227,9 +248,43 @@ class Context:
             b.n_seq_id[i] = 1
             b.seq_id[i][0] = seq
             b.logits[i] = all_logits or i == n - 1
-        rc = L.llama_decode(self.ptr, b)
+
+    def decode(self, tokens: Sequence[int], pos0: int, seq: int = 0, all_logits: bool = False) -> None:
+        """Decode one batch (at most ``n_batch`` tokens) at consecutive positions from ``pos0``."""
+        ptr = self.ptr
+        self._fill(tokens, pos0, seq, all_logits)
+        rc = L.llama_decode(ptr, self._batch)
         if rc != 0:
             raise _fail(f"llama_decode failed (code {rc}) at position {pos0}")
+
+    def launch(self, tokens: Sequence[int], pos0: int, seq: int = 0) -> None:
+        """Start :meth:`decode` (the last token's logits) on the context's decode thread and return at once; every other
+        call on the context (through :attr:`ptr`, :attr:`mem` or :meth:`wait`) waits for it, and its error is raised
+        there. Where the native decode thread is not built, the decode runs here (the same result, nothing beside it)."""
+        lib = _decoder_lib()
+        ptr = self.ptr
+        if lib is None:
+            self.decode(tokens, pos0, seq)
+            return
+        self._fill(tokens, pos0, seq, False)
+        if self._decoder is None:
+            spin = 2_000_000 if self.model.offloaded else 0  # ns: see native/decoder.c; no spinning beside CPU decodes
+            self._decoder = lib.asrkf_decoder_new(ctypes.cast(L._lib.llama_decode, ctypes.c_void_p), ptr, spin)
+            if not self._decoder:
+                raise LlamaError("could not start the decode thread")
+        if lib.asrkf_decoder_launch(self._decoder, ctypes.byref(self._batch)) != 0:
+            raise LlamaError("internal error: a decode launched while another is in flight")
+        self._inflight, self._launched_at, self.failed_at = True, pos0, None
+
+    def wait(self) -> None:
+        """Wait for the decode :meth:`launch` started, if any; raises its error."""
+        if not self._inflight:
+            return
+        self._inflight = False
+        rc = _decoder_lib().asrkf_decoder_wait(self._decoder)
+        if rc != 0:
+            self.failed_at = self._launched_at
+            raise _fail(f"llama_decode failed (code {rc}) at position {self._launched_at}")
 
     def synchronize(self) -> None:
         """Wait until llama.cpp's queued work on its backends is done."""
@@ -299,6 +354,23 @@ class Context:
         )
         if n != blob.nbytes:
             raise _fail(f"llama_state_seq_set_data read {n} of {blob.nbytes} bytes")
+
+
+@cache
+def _decoder_lib() -> ctypes.CDLL | None:
+    """The native library with its decode thread's signatures, or None (not built, not POSIX, or disabled)."""
+    from . import native
+
+    lib = native.load()
+    if lib is None or not hasattr(lib, "asrkf_decoder_new"):
+        return None
+    vp = ctypes.c_void_p
+    for name, args, res in [("asrkf_decoder_new", [vp, vp, ctypes.c_int64], vp),
+                            ("asrkf_decoder_launch", [vp, vp], ctypes.c_int32),
+                            ("asrkf_decoder_wait", [vp], ctypes.c_int32), ("asrkf_decoder_free", [vp], None)]:
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, res
+    return lib
 
 
 class Sampler:

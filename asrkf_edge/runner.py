@@ -91,6 +91,9 @@ class Runner:
             before_decode=self._before_decode if self._importance else None,
             on_copy=self._importance.on_copy if self._importance else None,
             host_ops=recalling is not None,  # recall reads Qcur and writes the cache in host memory
+            # with layers on a GPU the capture's callback makes each decode return only when the GPU is done: the
+            # bookkeeping and the policy's hooks after a token's decode run beside it instead (Session._decode_beside)
+            overlap=model.offloaded and self._importance is not None,
         )
         if self._importance is not None:
             self._importance.capture = self.session.capture

@@ -110,7 +110,9 @@ class Session:
     llama.cpp continues a sequence from its highest cached position). ``evict`` picks what leaves when
     cells run out; with ``drop`` it is discarded (the irreversible baselines) instead of frozen.
     ``capture`` copies attention tensors out of every decode for ``on_decode``. ``host_ops`` keeps every op on the
-    CPU where the weights are (no op sent to a GPU of a GPU build): what :mod:`.recall` needs.
+    CPU where the weights are (no op sent to a GPU of a GPU build): what :mod:`.recall` needs. ``overlap``: a single
+    token's decode that captures nothing runs on the context's decode thread while ``on_decode`` runs here
+    (:meth:`feed`).
 
     Every llama.cpp memory call goes through one method here that also updates the :class:`CellMap`
     mirror (``_decode``, ``_rm``, ``_cp``, ``_rm_at``, ``_cp_at``, ``_add``, ``_land``), so the two cannot drift apart.
@@ -137,8 +139,10 @@ class Session:
         before_decode: OnDecode | None = None,
         on_copy: OnCopy | None = None,
         host_ops: bool = False,
+        overlap: bool = False,
     ) -> None:
         self.model = model
+        self.overlap = overlap
         self.capture = Capture(model, capture, n_ctx, n_batch) if capture is not None else None
         cb = (self.capture.callback, self.capture.user_data) if self.capture is not None else (None, None)
         self.ctx = Context(model, ContextConfig(n_ctx, n_batch, flash_attn, type_k, type_v, host_ops=host_ops), *cb)
@@ -360,26 +364,65 @@ class Session:
                 self.before_decode(self, pos0, len(chunk))
             if self.capture is not None:
                 self.capture.reset()
-            if self.recall is not None:
-                self.recall.arm(pos0, len(chunk), len(tokens) - i - len(chunk) + rest)
-            try:
-                self._decode(chunk, pos0, all_logits)
-            finally:
+            if self._overlaps(len(chunk), all_logits):
+                self._decode_beside(chunk, pos0)
+            else:
                 if self.recall is not None:
-                    self.recall.finish()
-            if self.capture is not None:
-                self.capture.check()
-            self._chunks.append(pos0)
-            self.tokens.extend(chunk)
-            active = len(self.cells.cells_of(0))
-            self.active_peak = max(self.active_peak, active)
-            self._active_sum += active
-            self._decodes += 1
-            if self.on_decode is not None:
-                self.on_decode(self, pos0, len(chunk))
+                    self.recall.arm(pos0, len(chunk), len(tokens) - i - len(chunk) + rest)
+                try:
+                    self._decode(chunk, pos0, all_logits)
+                finally:
+                    if self.recall is not None:
+                        self.recall.finish()
+                if self.capture is not None:
+                    self.capture.check()
+                self._decoded(chunk, pos0)
+                if self.on_decode is not None:
+                    self.on_decode(self, pos0, len(chunk))
             if all_logits:
                 rows += [self.ctx.logits(j) for j in range(len(chunk))]
         return rows
+
+    def _decoded(self, chunk: list[int], pos0: int) -> None:
+        self._chunks.append(pos0)
+        self.tokens.extend(chunk)
+        active = len(self.cells.cells_of(0))
+        self.active_peak = max(self.active_peak, active)
+        self._active_sum += active
+        self._decodes += 1
+
+    def _overlaps(self, n: int, all_logits: bool) -> bool:
+        """Whether this decode runs beside ``on_decode``: one token, with ``overlap``, whose capture copies nothing
+        (``on_decode`` then reads no tensor of it: what it reads is the session's mirror and llama.cpp, which waits)."""
+        return (self.overlap and n == 1 and not all_logits and self.recall is None
+                and (self.capture is None or not self.capture.enabled))
+
+    def _decode_beside(self, chunk: list[int], pos0: int) -> None:
+        """The decode on llama.cpp's side and ``on_decode`` here at once: the mirror and the counts are updated as the
+        decode will leave them, and any llama.cpp call ``on_decode`` makes waits for the decode first, so the calls
+        reach llama.cpp in the order they do one after the other (tested: the same tokens, logits and scores).
+
+        Why: with a capture callback llama.cpp synchronises after every graph view, so its decode returns only when
+        the GPU is done and the host's work after it was on every token's path; without one (full) that work runs
+        while the GPU computes. If the decode fails, the mirror drops the token again (llama.cpp removes a failed
+        batch's cells) before the error is raised; an ``on_decode`` cut short by it leaves the session as a failed decode
+        does (:attr:`~asrkf_edge.generate.Generation.failed`)."""
+        self.ctx.launch(chunk, pos0)
+        self.cells.decode(np.arange(pos0, pos0 + 1))
+        self._decoded(chunk, pos0)
+        try:
+            if self.on_decode is not None:
+                self.on_decode(self, pos0, 1)
+        finally:
+            try:
+                self.ctx.wait()  # also where on_decode raised: nothing goes on beside a decode
+            finally:
+                if self.ctx.failed_at == pos0:
+                    self.cells.seq_rm(0, pos0, pos0 + 1)
+                    del self.tokens[-1]
+                    self._chunks.pop()
+        if self.capture is not None:
+            self.capture.check()
 
     def refresh(self) -> int:
         """Recompute the KV of tokens decoded while something was frozen, now that nothing is.

@@ -9,7 +9,8 @@ overrides ``_background`` and ``_split`` set the tracker's
 background fold and split capture (both on by default when the layers are on a GPU), ``_fold_threads`` the Numba
 threads of the background fold (by default all but one), ``_switch_interval`` the interpreter's switch interval
 (seconds; ``sys.setswitchinterval``) while the variant runs, ``_prefault`` (false) the store's faulting-in of arena
-pages ahead of the freezes. Prompts are random token ids,
+pages ahead of the freezes, ``_overlap`` (false) a token's decode beside the policy's hooks (``Session.overlap``;
+"decode" then times the launch, "wait" the wait for it). Prompts are random token ids,
 the same for every variant of one run and length (seeded by both), so variants compare paired. Every layer goes to
 the GPU when there is one (``--allow-cpu`` runs it on the CPU); flash attention is on unless ``--no-flash-attn``
 (then the decayed score folds llama.cpp's own softmax instead of attention computed on the host). Prints a line
@@ -41,7 +42,7 @@ from asrkf_edge import Engine, capture, cells, gather, importance, llama, pages,
 from asrkf_edge.policies import asrkf, make_policy
 from asrkf_edge.runner import budget_cells
 
-_TIMED = ("decode", "logits", "peek")
+_TIMED = ("decode", "wait", "logits", "peek")
 _HOOKS = [(importance.Importance, "observe"),
           (importance.Importance, "mass"), (importance.Importance, "mass_job"), (importance.Importance, "_wait"),
           (importance.Importance, "ensure_keys"), (asrkf.AsrKf, "after_decode"), (asrkf.AsrKf, "after_logits"),
@@ -96,6 +97,7 @@ def run_variant(eng: Engine, policy: str, over: dict[str, Any], n: int, n_decode
     by own and by cumulative time)."""
     over = dict(over)
     background, split = over.pop("_background", None), over.pop("_split", None)
+    overlap = over.pop("_overlap", None)
     threads = over.pop("_fold_threads", None)
     switch = over.pop("_switch_interval", None)
     interval, prefault = sys.getswitchinterval(), pages.populate_ok
@@ -113,12 +115,17 @@ def run_variant(eng: Engine, policy: str, over: dict[str, Any], n: int, n_decode
             run.importance.background = background
         if split is not None:
             run.importance.split = split
+        if overlap is not None:
+            run.session.overlap = overlap
         prof = cProfile.Profile() if profile else None
         t_prompt = time.perf_counter()
         if prof is not None:
             prof.enable()
         run.prefill(toks)
         prompt_s = time.perf_counter() - t_prompt
+        sess = run.session  # a policy that reads its prompt again has a new one
+        if overlap is not None:
+            sess.overlap = overlap
         if prof is not None:
             prof.disable()
             with open(str(profile), "a") as f:
@@ -141,6 +148,7 @@ def run_variant(eng: Engine, policy: str, over: dict[str, Any], n: int, n_decode
             return wrapper
 
         sess.ctx.decode, sess.ctx.logits = timed("decode", sess.ctx.decode), timed("logits", sess.ctx.logits)
+        sess.ctx.launch, sess.ctx.wait = timed("decode", sess.ctx.launch), timed("wait", sess.ctx.wait)
         if pol.reversible or pol.attention is not None:
             run.importance.fetch = timed("peek", run.importance.fetch)
         before = run.stats().as_dict()
@@ -210,7 +218,8 @@ def main() -> None:
             med = {k: float(np.median([r[k] for r in rs])) for k in rs[0] if isinstance(rs[0][k], float)}
             rate = [r["tok_s"] for r in rs]
             print(f"{n:6d} {label:14s} {med['tok_s']:7.1f} tok/s ({min(rate):.1f}-{max(rate):.1f}) {med['ms_tok']:.2f} ms/tok: "
-                  f"decode {med['decode_ms_tok']:.2f} (x{med['decodes_per_tok']:.2f}), logits {med['logits_ms_tok']:.2f}, "
+                  f"decode {med['decode_ms_tok']:.2f} (x{med['decodes_per_tok']:.2f}), wait {med['wait_ms_tok']:.2f}, "
+                  f"logits {med['logits_ms_tok']:.2f}, "
                   f"policy {med['policy_ms_tok']:.2f} (scoring {med['observe_ms_tok']:.2f}, peek {med['peek_ms_tok']:.2f}, "
                   f"thaw {med['thaw_ms_tok']:.2f}, freeze {med['freeze_ms_tok']:.2f}); prompt read {med['prompt_s']:.2f} s",
                   flush=True)

@@ -15,8 +15,10 @@ from tiny_gguf import write_tiny_llama
 
 from asrkf_edge import Engine, importance, pages
 from asrkf_edge import capture as capture_mod
+from asrkf_edge import llama as llama_mod
 from asrkf_edge import session as session_mod
 from asrkf_edge.capture import CaptureSpec
+from asrkf_edge.errors import LlamaError
 from asrkf_edge.gather import RowGather
 from asrkf_edge.importance import (
     Importance,
@@ -575,3 +577,60 @@ def test_in_the_background_keys_are_read_from_the_cache_and_generate_what_graph_
     assert t0 == t1 and np.array_equal(l0, l1) and np.array_equal(s0, s1) and np.array_equal(f0, f1)
     both = np.intersect1d(k0, k1)
     assert len(both) >= 160 and np.array_equal(m0[:, np.isin(k0, both)], m1[:, np.isin(k1, both)])
+
+
+def test_a_decode_beside_the_policys_hooks_generates_what_one_after_the_other_does(tiny10, monkeypatch) -> None:
+    """With the layers on a GPU a token's decode runs on llama.cpp's side while the policy's hooks run here (every
+    llama.cpp call they make waits for it): the tokens, logits, scores, frozen set and copies are those of the decode
+    and the hooks one after the other, to the bit. Here most decodes are launched beside the hooks."""
+    text = "the sky is blue and the grass is green " * 40
+    make = importance.Importance.__init__
+
+    def as_on_a_gpu(self, *a, **k) -> None:  # noqa: ANN001, ANN002, ANN003
+        make(self, *a, **k)
+        self.background = True
+        self.split = True  # every decode cut alike, one in ``stride`` copied (CUDA's graphs)
+
+    monkeypatch.setattr(importance.Importance, "__init__", as_on_a_gpu)
+    monkeypatch.setattr(llama_mod.Model, "offloaded", property(lambda self: True))  # no recall, the decode thread
+    launch = llama_mod.Context.launch
+    launched: list[int] = []
+
+    def counted(self, tokens, pos0, seq=0) -> None:  # noqa: ANN001
+        launched.append(pos0)
+        launch(self, tokens, pos0, seq)
+
+    monkeypatch.setattr(llama_mod.Context, "launch", counted)
+    seen = []
+    for beside in (False, True):
+        launched.clear()
+        with Runner(tiny10.model, AsrKf(min_cache=64), 160, flash_attn=True) as run:
+            assert run.session.overlap and run.session.recall is None
+            run.session.overlap = beside
+            run.prefill(tiny10.tokenize(text)[:400])
+            toks, logits = greedy(run, 48)
+            st = run.stats()
+            seen.append((toks, logits, run.importance.scores[: run.n_logical].copy(), run.frozen(),
+                         (st.freeze_events, st.thaw_events, st.frozen_tokens, st.recoveries)))
+        assert (len(launched) >= 40) == beside  # the observed decodes (one in 8) are captured: not beside
+    (t0, l0, s0, f0, c0), (t1, l1, s1, f1, c1) = seen
+    assert t0 == t1 and np.array_equal(l0, l1) and np.array_equal(s0, s1) and np.array_equal(f0, f1)
+    assert c0 == c1 and c0[0] > 0 and c0[1] > 0  # freezes and thaws happened, the same
+
+
+def test_a_launched_decode_is_waited_for_by_the_next_call_and_its_error_raised_there(tiny) -> None:
+    """:meth:`Context.launch` returns at once; a call on the context waits for the decode, and a decode llama.cpp
+    refuses (a position that skips ahead) raises at the wait, naming the position, and leaves the context usable."""
+    ctx = llama_mod.Context(tiny.model, llama_mod.ContextConfig(64))
+    try:
+        ctx.decode([1, 2], 0)
+        ctx.launch([3], 2)
+        assert ctx.seq_pos_max(0) == 2  # waited for
+        ctx.launch([4], 9)
+        with pytest.raises(LlamaError, match="position 9"):
+            ctx.wait()
+        assert ctx.failed_at == 9 and ctx.seq_pos_max(0) == 2
+        ctx.launch([4], 3)
+        assert ctx.logits().shape == (tiny.model.n_vocab,) and ctx.seq_pos_max(0) == 3
+    finally:
+        ctx.close()
