@@ -171,10 +171,16 @@ class ContextConfig:
     # weights stay in host memory, so that recall finds the queries and the cache it writes in host memory
 
 
+DECODE_SPIN_NS = 2_000_000
+"""How long the decode thread and a caller waiting for it spin before they sleep (native/decoder.c), with layers on a
+GPU; a thread woken from a sleep takes tens of microseconds on a VM."""
+
+
 class Context:
     """One llama.cpp context with a unified KV cell pool shared by sequence 0 and a scratch sequence."""
 
-    def __init__(self, model: Model, cfg: ContextConfig, cb_eval: object | None = None, cb_user: object | None = None) -> None:
+    def __init__(self, model: Model, cfg: ContextConfig, cb_eval: object | None = None, cb_user: object | None = None,
+                 threaded: bool = False) -> None:
         self.model = model
         p = L.llama_context_default_params()
         p.n_ctx = cfg.n_ctx
@@ -197,6 +203,7 @@ class Context:
         self._ptr = ptr
         self._decoder: int | None = None  # the native decode thread (:meth:`launch`), made at the first launch
         self._inflight = False
+        self.threaded = threaded and _decoder_lib() is not None  # every decode on the native decode thread
         self._launched_at = 0  # the first position of the decode in flight
         self.failed_at: int | None = None  # the first position of a launched decode that failed
         self.cfg = cfg
@@ -251,24 +258,29 @@ class Context:
 
     def decode(self, tokens: Sequence[int], pos0: int, seq: int = 0, all_logits: bool = False) -> None:
         """Decode one batch (at most ``n_batch`` tokens) at consecutive positions from ``pos0``."""
+        if self.threaded:
+            self.launch(tokens, pos0, seq, all_logits)
+            self.wait()
+            return
         ptr = self.ptr
         self._fill(tokens, pos0, seq, all_logits)
         rc = L.llama_decode(ptr, self._batch)
         if rc != 0:
             raise _fail(f"llama_decode failed (code {rc}) at position {pos0}")
 
-    def launch(self, tokens: Sequence[int], pos0: int, seq: int = 0) -> None:
-        """Start :meth:`decode` (the last token's logits) on the context's decode thread and return at once; every other
-        call on the context (through :attr:`ptr`, :attr:`mem` or :meth:`wait`) waits for it, and its error is raised
-        there. Where the native decode thread is not built, the decode runs here (the same result, nothing beside it)."""
+    def launch(self, tokens: Sequence[int], pos0: int, seq: int = 0, all_logits: bool = False) -> None:
+        """Start :meth:`decode` on the context's decode thread (``threaded``) and return at once; every other call on
+        the context (through :attr:`ptr`, :attr:`mem` or :meth:`wait`) waits for it, and its error is raised there.
+        Otherwise the decode runs here (the same result, nothing beside it). A threaded context decodes every batch on
+        that one thread: each thread that calls llama.cpp's CPU backend keeps its own OpenMP team."""
+        if not self.threaded:
+            self.decode(tokens, pos0, seq, all_logits)
+            return
         lib = _decoder_lib()
         ptr = self.ptr
-        if lib is None:
-            self.decode(tokens, pos0, seq)
-            return
-        self._fill(tokens, pos0, seq, False)
+        self._fill(tokens, pos0, seq, all_logits)
         if self._decoder is None:
-            spin = 2_000_000 if self.model.offloaded else 0  # ns: see native/decoder.c; no spinning beside CPU decodes
+            spin = DECODE_SPIN_NS if self.model.offloaded else 0  # no spinning beside CPU decodes
             self._decoder = lib.asrkf_decoder_new(ctypes.cast(L._lib.llama_decode, ctypes.c_void_p), ptr, spin)
             if not self._decoder:
                 raise LlamaError("could not start the decode thread")

@@ -145,7 +145,8 @@ class Session:
         self.overlap = overlap
         self.capture = Capture(model, capture, n_ctx, n_batch) if capture is not None else None
         cb = (self.capture.callback, self.capture.user_data) if self.capture is not None else (None, None)
-        self.ctx = Context(model, ContextConfig(n_ctx, n_batch, flash_attn, type_k, type_v, host_ops=host_ops), *cb)
+        self.ctx = Context(model, ContextConfig(n_ctx, n_batch, flash_attn, type_k, type_v, host_ops=host_ops), *cb,
+                           threaded=overlap)
         self.cells = CellMap(self.ctx.n_ctx)
         self.budget = min(n_ctx, self.ctx.n_ctx)
         self.sinks, self.recent = sinks, max(1, recent)
@@ -394,7 +395,7 @@ class Session:
     def _overlaps(self, n: int, all_logits: bool) -> bool:
         """Whether this decode runs beside ``on_decode``: one token, with ``overlap``, whose capture copies nothing
         (``on_decode`` then reads no tensor of it: what it reads is the session's mirror and llama.cpp, which waits)."""
-        return (self.overlap and n == 1 and not all_logits and self.recall is None
+        return (self.overlap and self.ctx.threaded and n == 1 and not all_logits and self.recall is None
                 and (self.capture is None or not self.capture.enabled))
 
     def _decode_beside(self, chunk: list[int], pos0: int) -> None:

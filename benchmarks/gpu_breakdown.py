@@ -10,7 +10,8 @@ background fold and split capture (both on by default when the layers are on a G
 threads of the background fold (by default all but one), ``_switch_interval`` the interpreter's switch interval
 (seconds; ``sys.setswitchinterval``) while the variant runs, ``_prefault`` (false) the store's faulting-in of arena
 pages ahead of the freezes, ``_overlap`` (false) a token's decode beside the policy's hooks (``Session.overlap``;
-"decode" then times the launch, "wait" the wait for it). Prompts are random token ids,
+"decode" then times the launch, "wait" the wait for it), ``_thread`` (false) every decode on the calling thread
+instead of the decode thread, ``_spin_ns`` how long the decode thread and its waiter spin before they sleep. Prompts are random token ids,
 the same for every variant of one run and length (seeded by both), so variants compare paired. Every layer goes to
 the GPU when there is one (``--allow-cpu`` runs it on the CPU); flash attention is on unless ``--no-flash-attn``
 (then the decayed score folds llama.cpp's own softmax instead of attention computed on the host). Prints a line
@@ -98,6 +99,11 @@ def run_variant(eng: Engine, policy: str, over: dict[str, Any], n: int, n_decode
     over = dict(over)
     background, split = over.pop("_background", None), over.pop("_split", None)
     overlap = over.pop("_overlap", None)
+    spin, threaded = llama.DECODE_SPIN_NS, over.pop("_thread", True)
+    llama.DECODE_SPIN_NS = int(over.pop("_spin_ns", spin))
+    make_context = llama.Context.__init__
+    if not threaded:  # every decode on this thread, as before the decode thread
+        llama.Context.__init__ = lambda self, *a, **k: make_context(self, *a, **{**k, "threaded": False})
     threads = over.pop("_fold_threads", None)
     switch = over.pop("_switch_interval", None)
     interval, prefault = sys.getswitchinterval(), pages.populate_ok
@@ -147,8 +153,11 @@ def run_variant(eng: Engine, policy: str, over: dict[str, Any], n: int, n_decode
                         count[name] += 1
             return wrapper
 
-        sess.ctx.decode, sess.ctx.logits = timed("decode", sess.ctx.decode), timed("logits", sess.ctx.logits)
-        sess.ctx.launch, sess.ctx.wait = timed("decode", sess.ctx.launch), timed("wait", sess.ctx.wait)
+        sess.ctx.logits = timed("logits", sess.ctx.logits)
+        if sess.ctx.threaded:  # its decode is a launch and a wait
+            sess.ctx.launch, sess.ctx.wait = timed("decode", sess.ctx.launch), timed("wait", sess.ctx.wait)
+        else:
+            sess.ctx.decode = timed("decode", sess.ctx.decode)
         if pol.reversible or pol.attention is not None:
             run.importance.fetch = timed("peek", run.importance.fetch)
         before = run.stats().as_dict()
@@ -165,6 +174,7 @@ def run_variant(eng: Engine, policy: str, over: dict[str, Any], n: int, n_decode
             restore(saved)
         after = run.stats().as_dict()
     importance._worker().submit(numba.set_num_threads, kept).result()
+    llama.Context.__init__, llama.DECODE_SPIN_NS = make_context, spin
     sys.setswitchinterval(interval)
     pages.populate_ok = prefault
     ms = 1e3 / n_decode

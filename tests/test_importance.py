@@ -593,19 +593,19 @@ def test_a_decode_beside_the_policys_hooks_generates_what_one_after_the_other_do
 
     monkeypatch.setattr(importance.Importance, "__init__", as_on_a_gpu)
     monkeypatch.setattr(llama_mod.Model, "offloaded", property(lambda self: True))  # no recall, the decode thread
-    launch = llama_mod.Context.launch
+    beside_hooks = session_mod.Session._decode_beside
     launched: list[int] = []
 
-    def counted(self, tokens, pos0, seq=0) -> None:  # noqa: ANN001
+    def counted(self, chunk, pos0) -> None:  # noqa: ANN001
         launched.append(pos0)
-        launch(self, tokens, pos0, seq)
+        beside_hooks(self, chunk, pos0)
 
-    monkeypatch.setattr(llama_mod.Context, "launch", counted)
+    monkeypatch.setattr(session_mod.Session, "_decode_beside", counted)
     seen = []
     for beside in (False, True):
         launched.clear()
         with Runner(tiny10.model, AsrKf(min_cache=64), 160, flash_attn=True) as run:
-            assert run.session.overlap and run.session.recall is None
+            assert run.session.overlap and run.session.ctx.threaded and run.session.recall is None
             run.session.overlap = beside
             run.prefill(tiny10.tokenize(text)[:400])
             toks, logits = greedy(run, 48)
@@ -621,7 +621,8 @@ def test_a_decode_beside_the_policys_hooks_generates_what_one_after_the_other_do
 def test_a_launched_decode_is_waited_for_by_the_next_call_and_its_error_raised_there(tiny) -> None:
     """:meth:`Context.launch` returns at once; a call on the context waits for the decode, and a decode llama.cpp
     refuses (a position that skips ahead) raises at the wait, naming the position, and leaves the context usable."""
-    ctx = llama_mod.Context(tiny.model, llama_mod.ContextConfig(64))
+    ctx = llama_mod.Context(tiny.model, llama_mod.ContextConfig(64), threaded=True)
+    assert ctx.threaded  # the native library is built (pip install -e .)
     try:
         ctx.decode([1, 2], 0)
         ctx.launch([3], 2)
