@@ -18,7 +18,7 @@ import numpy as np
 
 from .gather import RowGather
 from .importance import Importance
-from .llama import Model
+from .llama import Model, cuda_graphs
 from .policies import AsrKf, Policy, ScoringPolicy
 from .policies.base import GGML_F16
 from .policies.selection import lowest_groups
@@ -92,8 +92,10 @@ class Runner:
             on_copy=self._importance.on_copy if self._importance else None,
             host_ops=recalling is not None,  # recall reads Qcur and writes the cache in host memory
             # with layers on a GPU the capture's callback makes each decode return only when the GPU is done: the
-            # bookkeeping and the policy's hooks after a token's decode run beside it instead (Session._decode_beside)
-            overlap=model.offloaded and self._importance is not None,
+            # bookkeeping and the policy's hooks after a token's decode run beside it instead (Session._decode_beside).
+            # Measured on CUDA only; its threads spin through a decode (llama.DECODE_SPIN_NS), which a laptop's Metal
+            # GPU would pay for in power, unmeasured
+            overlap=model.offloaded and self._importance is not None and cuda_graphs(),
         )
         if self._importance is not None:
             self._importance.capture = self.session.capture

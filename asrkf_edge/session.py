@@ -110,9 +110,9 @@ class Session:
     llama.cpp continues a sequence from its highest cached position). ``evict`` picks what leaves when
     cells run out; with ``drop`` it is discarded (the irreversible baselines) instead of frozen.
     ``capture`` copies attention tensors out of every decode for ``on_decode``. ``host_ops`` keeps every op on the
-    CPU where the weights are (no op sent to a GPU of a GPU build): what :mod:`.recall` needs. ``overlap``: a single
-    token's decode that captures nothing runs on the context's decode thread while ``on_decode`` runs here
-    (:meth:`feed`).
+    CPU where the weights are (no op sent to a GPU of a GPU build): what :mod:`.recall` needs. ``overlap``: every decode
+    runs on the context's decode thread, and a single token's decode that captures nothing runs there while
+    ``on_decode`` runs here (:meth:`_decode_beside`).
 
     Every llama.cpp memory call goes through one method here that also updates the :class:`CellMap`
     mirror (``_decode``, ``_rm``, ``_cp``, ``_rm_at``, ``_cp_at``, ``_add``, ``_land``), so the two cannot drift apart.
@@ -385,6 +385,7 @@ class Session:
         return rows
 
     def _decoded(self, chunk: list[int], pos0: int) -> None:
+        """The session's record of a decoded chunk: its tokens, its first position, the active-cell counts."""
         self._chunks.append(pos0)
         self.tokens.extend(chunk)
         active = len(self.cells.cells_of(0))

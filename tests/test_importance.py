@@ -16,6 +16,7 @@ from tiny_gguf import write_tiny_llama
 from asrkf_edge import Engine, importance, pages
 from asrkf_edge import capture as capture_mod
 from asrkf_edge import llama as llama_mod
+from asrkf_edge import runner as runner_mod
 from asrkf_edge import session as session_mod
 from asrkf_edge.capture import CaptureSpec
 from asrkf_edge.errors import LlamaError
@@ -593,6 +594,7 @@ def test_a_decode_beside_the_policys_hooks_generates_what_one_after_the_other_do
 
     monkeypatch.setattr(importance.Importance, "__init__", as_on_a_gpu)
     monkeypatch.setattr(llama_mod.Model, "offloaded", property(lambda self: True))  # no recall, the decode thread
+    monkeypatch.setattr(runner_mod, "cuda_graphs", lambda: True)  # where it is on
     beside_hooks = session_mod.Session._decode_beside
     launched: list[int] = []
 
