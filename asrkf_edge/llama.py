@@ -26,6 +26,7 @@ from pathlib import Path
 import llama_cpp.llama_cpp as L  # noqa: N812  (import before numpy: see NOTES, CUDA segfault)
 import numpy as np
 
+from . import native
 from .errors import LlamaError, ModelError
 
 log = logging.getLogger(__name__)
@@ -374,8 +375,6 @@ class Context:
 @cache
 def _decoder_lib() -> ctypes.CDLL | None:
     """The native library with its decode thread's signatures, or None (not built, not POSIX, or disabled)."""
-    from . import native
-
     lib = native.load()
     if lib is None or not hasattr(lib, "asrkf_decoder_new"):
         return None
