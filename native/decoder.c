@@ -153,4 +153,6 @@ EXPORT void asrkf_decoder_free(decoder *d) {
     pthread_cond_destroy(&d->cond);
     free(d);
 }
+#else
+typedef int asrkf_decoder_unavailable; /* ISO C wants a declaration in every translation unit */
 #endif
