@@ -302,6 +302,15 @@ class Context:
             self.failed_at = self._launched_at
             raise _fail(f"llama_decode failed (code {rc}) at position {self._launched_at}")
 
+    def decode_span(self) -> tuple[int, int] | None:
+        """When the last decode waited for on the decode thread began and ended (``time.monotonic_ns``'s clock); None
+        without that thread. Benchmarks' timelines read it: the GPU idles from one's end to the next launch."""
+        if not self.threaded or self._decoder is None:
+            return None
+        span = (ctypes.c_int64 * 2)()
+        _decoder_lib().asrkf_decoder_span(self._decoder, span)
+        return int(span[0]), int(span[1])
+
     def synchronize(self) -> None:
         """Wait until llama.cpp's queued work on its backends is done."""
         L.llama_synchronize(self.ptr)
@@ -381,7 +390,8 @@ def _decoder_lib() -> ctypes.CDLL | None:
     vp = ctypes.c_void_p
     for name, args, res in [("asrkf_decoder_new", [vp, vp, ctypes.c_int64], vp),
                             ("asrkf_decoder_launch", [vp, vp], ctypes.c_int32),
-                            ("asrkf_decoder_wait", [vp], ctypes.c_int32), ("asrkf_decoder_free", [vp], None)]:
+                            ("asrkf_decoder_wait", [vp], ctypes.c_int32), ("asrkf_decoder_free", [vp], None),
+                            ("asrkf_decoder_span", [vp, ctypes.POINTER(ctypes.c_int64)], None)]:
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, res
     return lib

@@ -86,16 +86,61 @@ def hook_timers(spent: dict[str, list[float]]) -> list[tuple[type, str, Any]]:
     return saved
 
 
+_EVENTS = [("thaw", session.Session, "_restore"), ("freeze", session.Session, "_freeze_positions"),
+           ("swap", asrkf.AsrKf, "_swap_in"), ("keys", importance.Importance, "ensure_keys")]
+_ORDER = ("thaw", "freeze", "swap", "observed", "plain")  # a gap with several is counted under the first
+
+
+def event_timers(events: list[tuple[str, int, int]]) -> list[tuple[type, str, Any]]:
+    """Record (name, start, end) in ``time.monotonic_ns`` of every call of ``_EVENTS``' methods; returns what
+    :func:`restore` puts back."""
+    saved: list[tuple[Any, str, Any]] = []
+    for name, owner, attr in _EVENTS:
+        fn = getattr(owner, attr)
+        saved.append((owner, attr, fn))
+
+        def wrapper(*a: Any, _fn: Any = fn, _name: str = name, **k: Any) -> Any:
+            t = time.monotonic_ns()
+            try:
+                return _fn(*a, **k)
+            finally:
+                events.append((_name, t, time.monotonic_ns()))
+        setattr(owner, attr, wrapper)
+    return saved
+
+
+def timeline(decodes: list[tuple[int, int, int, int, bool]], events: list[tuple[str, int, int]],
+             n_decode: int) -> dict[str, Any]:
+    """Where the GPU waited for the host: per decode (launch, wait called, start, end on the decode thread, whether
+    it captured), the gap from its end to the next launch, classed by the events that ran in it (``_ORDER``), in ms a
+    decoded token; and the decodes' own time, the thread's start latency and the hooks running past a decode."""
+    ms = 1e-6 / n_decode
+    out: dict[str, Any] = {"busy": sum(e - s for _, _, s, e, _ in decodes) * ms,
+                           "start": sum(s - lt for lt, _, s, _, _ in decodes) * ms,
+                           "overrun": sum(max(0, w - e) for _, w, _, e, _ in decodes) * ms}
+    gaps: dict[str, list[int]] = {k: [] for k in _ORDER}
+    for (_, _, _, end, observed), (nxt, _, _, _, _) in zip(decodes, decodes[1:], strict=False):
+        names = {name for name, a, b in events if a < nxt and b > end}
+        kind = next((k for k in _ORDER[:3] if k in names), "observed" if observed else "plain")
+        gaps[kind].append(nxt - end)
+    for k, g in gaps.items():
+        out[f"idle_{k}"] = sum(g) * ms
+        out[f"n_{k}"] = len(g)
+        out[f"med_{k}"] = float(np.median(g)) * 1e-6 if g else 0.0
+    out["idle"] = sum(out[f"idle_{k}"] for k in _ORDER)
+    return out
+
+
 def restore(saved: list[tuple[Any, str, Any]]) -> None:
     for owner, attr, fn in reversed(saved):
         setattr(owner, attr, fn)
 
 
 def run_variant(eng: Engine, policy: str, over: dict[str, Any], n: int, n_decode: int, budget: float, seed: int,
-                hooks: bool = False, profile: str | None = None) -> dict[str, Any]:
+                hooks: bool = False, profile: str | None = None, lines: bool = False) -> dict[str, Any]:
     """Prefill ``n`` random ids, decode ``n_decode`` greedy tokens; per-token milliseconds of each part (and of
     each hook, with ``hooks``). ``profile``: a file that gets cProfile's view of the prompt's read (top functions
-    by own and by cumulative time)."""
+    by own and by cumulative time). ``lines``: the :func:`timeline` of a context that decodes on its thread."""
     over = dict(over)
     background, split = over.pop("_background", None), over.pop("_split", None)
     overlap = over.pop("_overlap", None)
@@ -154,6 +199,24 @@ def run_variant(eng: Engine, policy: str, over: dict[str, Any], n: int, n_decode
             return wrapper
 
         sess.ctx.logits = timed("logits", sess.ctx.logits)
+        decodes: list[tuple[int, int, int, int, bool]] = []
+        events: list[tuple[str, int, int]] = []
+        if sess.ctx.threaded and lines:
+            launch, wait, ctx = sess.ctx.launch, sess.ctx.wait, sess.ctx
+
+            def launched(*a: Any, **k: Any) -> Any:
+                decodes.append((time.monotonic_ns(), 0, 0, 0, bool(sess.capture and sess.capture.enabled)))
+                return launch(*a, **k)
+
+            def waited(*a: Any, **k: Any) -> Any:
+                t, flying = time.monotonic_ns(), ctx._inflight
+                try:
+                    return wait(*a, **k)
+                finally:
+                    span = ctx.decode_span()
+                    if flying and span is not None:
+                        decodes[-1] = (decodes[-1][0], t, *span, decodes[-1][4])
+            sess.ctx.launch, sess.ctx.wait = launched, waited
         if sess.ctx.threaded:  # its decode is a launch and a wait
             sess.ctx.launch, sess.ctx.wait = timed("decode", sess.ctx.launch), timed("wait", sess.ctx.wait)
         else:
@@ -164,6 +227,8 @@ def run_variant(eng: Engine, policy: str, over: dict[str, Any], n: int, n_decode
         tok = int(np.argmax(run.logits()))
         per_hook: dict[str, list[float]] = {}
         saved = hook_timers(per_hook) if hooks else []
+        saved += event_timers(events) if lines and sess.ctx.threaded else []
+        decodes.clear()
         t0 = time.perf_counter()
         try:
             for _ in range(n_decode):
@@ -179,6 +244,8 @@ def run_variant(eng: Engine, policy: str, over: dict[str, Any], n: int, n_decode
     pages.populate_ok = prefault
     ms = 1e3 / n_decode
     extra = {"hooks": {k: [v[0] * ms, int(v[1])] for k, v in sorted(per_hook.items(), key=lambda kv: -kv[1][0])}} if hooks else {}
+    if len(decodes) > 1:
+        extra["timeline"] = timeline(decodes, events, n_decode)
     return {"tok_s": n_decode / wall, "ms_tok": wall * ms, "prompt_s": prompt_s,
             **{f"{k}_ms_tok": (float(after[f"{k}_seconds"]) - float(before[f"{k}_seconds"])) * ms
                for k in ("policy", "observe", "freeze", "thaw")},
@@ -199,6 +266,8 @@ def main() -> None:
     ap.add_argument("--allow-cpu", action="store_true")
     ap.add_argument("--no-flash-attn", action="store_true", help="flash attention off: scoring folds llama.cpp's own softmax")
     ap.add_argument("--hooks", action="store_true", help="host ms a token in each main call of the policy path")
+    ap.add_argument("--timeline", action="store_true",
+                    help="where the GPU waits for the host between decodes on the decode thread (asrkf's)")
     ap.add_argument("--profile-prompt", default=None, metavar="FILE",
                     help="cProfile every bounded policy's prompt read into FILE (appended)")
     a = ap.parse_args()
@@ -214,10 +283,13 @@ def main() -> None:
                 for label, policy, over in variants:
                     r = {"label": label, "length": n, "run": run,
                          **run_variant(eng, policy, over, n, a.decode, a.budget, run, a.hooks,
-                                       a.profile_prompt if policy != "full" else None)}
+                                       a.profile_prompt if policy != "full" else None, a.timeline)}
                     rows.append(r)
                     print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()
-                                   if k != "hooks"), flush=True)
+                                   if k not in ("hooks", "timeline")), flush=True)
+                    if "timeline" in r:
+                        print("    timeline ms/tok: " + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
+                                                              for k, v in r["timeline"].items()), flush=True)
                     for k, (v, calls) in r.get("hooks", {}).items():
                         print(f"    {k:34s} {v:7.3f} ms/tok  {calls:5d} calls", flush=True)
                     if a.json:

@@ -41,6 +41,7 @@ typedef struct {
     llama_batch batch;
     int64_t spin_ns; /* how long either side spins on the state before it sleeps */
     int32_t rc;
+    int64_t started, done; /* CLOCK_MONOTONIC ns around the last llama_decode (benchmarks' timelines) */
     int state;       /* IDLE, POSTED (a batch handed over) or DONE (rc set); changed under the lock, read spinning */
     int quit;
 } decoder;
@@ -85,9 +86,13 @@ static void *run(void *arg) {
             return NULL;
         }
         pthread_mutex_unlock(&d->lock);
+        int64_t started = now_ns();
         int32_t rc = d->decode(d->ctx, d->batch);
+        int64_t done = now_ns();
         pthread_mutex_lock(&d->lock);
         d->rc = rc;
+        d->started = started;
+        d->done = done;
         __atomic_store_n(&d->state, DONE, __ATOMIC_RELEASE);
         pthread_cond_broadcast(&d->cond);
         pthread_mutex_unlock(&d->lock);
@@ -138,6 +143,14 @@ EXPORT int32_t asrkf_decoder_wait(decoder *d) {
     __atomic_store_n(&d->state, IDLE, __ATOMIC_RELEASE);
     pthread_mutex_unlock(&d->lock);
     return rc;
+}
+
+/* When the last decode began and ended (CLOCK_MONOTONIC ns) into span[0] and span[1]; read after its wait. */
+EXPORT void asrkf_decoder_span(decoder *d, int64_t *span) {
+    pthread_mutex_lock(&d->lock);
+    span[0] = d->started;
+    span[1] = d->done;
+    pthread_mutex_unlock(&d->lock);
 }
 
 /* Finish what is in flight, stop the thread, free the decoder. */
