@@ -18,7 +18,7 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -209,6 +209,7 @@ class Context:
         self._inflight = False
         self.threaded = threaded and _decoder_lib() is not None  # every decode on the native decode thread
         self._launched_at = 0  # the first position of the decode in flight
+        self._queued: list[Callable[[], None]] = []  # calls that wait for the decode in flight (:meth:`_later`)
         self.failed_at: int | None = None  # the first position of a launched decode that failed
         self.cfg = cfg
         self.n_ctx = L.llama_n_ctx(ptr)
@@ -237,7 +238,7 @@ class Context:
 
     def close(self) -> None:
         if self._decoder is not None:
-            self._inflight = False  # a decode's error is moot now
+            self._inflight, self._queued = False, []  # a decode's error and what waited for it are moot now
             _decoder_lib().asrkf_decoder_free(self._decoder)
             self._decoder = None
         self._stage.drop()  # views handed out keep their memory alive
@@ -298,6 +299,9 @@ class Context:
             return
         self._inflight = False
         rc = _decoder_lib().asrkf_decoder_wait(self._decoder)
+        queued, self._queued = self._queued, []
+        for call in queued:  # a failed decode's cells are gone: the calls made beside it still apply
+            call()
         if rc != 0:
             self.failed_at = self._launched_at
             raise _fail(f"llama_decode failed (code {rc}) at position {self._launched_at}")
@@ -315,6 +319,14 @@ class Context:
         """Wait until llama.cpp's queued work on its backends is done."""
         L.llama_synchronize(self.ptr)
 
+    def wait_rows(self, below: int) -> None:
+        """Before a read of the cache's rows of positions below ``below`` on a stream of the reader's own (the gather):
+        a decode in flight that writes none of them goes on; otherwise what llama.cpp has queued is finished
+        (:meth:`synchronize`). The rows a decode waited for wrote are in place: with a capture callback llama.cpp
+        synchronises after each graph view, so its decode returned only when the device was done."""
+        if not (self._inflight and self._cb[0] is not None and below <= self._launched_at):
+            self.synchronize()
+
     def logits(self, i: int = -1, copy: bool = True) -> np.ndarray:
         """The float32 logits of output row ``i`` of the last decode: a copy, or (``copy=False``) a read-only view of
         llama.cpp's buffer, valid until the next decode (a copy of 128k logits cost 0.07 ms on an H100's host)."""
@@ -328,16 +340,28 @@ class Context:
         return out
 
     # memory (sequence) operations
+    def _later(self, call: Callable[[], None]) -> None:
+        """Make ``call`` (a llama.cpp call on the cells' bookkeeping that returns nothing the caller reads) now, or,
+        while a decode is in flight, once it is done: queued calls run in order before any other call reaches llama.cpp
+        (every other goes through :attr:`ptr`, :attr:`mem` or :meth:`wait`, which runs the queue). A thaw beside a
+        decode thus frees its room and builds its blob while the device computes; only its upload waits."""
+        if self._inflight:
+            self._queued.append(call)
+        else:
+            call()
+
     def seq_rm(self, seq: int, p0: int, p1: int) -> None:
-        if not L.llama_memory_seq_rm(self.mem, seq, p0, p1):
-            raise _fail(f"llama_memory_seq_rm({seq}, {p0}, {p1}) failed")
+        def rm() -> None:
+            if not L.llama_memory_seq_rm(self._mem, seq, p0, p1):
+                raise _fail(f"llama_memory_seq_rm({seq}, {p0}, {p1}) failed")
+        self._later(rm)
 
     def seq_cp(self, src: int, dst: int, p0: int, p1: int) -> None:
-        L.llama_memory_seq_cp(self.mem, src, dst, p0, p1)
+        self._later(lambda: L.llama_memory_seq_cp(self._mem, src, dst, p0, p1))
 
     def seq_add(self, seq: int, p0: int, p1: int, delta: int) -> None:
         """Renumber positions in [p0, p1) by ``delta`` (K is re-rotated lazily at the next decode)."""
-        L.llama_memory_seq_add(self.mem, seq, p0, p1, delta)
+        self._later(lambda: L.llama_memory_seq_add(self._mem, seq, p0, p1, delta))
 
     def seq_pos_max(self, seq: int) -> int:
         return L.llama_memory_seq_pos_max(self.mem, seq)

@@ -583,7 +583,7 @@ class Session:
         if gather is None:
             return None
         pos = np.unique(np.asarray(positions, np.int64))
-        self.ctx.synchronize()  # the gather runs on a stream of its own
+        self.ctx.wait_rows(int(pos[-1]) + 1 if len(pos) else 0)  # the gather runs on a stream of its own
         try:
             rows = gather(self.cells_of(pos), len(gather.rows) // 2)
         except ValueError as e:  # this device cannot: the state API from now on
@@ -652,7 +652,7 @@ class Session:
         assert layout is not None
         if self.store is not None and self.store.layout != layout:
             return pos
-        self.ctx.synchronize()  # the gather runs on a stream of its own
+        self.ctx.wait_rows(int(pos[-1]) + 1)  # the gather runs on a stream of its own, beside a decode of later positions
         n_layer, tokens = layout.n_layer, np.asarray(self.tokens, np.int32)
         for a in range(0, len(pos), gather.MAX_CELLS):  # each part frozen whole: stored, then out of the cache
             part, at = pos[a : a + gather.MAX_CELLS], cells[a : a + gather.MAX_CELLS]

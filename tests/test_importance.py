@@ -603,11 +603,29 @@ def test_a_decode_beside_the_policys_hooks_generates_what_one_after_the_other_do
         beside_hooks(self, chunk, pos0)
 
     monkeypatch.setattr(session_mod.Session, "_decode_beside", counted)
+    gathers = {"beside": 0, "after": 0, "queued": 0}  # gathers of the cache's rows while a decode is in flight, and not
+    contexts: list[llama_mod.Context] = []
+    gather_rows = RowGather.gather
+
+    def watched(self, cells, count=None):  # noqa: ANN001
+        gathers["beside" if contexts[-1]._inflight else "after"] += 1
+        return gather_rows(self, cells, count)
+
+    monkeypatch.setattr(RowGather, "gather", watched)
+    later = llama_mod.Context._later
+
+    def queued(self, call) -> None:  # noqa: ANN001
+        gathers["queued"] += self._inflight  # a thaw's or freeze's removal made beside the decode, run after it
+        later(self, call)
+
+    monkeypatch.setattr(llama_mod.Context, "_later", queued)
     seen = []
     for beside in (False, True):
         launched.clear()
+        gathers.update(beside=0, after=0, queued=0)
         with Runner(tiny10.model, AsrKf(min_cache=64), 160, flash_attn=True) as run:
             assert run.session.overlap and run.session.ctx.threaded and run.session.recall is None
+            contexts.append(run.session.ctx)
             run.session.overlap = beside
             run.prefill(tiny10.tokenize(text)[:400])
             toks, logits = greedy(run, 48)
@@ -615,6 +633,8 @@ def test_a_decode_beside_the_policys_hooks_generates_what_one_after_the_other_do
             seen.append((toks, logits, run.importance.scores[: run.n_logical].copy(), run.frozen(),
                          (st.freeze_events, st.thaw_events, st.frozen_tokens, st.recoveries)))
         assert (len(launched) >= 40) == beside  # the observed decodes (one in 8) are captured: not beside
+        assert (gathers["beside"] > 0) == beside and gathers["after"] > 0  # rows of earlier tokens read beside it
+        assert (gathers["queued"] > 0) == beside
     (t0, l0, s0, f0, c0), (t1, l1, s1, f1, c1) = seen
     assert t0 == t1 and np.array_equal(l0, l1) and np.array_equal(s0, s1) and np.array_equal(f0, f1)
     assert c0 == c1 and c0[0] > 0 and c0[1] > 0  # freezes and thaws happened, the same
@@ -622,7 +642,8 @@ def test_a_decode_beside_the_policys_hooks_generates_what_one_after_the_other_do
 
 def test_a_launched_decode_is_waited_for_by_the_next_call_and_its_error_raised_there(tiny) -> None:
     """:meth:`Context.launch` returns at once; a call on the context waits for the decode, and a decode llama.cpp
-    refuses (a position that skips ahead) raises at the wait, naming the position, and leaves the context usable."""
+    refuses (a position that skips ahead) raises at the wait, naming the position, and leaves the context usable;
+    a removal made while it was in flight is made after it, failed or not."""
     ctx = llama_mod.Context(tiny.model, llama_mod.ContextConfig(64), threaded=True)
     assert ctx.threaded  # the native library is built (pip install -e .)
     try:
@@ -630,10 +651,11 @@ def test_a_launched_decode_is_waited_for_by_the_next_call_and_its_error_raised_t
         ctx.launch([3], 2)
         assert ctx.seq_pos_max(0) == 2  # waited for
         ctx.launch([4], 9)
+        ctx.seq_rm(0, 2, 3)  # made beside the decode: runs once it is done, failed or not
         with pytest.raises(LlamaError, match="position 9"):
             ctx.wait()
-        assert ctx.failed_at == 9 and ctx.seq_pos_max(0) == 2
-        ctx.launch([4], 3)
-        assert ctx.logits().shape == (tiny.model.n_vocab,) and ctx.seq_pos_max(0) == 3
+        assert ctx.failed_at == 9 and ctx.seq_pos_max(0) == 1
+        ctx.launch([4], 2)
+        assert ctx.logits().shape == (tiny.model.n_vocab,) and ctx.seq_pos_max(0) == 2
     finally:
         ctx.close()
