@@ -11,7 +11,9 @@ threads of the background fold (by default all but one), ``_switch_interval`` th
 (seconds; ``sys.setswitchinterval``) while the variant runs, ``_prefault`` (false) the store's faulting-in of arena
 pages ahead of the freezes, ``_overlap`` (false) a token's decode beside the policy's hooks (``Session.overlap``;
 "decode" then times the launch, "wait" the wait for it), ``_thread`` (false) every decode on the calling thread
-instead of the decode thread, ``_spin_ns`` how long the decode thread and its waiter spin before they sleep. Prompts are random token ids,
+instead of the decode thread, ``_spin_ns`` how long the decode thread and its waiter spin before they sleep,
+``_rows_beside`` (false) a gather of earlier tokens' rows beside the decode in flight (``Context.wait_rows``),
+``_queue`` (false) the cells' removals, copies and renumberings made beside it queued (``Context._later``). Prompts are random token ids,
 the same for every variant of one run and length (seeded by both), so variants compare paired. Every layer goes to
 the GPU when there is one (``--allow-cpu`` runs it on the CPU); flash attention is on unless ``--no-flash-attn``
 (then the decayed score folds llama.cpp's own softmax instead of attention computed on the host). Prints a line
@@ -144,6 +146,11 @@ def run_variant(eng: Engine, policy: str, over: dict[str, Any], n: int, n_decode
     over = dict(over)
     background, split = over.pop("_background", None), over.pop("_split", None)
     overlap = over.pop("_overlap", None)
+    wait_rows, later = llama.Context.wait_rows, llama.Context._later
+    if not over.pop("_rows_beside", True):  # every gather waits for the decode in flight, as before
+        llama.Context.wait_rows = lambda self, below: self.synchronize()
+    if not over.pop("_queue", True):  # every removal, copy and renumbering waits for it, as before
+        llama.Context._later = lambda self, call: (self.wait(), call())[-1]
     spin, threaded = llama.DECODE_SPIN_NS, over.pop("_thread", True)
     llama.DECODE_SPIN_NS = int(over.pop("_spin_ns", spin))
     make_context = llama.Context.__init__
@@ -240,6 +247,7 @@ def run_variant(eng: Engine, policy: str, over: dict[str, Any], n: int, n_decode
         after = run.stats().as_dict()
     importance._worker().submit(numba.set_num_threads, kept).result()
     llama.Context.__init__, llama.DECODE_SPIN_NS = make_context, spin
+    llama.Context.wait_rows, llama.Context._later = wait_rows, later
     sys.setswitchinterval(interval)
     pages.populate_ok = prefault
     ms = 1e3 / n_decode
