@@ -19,7 +19,10 @@ the GPU when there is one (``--allow-cpu`` runs it on the CPU); flash attention 
 (then the decayed score folds llama.cpp's own softmax instead of attention computed on the host). Prints a line
 per run and a median (range) per length and variant; ``--json`` writes the rows. ``--hooks`` adds, per run, the
 host milliseconds a decoded token spends in each of the policy path's main calls (inclusive: nested calls count in
-both) and how often each ran. With ``full``, llama.cpp's decode
+both) and how often each ran. ``--timeline`` adds, for a context that decodes on its thread (asrkf's on CUDA), where
+the GPU waited for the host: the gaps from each decode's end to the next launch, classed by what ran in them.
+``--allow-cpu --gpu-mode`` runs it all on the CPU as with the layers on a CUDA GPU (benchmarks/gpu_mode_on_cpu.py).
+With ``full``, llama.cpp's decode
 returns before the GPU finishes and the wait shows up in ``logits``; a policy that captures attention waits inside
 the decode.
 """
@@ -44,6 +47,7 @@ import numpy as np
 from asrkf_edge import Engine, capture, cells, gather, importance, llama, pages, runner, session, store
 from asrkf_edge.policies import asrkf, make_policy
 from asrkf_edge.runner import budget_cells
+from gpu_mode_on_cpu import gpu_mode
 
 _TIMED = ("decode", "wait", "logits", "peek")
 _HOOKS = [(importance.Importance, "observe"),
@@ -274,11 +278,16 @@ def main() -> None:
     ap.add_argument("--allow-cpu", action="store_true")
     ap.add_argument("--no-flash-attn", action="store_true", help="flash attention off: scoring folds llama.cpp's own softmax")
     ap.add_argument("--hooks", action="store_true", help="host ms a token in each main call of the policy path")
+    ap.add_argument("--gpu-mode", action="store_true",
+                    help="with --allow-cpu: run as with the layers on a CUDA GPU (gpu_mode_on_cpu.py), the decode beside the hooks too")
     ap.add_argument("--timeline", action="store_true",
                     help="where the GPU waits for the host between decodes on the decode thread (asrkf's)")
     ap.add_argument("--profile-prompt", default=None, metavar="FILE",
                     help="cProfile every bounded policy's prompt read into FILE (appended)")
     a = ap.parse_args()
+    if a.gpu_mode:
+        gpu_mode()
+        runner.cuda_graphs = lambda: True  # the runner turns the decode beside the hooks on where this says CUDA
     if not llama.gpu_devices() and not a.allow_cpu:
         raise SystemExit("llama.cpp has no GPU backend here (--allow-cpu to run on the CPU)")
     variants = json.loads(a.variants)
