@@ -93,7 +93,7 @@ def hook_timers(spent: dict[str, list[float]]) -> list[tuple[type, str, Any]]:
 
 
 _EVENTS = [("thaw", session.Session, "_restore"), ("freeze", session.Session, "_freeze_positions"),
-           ("swap", asrkf.AsrKf, "_swap_in"), ("keys", importance.Importance, "ensure_keys")]
+           ("swap", asrkf.AsrKf, "_swap_in")]
 _ORDER = ("thaw", "freeze", "swap", "observed", "plain")  # a gap with several is counted under the first
 
 
