@@ -210,6 +210,7 @@ class Context:
         self.threaded = threaded and _decoder_lib() is not None  # every decode on the native decode thread
         self._launched_at = 0  # the first position of the decode in flight
         self._queued: list[Callable[[], None]] = []  # calls that wait for the decode in flight (:meth:`_later`)
+        self._renumbered = self._reroping = False  # a seq_add since the last launch / before the decode in flight
         self.failed_at: int | None = None  # the first position of a launched decode that failed
         self.cfg = cfg
         self.n_ctx = L.llama_n_ctx(ptr)
@@ -292,6 +293,7 @@ class Context:
         if lib.asrkf_decoder_launch(self._decoder, ctypes.byref(self._batch)) != 0:
             raise LlamaError("internal error: a decode launched while another is in flight")
         self._inflight, self._launched_at, self.failed_at = True, pos0, None
+        self._reroping, self._renumbered = self._renumbered, False
 
     def wait(self) -> None:
         """Wait for the decode :meth:`launch` started, if any; raises its error."""
@@ -323,8 +325,9 @@ class Context:
         """Before a read of the cache's rows of positions below ``below`` on a stream of the reader's own (the gather):
         a decode in flight that writes none of them goes on; otherwise what llama.cpp has queued is finished
         (:meth:`synchronize`). The rows a decode waited for wrote are in place: with a capture callback llama.cpp
-        synchronises after each graph view, so its decode returned only when the device was done."""
-        if not (self._inflight and self._cb[0] is not None and below <= self._launched_at):
+        synchronises after each graph view, so its decode returned only when the device was done. A decode after a
+        renumbering (:meth:`seq_add`) first re-rotates every cell's K: then the read waits."""
+        if not (self._inflight and self._cb[0] is not None and below <= self._launched_at and not self._reroping):
             self.synchronize()
 
     def logits(self, i: int = -1, copy: bool = True) -> np.ndarray:
@@ -361,6 +364,7 @@ class Context:
 
     def seq_add(self, seq: int, p0: int, p1: int, delta: int) -> None:
         """Renumber positions in [p0, p1) by ``delta`` (K is re-rotated lazily at the next decode)."""
+        self._renumbered = True
         self._later(lambda: L.llama_memory_seq_add(self._mem, seq, p0, p1, delta))
 
     def seq_pos_max(self, seq: int) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import sys
 from pathlib import Path
@@ -638,6 +639,27 @@ def test_a_decode_beside_the_policys_hooks_generates_what_one_after_the_other_do
     (t0, l0, s0, f0, c0), (t1, l1, s1, f1, c1) = seen
     assert t0 == t1 and np.array_equal(l0, l1) and np.array_equal(s0, s1) and np.array_equal(f0, f1)
     assert c0 == c1 and c0[0] > 0 and c0[1] > 0  # freezes and thaws happened, the same
+
+
+def test_rows_of_earlier_tokens_are_read_beside_a_decode_unless_it_re_rotates_them(tiny) -> None:
+    """With a capture callback a decode returns only when the device is done, so a gather of the rows of earlier
+    positions need not wait for the decode in flight (its own positions must); after a renumbering the next decode
+    first re-rotates every cell's K, and then the gather waits."""
+    asked = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p, ctypes.c_bool, ctypes.c_void_p)(lambda t, ask, user: False)
+    ctx = llama_mod.Context(tiny.model, llama_mod.ContextConfig(64), asked, None, threaded=True)
+    try:
+        ctx.decode([1, 2, 3], 0)
+        ctx.launch([4], 3)
+        ctx.wait_rows(3)
+        assert ctx._inflight  # rows of positions 0-2 read beside it
+        ctx.wait_rows(4)
+        assert not ctx._inflight  # its own position: waited for
+        ctx.seq_add(0, 3, 4, 0)
+        ctx.launch([5], 4)
+        ctx.wait_rows(3)
+        assert not ctx._inflight
+    finally:
+        ctx.close()
 
 
 def test_a_launched_decode_is_waited_for_by_the_next_call_and_its_error_raised_there(tiny) -> None:
